@@ -1,0 +1,171 @@
+"""Conversion workflows: HF directory -> megatron-core checkpoint, and back.
+
+Each workflow validates its inputs completely (directories, config, weight headers, parallel
+layout) before it starts any process group or reads any tensor, writes into a temporary
+directory, and renames it into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from converters.engine import hf_tensors_from_chunk, load_hf_into_chunks
+from converters.hf_io import CheckpointError, HFCheckpoint, ShardedSafetensorsWriter, load_hf_config
+from converters.mcore_io import (
+    HF_DIR,
+    MODEL_DIR,
+    atomic_output_dir,
+    check_output_dir,
+    dtype_name,
+    load_model,
+    read_meta,
+    save_model,
+    write_meta,
+)
+from megatron_swift.config import ConfigError, ParallelConfig
+from megatron_swift.distributed import destroy_distributed, init_distributed, run_workers
+from megatron_swift.models import build_model_chunks, dtype_from_name, transformer_config, translate
+from megatron_swift.models.hf_config import GPTModelArgs
+
+
+def model_layout_problems(args: GPTModelArgs, parallel: ParallelConfig) -> list[str]:
+    """Whether a model of `args` can be split as `parallel` says (pure; every problem found)."""
+    t = args.transformer
+    tp, pp, ep = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                  parallel.expert_model_parallel_size)
+    found = list(parallel.problems())
+    if t["num_attention_heads"] % tp:
+        found.append(f"num_attention_heads={t['num_attention_heads']} is not divisible by tensor parallel {tp}")
+    if t["num_query_groups"] % tp:
+        found.append(f"num_key_value_heads={t['num_query_groups']} is not divisible by tensor parallel {tp}")
+    stages = pp * (parallel.virtual_pipeline_model_parallel_size or 1)
+    if t["num_layers"] % stages:
+        found.append(f"num_hidden_layers={t['num_layers']} is not divisible by pipeline stages {stages} "
+                     "(pipeline x virtual pipeline)")
+    if args.padded_vocab_size % tp:
+        found.append(f"padded vocabulary {args.padded_vocab_size} is not divisible by tensor parallel {tp}")
+    experts = t.get("num_moe_experts")
+    if ep > 1 and not experts:
+        found.append(f"expert parallel {ep} needs a MoE model")
+    elif experts and experts % ep:
+        found.append(f"num_experts={experts} is not divisible by expert parallel {ep}")
+    return found
+
+
+def _require_layout(args: GPTModelArgs, parallel: ParallelConfig) -> None:
+    problems = model_layout_problems(args, parallel)
+    if problems:
+        raise ConfigError("the model cannot be split this way:\n  " + "\n  ".join(problems))
+
+
+def conversion_world_size(parallel: ParallelConfig) -> int:
+    # Data-parallel width = EP so expert groups (EP x ETP) tile the TP x DP ranks exactly.
+    return parallel.model_parallel_size * parallel.expert_model_parallel_size
+
+
+def build_chunks(args: GPTModelArgs, parallel: ParallelConfig, dtype: torch.dtype, *, initialize: bool = False):
+    config = transformer_config(args, parallel, params_dtype=dtype, perform_initialization=initialize)
+    return build_model_chunks(args, config, spec="local" if not torch.cuda.is_available() else "auto")
+
+
+def _hf_to_mcore_worker(hf_dir: str, tmp_dir: str, parallel: dict, dtype: str, vocab_divisor: int) -> int:
+    parallel_cfg = ParallelConfig(**parallel)
+    ctx = init_distributed(parallel_cfg)
+    try:
+        ckpt = HFCheckpoint(hf_dir)
+        args = translate(ckpt.config, make_vocab_size_divisible_by=vocab_divisor)
+        chunks = build_chunks(args, parallel_cfg, dtype_from_name(dtype))
+        with tqdm(total=ckpt.total_bytes(), unit="B", unit_scale=True, desc="hf-to-mcore",
+                  disable=not ctx.is_main) as bar:
+            loaded = load_hf_into_chunks(chunks, ckpt, args, on_tensor=bar.update)
+        save_model(chunks, Path(tmp_dir) / MODEL_DIR)
+        return loaded
+    finally:
+        destroy_distributed()
+
+
+def hf_to_mcore(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    parallel: ParallelConfig | None = None,
+    dtype: str | None = None,
+    make_vocab_size_divisible_by: int = 128,
+) -> Path:
+    """Convert an HF directory into a megatron-core checkpoint written from `parallel`'s layout."""
+    parallel = parallel or ParallelConfig()
+    ckpt = HFCheckpoint(hf_dir)  # validates dir, config, every weight header
+    args = translate(ckpt.config, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    _require_layout(args, parallel)
+    dtype = dtype or dtype_name(ckpt.dtype)
+    dtype_from_name(dtype)
+    out = Path(out_dir)
+    with atomic_output_dir(out) as tmp:
+        ckpt.copy_side_files(tmp / HF_DIR)
+        run_workers(_hf_to_mcore_worker, conversion_world_size(parallel), str(ckpt.path.absolute()), str(tmp),
+                    dataclasses.asdict(parallel), dtype, make_vocab_size_divisible_by)
+        write_meta(
+            tmp,
+            family=args.family.name,
+            architecture=ckpt.config_dict.get("architectures", [None])[0],
+            source=str(ckpt.path.absolute()),
+            dtype=dtype,
+            vocab_size=args.vocab_size,
+            padded_vocab_size=args.padded_vocab_size,
+            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+            saved_with={"tensor_model_parallel_size": parallel.tensor_model_parallel_size,
+                        "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
+                        "expert_model_parallel_size": parallel.expert_model_parallel_size},
+        )
+    return out
+
+
+def model_args_for_checkpoint(mcore_dir: str | Path) -> tuple[dict, GPTModelArgs]:
+    """The metadata and model arguments stored with a megatron-swift checkpoint."""
+    meta = read_meta(Path(mcore_dir))
+    hf_config = load_hf_config(Path(mcore_dir) / HF_DIR)
+    args = translate(hf_config, make_vocab_size_divisible_by=meta["make_vocab_size_divisible_by"])
+    if args.padded_vocab_size != meta["padded_vocab_size"]:
+        raise CheckpointError(f"{mcore_dir}: padded vocabulary {meta['padded_vocab_size']} in the metadata does not "
+                              f"match {args.padded_vocab_size} from hf/config.json")
+    return meta, args
+
+
+def mcore_to_hf(
+    mcore_dir: str | Path, out_dir: str | Path, dtype: str | None = None, max_shard_bytes: int = 4 * 1024**3
+) -> Path:
+    """Export a megatron-core checkpoint (saved at any layout) as an HF safetensors directory."""
+    mcore_dir, out = Path(mcore_dir), Path(out_dir)
+    meta, args = model_args_for_checkpoint(mcore_dir)
+    out_dtype = dtype_from_name(dtype or meta["dtype"])
+    check_output_dir(out)
+    init_distributed(ParallelConfig())
+    try:
+        chunks = build_chunks(args, ParallelConfig(), dtype_from_name(meta["dtype"]))
+        load_model(chunks, mcore_dir / MODEL_DIR)
+        with atomic_output_dir(out) as tmp:
+            for item in (mcore_dir / HF_DIR).iterdir():
+                if item.is_file():
+                    (tmp / item.name).write_bytes(item.read_bytes())
+            writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
+            for name, tensor in tqdm(hf_tensors_from_chunk(chunks[0], args, out_dtype), desc="mcore-to-hf",
+                                     unit="tensor"):
+                writer.add(name, tensor)
+            writer.close()
+            _set_config_dtype(tmp / "config.json", out_dtype)
+    finally:
+        destroy_distributed()
+    return out
+
+
+def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
+    config = json.loads(config_file.read_text())
+    name = str(dtype).removeprefix("torch.")
+    key = "dtype" if "dtype" in config else "torch_dtype"
+    if config.get(key) != name:
+        config[key] = name
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

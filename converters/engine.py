@@ -1,0 +1,141 @@
+"""The generic conversion engine: applies a family's rules to checkpoints, in both directions.
+
+- `load_hf_into_chunks`: fill this rank's megatron-core model chunks straight from HF safetensors
+  (each rank reads only the tensors its parameters need and keeps only its TP/EP shard).
+- `hf_tensors_from_chunk`: stream HF-named tensors out of an unsharded (TP1/PP1/EP1) model.
+
+Nothing here knows a model family by name: families are data in megatron_swift/models/families.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from converters.hf_io import CheckpointError, HFCheckpoint
+from megatron_swift.models.hf_config import GPTModelArgs
+from megatron_swift.models.mapping import Rule
+from megatron_swift.models.naming import canonical_parameters
+
+# With tied embeddings megatron keeps a copy of the embedding as the output layer on the last
+# pipeline stage; it is filled from the same HF tensor.
+_TIED_ALIASES = {"output_layer.weight": "embedding.word_embeddings.weight"}
+
+
+@dataclass
+class _Slot:
+    """One local parameter and how to fill it."""
+
+    name: str
+    param: torch.nn.Parameter
+    rule: Rule
+    hf_names: list[str]
+    global_shape: tuple[int, ...]
+    shard: tuple[int, int, int] | None  # (partition dim, rank, size) or None when replicated
+
+
+def _shard_info(name: str, param) -> tuple[int, int, int] | None:
+    from megatron.core import parallel_state as ps
+
+    if not getattr(param, "tensor_model_parallel", False):
+        return None
+    if ".mlp.experts." in name:
+        size, rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+    else:
+        size, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    return (param.partition_dim, rank, size) if size > 1 else None
+
+
+def _plan(chunks, args: GPTModelArgs) -> list[_Slot]:
+    mapping = args.family.mapping
+    slots = []
+    for chunk in chunks:
+        for name, param in canonical_parameters(chunk):
+            if args.share_embeddings_and_output_weights:
+                name = _TIED_ALIASES.get(name, name)
+            try:
+                rule, bindings = mapping.resolve(name)
+            except KeyError as exc:
+                raise CheckpointError(f"family {args.family.name}: {exc.args[0]}") from None
+            shard = _shard_info(name, param)
+            shape = list(param.shape)
+            if shard:
+                shape[shard[0]] *= shard[2]
+            slots.append(_Slot(name, param, rule, rule.hf_names(bindings), tuple(shape), shard))
+    return slots
+
+
+def expected_hf_shapes(slots: list[_Slot], args: GPTModelArgs) -> dict[str, tuple[int, ...]]:
+    """HF tensor shapes implied by the model built from config.json (computed on meta tensors)."""
+    shapes = {}
+    for slot in slots:
+        meta = torch.empty(slot.global_shape, device="meta")
+        for hf_name, tensor in zip(slot.hf_names, slot.rule.to_hf(meta, args.dims)):
+            shapes[hf_name] = tuple(tensor.shape)
+    return shapes
+
+
+def _all_needed_hf_names(local: set[str]) -> set[str]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(local))
+    return set().union(*map(set, gathered))
+
+
+def preflight(ckpt: HFCheckpoint, slots: list[_Slot], args: GPTModelArgs) -> None:
+    """Every missing, mismatched or unmapped HF tensor, reported together, before any tensor is read."""
+    problems = []
+    for hf_name, shape in sorted(expected_hf_shapes(slots, args).items()):
+        info = ckpt.tensors.get(hf_name)
+        if info is None:
+            problems.append(f"{hf_name}: missing from the checkpoint")
+        elif info.shape != shape:
+            problems.append(
+                f"{hf_name}: checkpoint has shape {list(info.shape)}, the model built from config.json expects "
+                f"{list(shape)}"
+            )
+    needed = _all_needed_hf_names({n for slot in slots for n in slot.hf_names})
+    mapping = args.family.mapping
+    unmapped = sorted(n for n in ckpt.tensors if n not in needed and not mapping.is_known_hf(n))
+    if args.share_embeddings_and_output_weights:
+        unmapped = [n for n in unmapped if n != "lm_head.weight"]
+    if unmapped:
+        problems.append(f"tensors no rule of family {args.family.name} maps (would be lost): {', '.join(unmapped)}")
+    if problems:
+        raise CheckpointError(f"{ckpt.path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+
+
+@torch.no_grad()
+def load_hf_into_chunks(
+    chunks, ckpt: HFCheckpoint, args: GPTModelArgs, on_tensor: Callable[[int], None] | None = None
+) -> int:
+    """Fill every parameter of this rank's chunks from the HF checkpoint; returns bytes loaded."""
+    slots = _plan(chunks, args)
+    preflight(ckpt, slots, args)
+    loaded = 0
+    for slot in slots:
+        full = slot.rule.to_mcore([ckpt.get(n) for n in slot.hf_names], args.dims)
+        if tuple(full.shape) != slot.global_shape:  # the preflight makes this a bug, not bad input
+            raise AssertionError(f"{slot.name}: built {list(full.shape)}, expected {list(slot.global_shape)}")
+        local = slot.rule.tp_shard(full, *slot.shard) if slot.shard else full
+        slot.param.copy_(local)
+        nbytes = local.numel() * local.element_size()
+        loaded += nbytes
+        if on_tensor:
+            on_tensor(nbytes)
+    return loaded
+
+
+@torch.no_grad()
+def hf_tensors_from_chunk(chunk, args: GPTModelArgs, dtype: torch.dtype | None = None) -> Iterator[
+        tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every parameter of an unsharded model chunk, one rule at a time."""
+    for slot in _plan([chunk], args):
+        if slot.shard:
+            raise ValueError("hf_tensors_from_chunk needs an unsharded model (TP1/EP1)")
+        for hf_name, tensor in zip(slot.hf_names, slot.rule.to_hf(slot.param.detach(), args.dims)):
+            yield hf_name, tensor.to(dtype) if dtype is not None else tensor

@@ -1,0 +1,197 @@
+"""HF checkpoint directories: validated lazy reading and streamed, sharded safetensors writing.
+
+Reading validates everything cheap first (config, index, every shard's header and length), so a
+missing, foreign or truncated checkpoint fails before any tensor is read. Tensors are then read
+one at a time on demand. Writing streams tensors into shards of bounded size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk is missing, foreign or damaged; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse a safetensors header and check the file holds every byte the header promises."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw_len = handle.read(8)
+        if len(raw_len) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > size - 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (header claims {header_len} bytes, file has "
+                                  f"{size})")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    header.pop("__metadata__", None)
+    data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    expected = 8 + header_len + data_end
+    if size < expected:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file ({size} bytes, header needs {expected}); re-copy or re-save it"
+        )
+    return header
+
+
+def load_hf_config(path: Path):
+    """transformers' config object for an HF directory, or a CheckpointError naming the file."""
+    from transformers import AutoConfig
+
+    if not (Path(path) / "config.json").is_file():
+        raise CheckpointError(f"{path}: missing config.json")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as exc:
+        raise CheckpointError(f"{Path(path) / 'config.json'}: transformers cannot read it ({exc})") from None
+
+
+class HFCheckpoint:
+    """A validated HF model directory whose tensors are read lazily by name."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: no such directory")
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{self.path}: not an HF model directory (no config.json)")
+        try:
+            self.config_dict = json.loads(config_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{config_file}: invalid JSON at line {exc.lineno} ({exc.msg})") from None
+        self.tensors = self._index_tensors()
+        self._handles: dict[Path, object] = {}
+
+    def _weight_files(self) -> list[Path]:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
+            files = sorted({self.path / name for name in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing)}")
+            return files
+        if (self.path / SINGLE_NAME).is_file():
+            return [self.path / SINGLE_NAME]
+        others = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        hint = f" (found {', '.join(others)}: re-save with save_pretrained(safe_serialization=True))" if others else ""
+        raise CheckpointError(f"{self.path}: no safetensors weights{hint}")
+
+    def _index_tensors(self) -> dict[str, TensorInfo]:
+        tensors: dict[str, TensorInfo] = {}
+        for file in self._weight_files():
+            for name, info in read_safetensors_header(file).items():
+                tensors[name] = TensorInfo(file, info["dtype"], tuple(info["shape"]))
+        return tensors
+
+    @property
+    def config(self):
+        return load_hf_config(self.path)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype most weights are stored in."""
+        counts: dict[str, int] = {}
+        for info in self.tensors.values():
+            counts[info.dtype] = counts.get(info.dtype, 0) + 1
+        name = max(counts, key=counts.get)
+        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(name, torch.float32)
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+        return handle.get_tensor(name)
+
+    def total_bytes(self) -> int:
+        return sum(_DTYPE_BYTES.get(i.dtype, 4) * _numel(i.shape) for i in self.tensors.values())
+
+    def copy_side_files(self, out_dir: Path) -> None:
+        """Copy config, tokenizer and generation files (everything that is not a weight file)."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for item in self.path.iterdir():
+            if item.is_file() and item.suffix not in _WEIGHT_SUFFIXES and item.name != INDEX_NAME:
+                shutil.copy2(item, out_dir / item.name)
+
+
+def _numel(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+class ShardedSafetensorsWriter:
+    """Stream (name, tensor) pairs into `model-0000i-of-0000n.safetensors` shards + the HF index.
+
+    At most one shard of tensors is held at a time.
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = 4 * 1024**3):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        index = len(self._shards)
+        save_file(self._pending, str(self.out_dir / f"shard-{index}.tmp"), metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self._pending or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        weight_map = {}
+        for i, names in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self.out_dir / f"shard-{i}.tmp", self.out_dir / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

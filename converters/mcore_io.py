@@ -1,0 +1,106 @@
+"""Megatron-Core checkpoint directories written by the converter.
+
+Layout of `OUT/`:
+  model/             megatron-core distributed checkpoint (torch_dist), reshardable on load
+  hf/                the source config.json, tokenizer and generation files
+  mswift_meta.json   family, source, dtype, padded vocabulary, versions, layout at save time
+
+Directories are produced under a temporary sibling and renamed into place, so a crash never
+leaves a half-written checkpoint at OUT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import uuid
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+from converters.hf_io import CheckpointError
+
+META_NAME = "mswift_meta.json"
+MODEL_DIR = "model"
+HF_DIR = "hf"
+FORMAT = "megatron-swift/mcore-checkpoint/v1"
+
+
+def package_versions() -> dict[str, str]:
+    found = {}
+    for package in ("megatron-swift", "megatron-core", "torch", "transformers", "safetensors"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def sharded_state_dict(chunks) -> dict:
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def save_model(chunks, model_dir: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(sharded_state_dict(chunks), str(model_dir))
+
+
+def load_model(chunks, model_dir: Path) -> None:
+    """Load a distributed checkpoint saved at any TP/PP/EP into this rank's chunks."""
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load(sharded_state_dict(chunks), str(model_dir))
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for chunk, key in zip(chunks, keys):
+        chunk.load_state_dict(loaded[key], strict=True)
+
+
+def read_meta(ckpt_dir: Path) -> dict:
+    ckpt_dir = Path(ckpt_dir)
+    meta_file = ckpt_dir / META_NAME
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"{ckpt_dir}: no such directory")
+    if not meta_file.is_file() or not (ckpt_dir / MODEL_DIR).is_dir():
+        raise CheckpointError(f"{ckpt_dir}: not a megatron-swift checkpoint (expected {META_NAME} and {MODEL_DIR}/)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_file}: unknown format {meta.get('format')!r} (expected {FORMAT})")
+    return meta
+
+
+def write_meta(ckpt_dir: Path, **fields) -> None:
+    meta = {"format": FORMAT, **fields, "versions": package_versions()}
+    (ckpt_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def check_output_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out}: already exists and is not empty; choose another --out or remove it")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path):
+    """Yield a temporary sibling of `out`; rename it to `out` on success, delete it on failure."""
+    out = Path(out).absolute()
+    check_output_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # an empty placeholder (checked above)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

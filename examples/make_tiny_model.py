@@ -1,0 +1,32 @@
+"""Write a tiny random HF model + tiny trained tokenizer for one family (or all), with no hub access.
+
+    python examples/make_tiny_model.py --family llama --out /tmp/tiny-llama
+    python examples/make_tiny_model.py --family all --out /tmp/tiny   # /tmp/tiny/<family>
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from megatron_swift.models import families
+from megatron_swift.models.tiny import make_tiny_model
+
+
+def main() -> None:
+    names = sorted(families())
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", required=True, choices=names + ["all"])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    for name in names if args.family == "all" else [args.family]:
+        out = args.out / name if args.family == "all" else args.out
+        make_tiny_model(name, out, seed=args.seed, dtype=dtype)
+        print(f"{name}: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Optional GPU extras (transformer-engine, apex, vllm), imported lazily with a one-line remedy."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# module -> what to install
+_EXTRAS = {
+    "transformer_engine": "pip install 'megatron-swift[gpu]' (transformer-engine, needs CUDA)",
+    "apex": "build NVIDIA apex from source (it is not the 'apex' package on PyPI)",
+    "vllm": "pip install 'megatron-swift[serve]' (vllm, needs a CUDA GPU)",
+}
+
+
+class MissingExtraError(ImportError):
+    pass
+
+
+def require(module: str) -> ModuleType:
+    """Import an optional extra or raise a one-line error naming what to install."""
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # a half-installed TE raises more than ImportError
+        raise MissingExtraError(f"{module} is not usable ({type(exc).__name__}: {exc}); {_EXTRAS[module]}") from None
+
+
+def has_transformer_engine() -> bool:
+    try:
+        require("transformer_engine")
+    except MissingExtraError:
+        return False
+    return True

@@ -1,0 +1,175 @@
+"""CPU compatibility layer for megatron-core: the ONLY place that patches third-party symbols.
+
+megatron-core is written for CUDA. On a CPU-only machine (development, CI) a handful of call
+sites touch CUDA unconditionally. Each shim below names the call site it exists for and is the
+smallest change that makes that site work on CPU. Every shim is installed by `apply_cpu_shims()`,
+which refuses to run when CUDA is available: the GPU path never goes through this module.
+
+`PATCHED_SYMBOLS` lists every (module, attribute) pair we touch; a test asserts each still
+exists, so a megatron-core or torch upgrade that renames one fails loudly instead of silently
+skipping the shim. `CudaToCpuMode.rewrites` records the call sites the device redirect
+rewrote, so a new CUDA-only call in an upgrade shows up in logs (`MSWIFT_LOG_CUDA_REDIRECTS=1`).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import os
+import traceback
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+# (module path, attribute) of every symbol replaced by apply_cpu_shims().
+PATCHED_SYMBOLS: tuple[tuple[str, str], ...] = (
+    ("torch.cuda", "get_rng_state"),
+    ("torch.cuda", "set_rng_state"),
+    ("torch.cuda", "manual_seed"),
+    ("torch.cuda", "current_device"),
+    ("torch.cuda", "synchronize"),
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
+    ("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__"),
+)
+
+# (module path, attribute) that megatron-core reads but never defines when Transformer Engine is
+# missing; apply_cpu_shims() defines them. A test checks the reading code still names them.
+DEFINED_SYMBOLS: tuple[tuple[str, str], ...] = (
+    ("megatron.core.transformer.moe.moe_utils", "te_general_gemm"),
+)
+
+_applied = False
+_mode: CudaToCpuMode | None = None
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int device in megatron-core always means a CUDA ordinal.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA placement to CPU for every torch call made while the mode is active.
+
+    Why: megatron-core hard-codes `device="cuda"` in schedules (total_num_tokens), optimizer,
+    clip_grads and get_default_causal_mask, calls `.cuda()` for tied embeddings on the last
+    pipeline stage, and asserts `tensor.type() == "torch.cuda.FloatTensor"` in clip_grads and the
+    distributed optimizer. One mode covers all of them without touching each file.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.rewrites: set[str] = set()
+        self._log = os.environ.get("MSWIFT_LOG_CUDA_REDIRECTS") == "1"
+
+    def _record(self, what: str) -> None:
+        if not self._log:
+            return
+        frame = traceback.extract_stack(limit=4)[0]
+        site = f"{what} at {frame.filename}:{frame.lineno}"
+        if site not in self.rewrites:
+            self.rewrites.add(site)
+            logger.info("cpu shim: rewrote %s", site)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            self._record("Tensor.cuda()")
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            cpu_type = func(*args)
+            return cpu_type.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else cpu_type
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            self._record(f"device=cuda in {getattr(func, '__name__', func)}")
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False):
+    state = torch.get_rng_state()
+    return state.clone() if clone else state
+
+
+def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+def _allow_sequence_parallel(original_new):
+    """WrappedTorchNorm.__new__ asserts `not config.sequence_parallel`.
+
+    Why: under sequence parallelism a norm is numerically the same per token; what SP needs is
+    that the norm's weight gradient is all-reduced over the TP group. We build the norm with SP off
+    and tag its parameters `sequence_parallel=True`, which is exactly what
+    `finalize_model_grads` looks for to do that reduction. Patching `__new__` (not the module
+    attribute) reaches every alias: gpt_layer_specs.LNImpl and transformer_block.LayerNormImpl.
+    """
+
+    def __new__(cls, config, hidden_size, eps=1e-5, **kwargs):
+        if not config.sequence_parallel:
+            return original_new(cls, config, hidden_size, eps, **kwargs)
+        config_without_sp = copy.copy(config)
+        config_without_sp.sequence_parallel = False
+        norm = original_new(cls, config_without_sp, hidden_size, eps, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    return staticmethod(__new__)
+
+
+def apply_cpu_shims() -> None:
+    """Install every CPU shim (idempotent). Raises if CUDA is available."""
+    global _applied, _mode
+    if _applied:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("apply_cpu_shims() called on a machine with CUDA: the GPU path must not be patched")
+
+    # 1. RNG: CudaRNGStatesTracker.add/fork (model_parallel_cuda_manual_seed) save and restore
+    #    CUDA generator states. Map them to the CPU default generator, which is what CPU dropout
+    #    draws from, so per-TP-rank dropout streams keep their meaning.
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.manual_seed = torch.manual_seed
+    random_mod = importlib.import_module("megatron.core.tensor_parallel.random")
+    random_mod._get_cuda_rng_state = _cpu_get_rng_state
+    random_mod._set_cuda_rng_state = _cpu_set_rng_state
+
+    # 2. GlobalMemoryBuffer.get_tensor (used by DotProductAttention) allocates on
+    #    torch.cuda.current_device(); other sites pass it as `device=`. "cpu" is valid for both.
+    torch.cuda.current_device = lambda: "cpu"
+
+    # 2b. dist_checkpointing's FileSystemWriterAsync.preload_tensors (every checkpoint save) calls
+    #     torch.cuda.synchronize(); with no device queue there is nothing to wait for.
+    torch.cuda.synchronize = lambda device=None: None
+
+    # 3. The torch norm used without Apex/TE refuses sequence parallel (see the factory's docstring).
+    norm_cls = importlib.import_module("megatron.core.transformer.torch_norm").WrappedTorchNorm
+    norm_cls.__new__ = _allow_sequence_parallel(norm_cls.__new__)
+
+    # 3b. megatron-core 0.16 moe_utils imports te_general_gemm only inside `try: import TE`, but
+    #     RouterGatingLinearFunction tests `te_general_gemm is not None` unconditionally: without TE
+    #     every MoE router raises NameError. None selects its plain torch.mm path.
+    for module_path, name in DEFINED_SYMBOLS:
+        module = importlib.import_module(module_path)
+        if not hasattr(module, name):
+            setattr(module, name, None)
+
+    # 4. + 5. Hard-coded CUDA placement and `.type()` string checks: one TorchFunctionMode.
+    _mode = CudaToCpuMode()
+    _mode.__enter__()
+    _applied = True
+
+
+def cuda_redirects() -> set[str]:
+    """Call sites rewritten so far (populated when MSWIFT_LOG_CUDA_REDIRECTS=1)."""
+    return set(_mode.rewrites) if _mode else set()

@@ -1,0 +1,6 @@
+"""Distributed runtime: process groups, megatron-core parallel state, local worker spawning."""
+
+from megatron_swift.distributed.runtime import DistributedContext, destroy_distributed, init_distributed
+from megatron_swift.distributed.spawn import WorkerError, run_workers
+
+__all__ = ["DistributedContext", "WorkerError", "destroy_distributed", "init_distributed", "run_workers"]

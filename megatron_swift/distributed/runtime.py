@@ -1,0 +1,102 @@
+"""Process-group and megatron-core parallel-state lifecycle.
+
+`init_distributed` is the single entry point every program uses: it picks the backend (NCCL on
+GPU, gloo on CPU, where it also installs the CPU shims), initialises torch.distributed from the
+usual torchrun environment (or a private single-process group when there is none), then
+megatron-core's parallel state from a ParallelConfig, and seeds the model-parallel RNG tracker.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_swift.config import ConfigError, ParallelConfig
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _world_from_env() -> tuple[int, int, int]:
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def init_distributed(
+    parallel: ParallelConfig, *, seed: int = 1234, timeout_minutes: int = 30
+) -> DistributedContext:
+    """Initialise torch.distributed and megatron-core model-parallel groups for `parallel`."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    rank, world_size, local_rank = _world_from_env()
+    problems = parallel.problems(world_size)
+    if problems:
+        raise ConfigError("invalid parallel layout:\n  " + "\n  ".join(problems))
+
+    if torch.cuda.is_available():
+        backend = "nccl"
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        from megatron_swift.compat import apply_cpu_shims
+
+        apply_cpu_shims()
+        backend = "gloo"
+        device = torch.device("cpu")
+
+    if not dist.is_initialized():
+        init_method = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{free_port()}"
+        dist.init_process_group(
+            backend=backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return DistributedContext(rank, world_size, local_rank, device, backend)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,81 @@
+"""Run a function on N local worker processes (CPU/gloo or one GPU each), torchrun-style.
+
+Used by the converter CLI so `--tp 2` works without the user writing a torchrun line. Workers
+get RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT exactly as torchrun would set them, so the
+same code path (`init_distributed`) serves both.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch.multiprocessing as mp
+
+from megatron_swift.distributed.runtime import free_port
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed; the message is the worker's own error."""
+
+
+def _worker(local_rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+    os.environ.update(
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        result = fn(*args)
+    except BaseException as exc:  # report to the parent, which raises it once
+        queue.put((local_rank, "error", f"{type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from None
+    queue.put((local_rank, "ok", result))
+
+
+def run_workers(fn: Callable, nprocs: int, *args) -> list:
+    """Run `fn(*args)` on `nprocs` spawned processes; return their results ordered by rank.
+
+    One process runs in the caller's process (no spawn, no re-import), as a world of size 1.
+    """
+    if nprocs == 1 and "WORLD_SIZE" not in os.environ:
+        return [fn(*args)]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(rank, nprocs, port, fn, args, queue), daemon=False)
+        for rank in range(nprocs)
+    ]
+    for proc in procs:
+        proc.start()
+    results: dict[int, object] = {}
+    errors: dict[int, str] = {}
+    # Collect before join: a large result would otherwise block the child on a full pipe.
+    alive = set(range(nprocs))
+    while alive:
+        if not queue.empty():
+            rank, status, payload = queue.get()
+            alive.discard(rank)
+            (results if status == "ok" else errors)[rank] = payload
+            if errors:  # one failed rank would leave the others blocked in a collective
+                break
+            continue
+        dead = [r for r in alive if not procs[r].is_alive() and procs[r].exitcode not in (None, 0)]
+        if dead:
+            if queue.empty():
+                errors.update({r: f"worker exited with code {procs[r].exitcode}" for r in dead})
+                break
+            continue
+        procs[next(iter(alive))].join(timeout=0.05)
+    for proc in procs:
+        if errors and proc.is_alive():
+            proc.terminate()
+        proc.join()
+    if errors:
+        first = min(errors)
+        raise WorkerError(f"rank {first}: {errors[first]}")
+    return [results[r] for r in range(nprocs)]

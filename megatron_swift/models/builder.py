@@ -1,0 +1,112 @@
+"""Build megatron-core GPTModel chunks for this rank from translated HF model arguments.
+
+Chooses the Transformer Engine layer spec on GPU when TE is installed and the local
+(megatron-core only) spec otherwise, and fills in the parallel and precision fields of the
+TransformerConfig. Returns one chunk per virtual pipeline stage (one without VPP).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_swift._optional import has_transformer_engine
+from megatron_swift.config import ConfigError, ParallelConfig
+from megatron_swift.models.hf_config import GPTModelArgs
+
+
+def use_transformer_engine(spec: str = "auto") -> bool:
+    """`auto`: TE on GPU when installed; `local`: megatron-core modules only; `te`: require TE."""
+    if spec == "local":
+        return False
+    if spec == "te":
+        if not torch.cuda.is_available():
+            raise ConfigError("model.spec=te needs a GPU; use spec=local or auto on CPU")
+        if not has_transformer_engine():
+            raise ConfigError("model.spec=te needs transformer-engine: pip install 'megatron-swift[gpu]'")
+        return True
+    if spec != "auto":
+        raise ConfigError(f"model.spec={spec!r}: choose auto, local or te")
+    return torch.cuda.is_available() and has_transformer_engine()
+
+
+def transformer_config(
+    args: GPTModelArgs,
+    parallel: ParallelConfig,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    perform_initialization: bool = True,
+    **overrides,
+):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_cpu = not torch.cuda.is_available()
+    if args.padded_vocab_size % parallel.tensor_model_parallel_size:
+        raise ConfigError(
+            f"padded vocabulary {args.padded_vocab_size} is not divisible by "
+            f"parallel.tensor_model_parallel_size={parallel.tensor_model_parallel_size}"
+        )
+    kwargs = dict(
+        args.transformer,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=on_cpu,
+        perform_initialization=perform_initialization,
+        # gloo pairs batched isend/irecv wrongly when the previous and next stage are the same rank
+        # (silently wrong losses with VPP); unbatched p2p is correct everywhere.
+        batch_p2p_comm=not on_cpu,
+        # Fused kernels need Apex / TE / CUDA; the plain paths are exact.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+    )
+    if args.is_moe:
+        # The all-to-all dispatcher creates CUDA streams at construction; all-gather is exact and runs on CPU.
+        kwargs["moe_token_dispatcher_type"] = "allgather" if on_cpu else "alltoall"
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_model_chunks(args: GPTModelArgs, config, *, spec: str = "auto") -> list:
+    """GPTModel chunks for this rank (parallel state must be initialised)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    te = use_transformer_engine(spec)
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        block_spec = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=te, normalization="RMSNorm", vp_stage=stage
+        )
+        chunks.append(
+            GPTModel(
+                config=config,
+                transformer_layer_spec=block_spec,
+                vocab_size=args.padded_vocab_size,
+                max_sequence_length=args.max_sequence_length,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                share_embeddings_and_output_weights=args.share_embeddings_and_output_weights,
+                position_embedding_type="rope",
+                rotary_base=args.rotary_base,
+                rope_scaling=args.rope_scaling,
+                rope_scaling_factor=args.rope_scaling_factor,
+                seq_len_interpolation_factor=args.seq_len_interpolation_factor,
+                vp_stage=stage,
+            )
+        )
+    return chunks

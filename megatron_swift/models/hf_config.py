@@ -1,0 +1,187 @@
+"""HF `PretrainedConfig` -> megatron-core model arguments, for the decoder families we declare.
+
+Pure translation: no model is built here. Every HF field that changes the computation is either
+translated or refused with a message that names it; nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from megatron_swift.config import ConfigError
+from megatron_swift.models.family import Family, family_for
+from megatron_swift.models.mapping import ModelDims
+
+# megatron-core's RotaryEmbedding._apply_scaling takes only the factor and hard-codes these.
+_MCORE_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+@dataclass
+class GPTModelArgs:
+    """Everything needed to build a megatron-core GPTModel equivalent to an HF model."""
+
+    family: Family
+    transformer: dict  # TransformerConfig keyword arguments (parallel sizes are added by the builder)
+    vocab_size: int
+    padded_vocab_size: int
+    max_sequence_length: int
+    share_embeddings_and_output_weights: bool
+    rotary_base: float
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    seq_len_interpolation_factor: float | None = None
+    # HF sliding window; megatron's local attention has none, so sequences must stay within it.
+    sliding_window: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def dims(self) -> ModelDims:
+        t = self.transformer
+        return ModelDims(
+            num_attention_heads=t["num_attention_heads"],
+            num_query_groups=t["num_query_groups"],
+            head_dim=t["kv_channels"],
+            vocab_size=self.vocab_size,
+            padded_vocab_size=self.padded_vocab_size,
+        )
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.transformer.get("num_moe_experts"))
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
+    return int(math.ceil(vocab_size / divisible_by) * divisible_by)
+
+
+def rope_parameters(hf_config) -> dict:
+    """Rope settings under transformers 5 (`rope_parameters`) or 4 (`rope_theta` + `rope_scaling`)."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    legacy = getattr(hf_config, "rope_scaling", None)
+    if legacy and not params.get("rope_type"):
+        params.update(legacy)
+    if "rope_theta" not in params:
+        params["rope_theta"] = getattr(hf_config, "rope_theta", 10000.0)
+    params.setdefault("rope_type", params.get("type", "default") or "default")
+    return params
+
+
+def _translate_rope(hf_config, args: dict) -> None:
+    rope = rope_parameters(hf_config)
+    args["rotary_base"] = float(rope["rope_theta"])
+    rope_type = rope["rope_type"]
+    if rope_type == "default":
+        return
+    if rope_type == "linear":
+        args["seq_len_interpolation_factor"] = float(rope["factor"])
+    elif rope_type == "llama3":
+        for key, fixed in _MCORE_LLAMA3_FIXED.items():
+            if float(rope.get(key, fixed)) != fixed:
+                raise ConfigError(
+                    f"rope_parameters.{key}={rope[key]} is not supported: megatron-core's llama3 rope scaling "
+                    f"fixes it to {fixed}"
+                )
+        args["rope_scaling"] = True
+        args["rope_scaling_factor"] = float(rope["factor"])
+    else:
+        raise ConfigError(f"rope_parameters.rope_type={rope_type!r} is not supported; supported: default, linear, "
+                          "llama3")
+
+
+def _moe_args(hf_config, family: Family) -> dict:
+    fields = family.moe
+    num_layers = hf_config.num_hidden_layers
+    norm_topk = fields.norm_topk_prob
+    if isinstance(norm_topk, str):
+        norm_topk = bool(getattr(hf_config, norm_topk, False))
+    moe = dict(
+        num_moe_experts=int(getattr(hf_config, fields.num_experts)),
+        moe_router_topk=int(getattr(hf_config, fields.top_k)),
+        moe_ffn_hidden_size=int(getattr(hf_config, fields.expert_ffn_hidden_size)),
+        moe_aux_loss_coeff=float(getattr(hf_config, fields.aux_loss_coeff, 0.0) or 0.0),
+        moe_router_load_balancing_type="aux_loss",
+        # HF: softmax over all experts, then top-k, then (optionally) renormalise the k weights.
+        # Renormalised == softmax over the top-k logits == megatron's pre_softmax=False.
+        moe_router_pre_softmax=not norm_topk,
+        moe_router_score_function="softmax",
+        moe_router_dtype="fp32",
+        moe_grouped_gemm=False,
+    )
+    sparse = [True] * num_layers
+    if fields.sparse_step:
+        step = int(getattr(hf_config, fields.sparse_step, 1) or 1)
+        sparse = [(i + 1) % step == 0 for i in range(num_layers)]
+    if fields.dense_layers:
+        for i in getattr(hf_config, fields.dense_layers, None) or []:
+            sparse[i] = False
+    if not all(sparse):
+        moe["moe_layer_freq"] = [int(s) for s in sparse]
+    return moe
+
+
+def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModelArgs:
+    """Translate an HF config of a supported family into megatron-core model arguments."""
+    family = family_for(hf_config)
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act={hf_config.hidden_act!r} is not supported; the declared families use silu")
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    qkv_bias = family.qkv_bias
+    if isinstance(qkv_bias, str):
+        qkv_bias = bool(getattr(hf_config, qkv_bias, False))
+    if getattr(hf_config, "mlp_bias", False):
+        raise ConfigError("mlp_bias=true is not supported by the declared families' mappings")
+    transformer = dict(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=heads,
+        num_query_groups=getattr(hf_config, "num_key_value_heads", None) or heads,
+        kv_channels=head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=float(hf_config.rms_norm_eps),
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=qkv_bias,
+        qk_layernorm=family.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
+        init_method_std=float(getattr(hf_config, "initializer_range", 0.02)),
+    )
+    if family.moe is not None:
+        transformer.update(_moe_args(hf_config, family))
+    rope: dict = {}
+    _translate_rope(hf_config, rope)
+    vocab = hf_config.vocab_size
+    sliding = getattr(hf_config, "sliding_window", None)
+    if getattr(hf_config, "use_sliding_window", True) is False:
+        sliding = None
+    args = GPTModelArgs(
+        family=family,
+        transformer=transformer,
+        vocab_size=vocab,
+        padded_vocab_size=padded_vocab_size(vocab, make_vocab_size_divisible_by),
+        max_sequence_length=hf_config.max_position_embeddings,
+        share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        sliding_window=sliding,
+        **rope,
+    )
+    if sliding and sliding < args.max_sequence_length:
+        args.notes.append(
+            f"sliding_window={sliding}: megatron-core's attention here is full causal, which is exact only for "
+            f"sequences of at most {sliding} tokens"
+        )
+    return args
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise ConfigError(f"unknown dtype {name!r}; use fp32, bf16 or fp16")
+    return table[name]

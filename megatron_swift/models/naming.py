@@ -1,0 +1,57 @@
+"""Canonical megatron-core parameter names: global layer/expert indices, spec-independent.
+
+A rank's GPTModel names its parameters with *local* indices (`decoder.layers.0` on pipeline stage
+1 is some later global layer; `local_experts.0` on EP rank 1 is a later global expert), and the
+Transformer Engine spec names a few parameters differently from the local spec. Mapping rules
+are written against the canonical names produced here, so one family declaration serves every
+parallel layout and both specs.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+# Transformer Engine fuses the pre-attention/pre-MLP norms into the following linear.
+_TE_ALIASES = (
+    (re.compile(r"\.self_attention\.linear_qkv\.layer_norm_weight$"), ".input_layernorm.weight"),
+    (re.compile(r"\.mlp\.linear_fc1\.layer_norm_weight$"), ".pre_mlp_layernorm.weight"),
+)
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
+_GROUPED_EXPERT = re.compile(r"\.mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+def canonical_parameters(model: nn.Module):
+    """Yield (canonical_name, parameter) for every parameter of one model chunk on this rank."""
+    model = _unwrap(model)
+    layers = model.decoder.layers if getattr(model, "decoder", None) is not None else []
+    for name, param in model.named_parameters():
+        yield canonical_name(name, layers), param
+
+
+def canonical_name(name: str, layers) -> str:
+    for pattern, replacement in _TE_ALIASES:
+        name = pattern.sub(replacement, name)
+    found = _LAYER.match(name)
+    if not found:
+        return name
+    layer = layers[int(found.group(1))]
+    rest = name[found.end():]
+    expert_indices = getattr(getattr(layer, "mlp", None), "local_expert_indices", None)
+    grouped = _GROUPED_EXPERT.search("." + rest)
+    if grouped:
+        rest = f"mlp.experts.local_experts.{expert_indices[int(grouped.group(2))]}.{grouped.group(1)}.weight"
+    else:
+        local = _LOCAL_EXPERT.search("." + rest)
+        if local:
+            global_expert = expert_indices[int(local.group(1))]
+            rest = _LOCAL_EXPERT.sub(f".mlp.experts.local_experts.{global_expert}.", "." + rest, count=1)[1:]
+    return f"decoder.layers.{layer.layer_number - 1}.{rest}"

@@ -1,0 +1,100 @@
+"""Tiny random HF models and a tiny trained tokenizer, for tests and examples (no hub access).
+
+The tokenizer is a byte-level BPE trained in-process on a small embedded corpus, with ChatML
+special tokens and chat template. Models are the family's `tiny_config`, randomly initialised
+with every parameter perturbed (norm weights too), so a mapping that swaps or drops a tensor
+changes the logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_swift.models.family import Family, families
+
+CORPUS = """\
+Megatron-Core splits a transformer over many devices: tensor parallelism cuts each weight matrix,
+pipeline parallelism cuts the stack of layers, and data parallelism copies the model. Sequence
+parallelism shards activations along the sequence, context parallelism splits long inputs, and
+expert parallelism places the experts of a mixture-of-experts layer on different ranks.
+A tokenizer turns text into numbers. The quick brown fox jumps over the lazy dog. Numbers such as
+0 1 2 3 4 5 6 7 8 9 10 100 1000 appear in many documents, and so do questions and answers.
+User: What is the capital of France? Assistant: The capital of France is Paris.
+User: Call the weather tool for Berlin. Assistant: {"name": "get_weather", "arguments": {"city": "Berlin"}}
+Fine-tuning adapts a pretrained model to a task with a small learning rate and a few thousand steps.
+"""
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer (`PreTrainedTokenizerFast`) trained on CORPUS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
+def tiny_hf_config(family: Family, **overrides):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(family.model_type, architectures=[family.architectures[0]],
+                                **{**family.tiny_config, **overrides})
+
+
+@torch.no_grad()
+def make_tiny_model(family_name: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    **config_overrides) -> Path:
+    """Write a random tiny HF model of `family_name` + tokenizer to `out_dir`; returns the path."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    known = families()
+    if family_name not in known:
+        raise ValueError(f"unknown family {family_name!r}; known: {', '.join(sorted(known))}")
+    tokenizer = make_tiny_tokenizer()
+    config = tiny_hf_config(
+        known[family_name],
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        **config_overrides,
+    )
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but vocab_size={config.vocab_size}")
+    generator = torch.Generator().manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    for name, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=generator)
+        if param.ndim == 1 and "norm" in name:
+            param.copy_(1.0 + 0.1 * noise)
+        else:
+            param.copy_(0.05 * noise)
+    model.to(dtype)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     do_sample=False).save_pretrained(out)
+    return out

@@ -1,0 +1,34 @@
+"""megatron-swift: a Megatron-Core engine for training and fine-tuning HF models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-swift",
+    version="0.1.0",
+    description="HF <-> Megatron-Core conversion, training and fine-tuning on megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_swift", "megatron_swift.*", "converters", "converters.*", "kernels",
+                                    "kernels.*"]),
+    install_requires=[
+        "megatron-core>=0.16,<0.20",
+        "torch>=2.6",
+        "transformers>=4.51",
+        "safetensors>=0.4",
+        "peft>=0.15",
+        "datasets>=3.0",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.21",
+        "nvidia-ml-py>=12.0",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "numpy",
+        "packaging",
+    ],
+    extras_require={
+        # GPU clusters only: never install these on a CPU machine (a half-built TE breaks megatron-core imports).
+        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        "serve": ["vllm>=0.8"],
+        "dev": ["pytest>=8", "ruff>=0.6", "accelerate>=1.0"],
+    },
+    entry_points={"console_scripts": ["mswift-convert=converters.__main__:main"]},
+)
