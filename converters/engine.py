@@ -37,30 +37,30 @@ class _Slot:
     shard: tuple[int, int, int] | None  # (partition dim, rank, size) or None when replicated
 
 
-def _shard_info(name: str, param) -> tuple[int, int, int] | None:
+def _shard_info(name: str, partition_dim: int | None) -> tuple[int, int, int] | None:
     from megatron.core import parallel_state as ps
 
-    if not getattr(param, "tensor_model_parallel", False):
+    if partition_dim is None:
         return None
     if ".mlp.experts." in name:
         size, rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
     else:
         size, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    return (param.partition_dim, rank, size) if size > 1 else None
+    return (partition_dim, rank, size) if size > 1 else None
 
 
 def _plan(chunks, args: GPTModelArgs) -> list[_Slot]:
     mapping = args.family.mapping
     slots = []
     for chunk in chunks:
-        for name, param in canonical_parameters(chunk):
+        for name, param, partition_dim in canonical_parameters(chunk):
             if args.share_embeddings_and_output_weights:
                 name = _TIED_ALIASES.get(name, name)
             try:
                 rule, bindings = mapping.resolve(name)
             except KeyError as exc:
                 raise CheckpointError(f"family {args.family.name}: {exc.args[0]}") from None
-            shard = _shard_info(name, param)
+            shard = _shard_info(name, partition_dim)
             shape = list(param.shape)
             if shard:
                 shape[shard[0]] *= shard[2]

@@ -8,6 +8,7 @@ same code path (`init_distributed`) serves both.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 
 import torch.multiprocessing as mp
@@ -19,7 +20,7 @@ class WorkerError(RuntimeError):
     """A worker process failed; the message is the worker's own error."""
 
 
-def _worker(local_rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _worker(local_rank: int, world_size: int, port: int, fn: Callable, payload: bytes, queue) -> None:
     os.environ.update(
         RANK=str(local_rank),
         LOCAL_RANK=str(local_rank),
@@ -29,11 +30,11 @@ def _worker(local_rank: int, world_size: int, port: int, fn: Callable, args: tup
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        result = fn(*args)
+        result = fn(*pickle.loads(payload))
     except BaseException as exc:  # report to the parent, which raises it once
         queue.put((local_rank, "error", f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
-    queue.put((local_rank, "ok", result))
+    queue.put((local_rank, "ok", pickle.dumps(result)))
 
 
 def run_workers(fn: Callable, nprocs: int, *args) -> list:
@@ -46,8 +47,11 @@ def run_workers(fn: Callable, nprocs: int, *args) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
+    # Plain pickle bytes: torch's multiprocessing pickler would pass tensors through shared-memory
+    # files that vanish when a worker exits before the parent reads its result.
+    payload = pickle.dumps(args)
     procs = [
-        ctx.Process(target=_worker, args=(rank, nprocs, port, fn, args, queue), daemon=False)
+        ctx.Process(target=_worker, args=(rank, nprocs, port, fn, payload, queue), daemon=False)
         for rank in range(nprocs)
     ]
     for proc in procs:
@@ -78,4 +82,4 @@ def run_workers(fn: Callable, nprocs: int, *args) -> list:
     if errors:
         first = min(errors)
         raise WorkerError(f"rank {first}: {errors[first]}")
-    return [results[r] for r in range(nprocs)]
+    return [pickle.loads(results[r]) for r in range(nprocs)]

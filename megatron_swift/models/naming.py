@@ -29,12 +29,32 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _partition_dim(module: nn.Module, param_name: str) -> int | None:
+    """The dim along which TP splits this parameter, from the module type.
+
+    Read from the module, not from `param.partition_dim`: megatron-core sets those attributes only
+    when it initialises weights, and conversion builds models with initialisation off.
+    """
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    if not param_name.startswith(("weight", "bias")):
+        return None  # e.g. Transformer Engine's fused layer_norm_weight
+    mode = getattr(module, "parallel_mode", None)  # Transformer Engine linears
+    if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)) or mode == "column":
+        return 0
+    if isinstance(module, RowParallelLinear) or mode == "row":
+        return 1 if param_name.startswith("weight") else None
+    return None
+
+
 def canonical_parameters(model: nn.Module):
-    """Yield (canonical_name, parameter) for every parameter of one model chunk on this rank."""
+    """Yield (canonical_name, parameter, TP partition dim or None) for one model chunk on this rank."""
     model = _unwrap(model)
     layers = model.decoder.layers if getattr(model, "decoder", None) is not None else []
-    for name, param in model.named_parameters():
-        yield canonical_name(name, layers), param
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            yield canonical_name(name, layers), param, _partition_dim(module, param_name)
 
 
 def canonical_name(name: str, layers) -> str:

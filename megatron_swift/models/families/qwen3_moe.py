@@ -35,7 +35,7 @@ QWEN3_MOE = register(
             dense_layers="mlp_only_layers",
         ),
         # Layer 0 dense (mlp_only_layers) to exercise mixed dense/MoE stacks, as some Qwen-MoE configs do.
-        tiny_config=dict(TINY_DENSE, num_hidden_layers=3, head_dim=16, moe_intermediate_size=48, num_experts=4,
+        tiny_config=dict(TINY_DENSE, head_dim=16, moe_intermediate_size=48, num_experts=4,
                          num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0], decoder_sparse_step=1),
     )
 )
