@@ -7,8 +7,9 @@ setup(
     version="0.1.0",
     description="HF <-> Megatron-Core conversion, training and fine-tuning on megatron-core",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_swift", "megatron_swift.*", "converters", "converters.*", "kernels",
-                                    "kernels.*"]),
+    packages=find_packages(
+        include=["megatron_swift", "megatron_swift.*", "converters", "converters.*", "kernels", "kernels.*"]
+    ),
     install_requires=[
         "megatron-core>=0.16,<0.20",
         "torch>=2.6",

@@ -31,13 +31,17 @@ def _parallel_flags(parser: argparse.ArgumentParser, ep: bool = True) -> None:
 
 
 def _parallel(args) -> ParallelConfig:
-    return ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                          expert_model_parallel_size=getattr(args, "ep", 1))
+    return ParallelConfig(
+        tensor_model_parallel_size=args.tp,
+        pipeline_model_parallel_size=args.pp,
+        expert_model_parallel_size=getattr(args, "ep", 1),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mswift-convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mswift-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     to_mcore = commands.add_parser("hf-to-mcore", help="HF safetensors directory -> megatron-core checkpoint")
@@ -45,8 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     to_mcore.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     _parallel_flags(to_mcore)
     to_mcore.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the HF weights' dtype")
-    to_mcore.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                          help="pad the vocabulary to a multiple of this (must be divisible by every TP you use)")
+    to_mcore.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=128,
+        help="pad the vocabulary to a multiple of this (must be divisible by every TP you use)",
+    )
 
     to_hf = commands.add_parser("mcore-to-hf", help="megatron-core checkpoint -> HF safetensors directory")
     to_hf.add_argument("--mcore", required=True, help="checkpoint written by hf-to-mcore or training")

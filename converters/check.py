@@ -44,8 +44,9 @@ def mcore_logits(mcore_dir: str | Path, tokens: torch.Tensor, parallel: Parallel
     problems = model_layout_problems(args, parallel)
     if problems:
         raise ConfigError("the model cannot be split this way:\n  " + "\n  ".join(problems))
-    results = run_workers(_mcore_logits_worker, conversion_world_size(parallel), str(mcore_dir),
-                          dataclasses.asdict(parallel), tokens)
+    results = run_workers(
+        _mcore_logits_worker, conversion_world_size(parallel), str(mcore_dir), dataclasses.asdict(parallel), tokens
+    )
     return next(r for r in results if r is not None)
 
 
@@ -70,8 +71,9 @@ def sample_tokens(vocab_size: int, batch: int = 2, seq: int = 32, seed: int = 0)
     return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def check(hf_dir, mcore_dir, parallel: ParallelConfig | None = None, batch: int = 2, seq: int = 32,
-          seed: int = 0) -> dict:
+def check(
+    hf_dir, mcore_dir, parallel: ParallelConfig | None = None, batch: int = 2, seq: int = 32, seed: int = 0
+) -> dict:
     _, args = model_args_for_checkpoint(mcore_dir)
     if args.sliding_window and seq > args.sliding_window:
         raise ConfigError(f"--seq {seq} exceeds the model's sliding_window {args.sliding_window}")

@@ -36,8 +36,11 @@ from megatron_swift.models.hf_config import GPTModelArgs
 def model_layout_problems(args: GPTModelArgs, parallel: ParallelConfig) -> list[str]:
     """Whether a model of `args` can be split as `parallel` says (pure; every problem found)."""
     t = args.transformer
-    tp, pp, ep = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                  parallel.expert_model_parallel_size)
+    tp, pp, ep = (
+        parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        parallel.expert_model_parallel_size,
+    )
     found = list(parallel.problems())
     if t["num_attention_heads"] % tp:
         found.append(f"num_attention_heads={t['num_attention_heads']} is not divisible by tensor parallel {tp}")
@@ -45,8 +48,10 @@ def model_layout_problems(args: GPTModelArgs, parallel: ParallelConfig) -> list[
         found.append(f"num_key_value_heads={t['num_query_groups']} is not divisible by tensor parallel {tp}")
     stages = pp * (parallel.virtual_pipeline_model_parallel_size or 1)
     if t["num_layers"] % stages:
-        found.append(f"num_hidden_layers={t['num_layers']} is not divisible by pipeline stages {stages} "
-                     "(pipeline x virtual pipeline)")
+        found.append(
+            f"num_hidden_layers={t['num_layers']} is not divisible by pipeline stages {stages} "
+            "(pipeline x virtual pipeline)"
+        )
     if args.padded_vocab_size % tp:
         found.append(f"padded vocabulary {args.padded_vocab_size} is not divisible by tensor parallel {tp}")
     experts = t.get("num_moe_experts")
@@ -80,8 +85,9 @@ def _hf_to_mcore_worker(hf_dir: str, tmp_dir: str, parallel: dict, dtype: str, v
         ckpt = HFCheckpoint(hf_dir)
         args = translate(ckpt.config, make_vocab_size_divisible_by=vocab_divisor)
         chunks = build_chunks(args, parallel_cfg, dtype_from_name(dtype))
-        with tqdm(total=ckpt.total_bytes(), unit="B", unit_scale=True, desc="hf-to-mcore",
-                  disable=not ctx.is_main) as bar:
+        with tqdm(
+            total=ckpt.total_bytes(), unit="B", unit_scale=True, desc="hf-to-mcore", disable=not ctx.is_main
+        ) as bar:
             loaded = load_hf_into_chunks(chunks, ckpt, args, on_tensor=bar.update)
         save_model(chunks, Path(tmp_dir) / MODEL_DIR)
         return loaded
@@ -106,8 +112,15 @@ def hf_to_mcore(
     out = Path(out_dir)
     with atomic_output_dir(out) as tmp:
         ckpt.copy_side_files(tmp / HF_DIR)
-        run_workers(_hf_to_mcore_worker, conversion_world_size(parallel), str(ckpt.path.absolute()), str(tmp),
-                    dataclasses.asdict(parallel), dtype, make_vocab_size_divisible_by)
+        run_workers(
+            _hf_to_mcore_worker,
+            conversion_world_size(parallel),
+            str(ckpt.path.absolute()),
+            str(tmp),
+            dataclasses.asdict(parallel),
+            dtype,
+            make_vocab_size_divisible_by,
+        )
         write_meta(
             tmp,
             family=args.family.name,
@@ -117,9 +130,11 @@ def hf_to_mcore(
             vocab_size=args.vocab_size,
             padded_vocab_size=args.padded_vocab_size,
             make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-            saved_with={"tensor_model_parallel_size": parallel.tensor_model_parallel_size,
-                        "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
-                        "expert_model_parallel_size": parallel.expert_model_parallel_size},
+            saved_with={
+                "tensor_model_parallel_size": parallel.tensor_model_parallel_size,
+                "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
+                "expert_model_parallel_size": parallel.expert_model_parallel_size,
+            },
         )
     return out
 
@@ -130,8 +145,10 @@ def model_args_for_checkpoint(mcore_dir: str | Path) -> tuple[dict, GPTModelArgs
     hf_config = load_hf_config(Path(mcore_dir) / HF_DIR)
     args = translate(hf_config, make_vocab_size_divisible_by=meta["make_vocab_size_divisible_by"])
     if args.padded_vocab_size != meta["padded_vocab_size"]:
-        raise CheckpointError(f"{mcore_dir}: padded vocabulary {meta['padded_vocab_size']} in the metadata does not "
-                              f"match {args.padded_vocab_size} from hf/config.json")
+        raise CheckpointError(
+            f"{mcore_dir}: padded vocabulary {meta['padded_vocab_size']} in the metadata does not "
+            f"match {args.padded_vocab_size} from hf/config.json"
+        )
     return meta, args
 
 
@@ -152,8 +169,9 @@ def mcore_to_hf(
                 if item.is_file():
                     (tmp / item.name).write_bytes(item.read_bytes())
             writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
-            for name, tensor in tqdm(hf_tensors_from_chunk(chunks[0], args, out_dtype), desc="mcore-to-hf",
-                                     unit="tensor"):
+            for name, tensor in tqdm(
+                hf_tensors_from_chunk(chunks[0], args, out_dtype), desc="mcore-to-hf", unit="tensor"
+            ):
                 writer.add(name, tensor)
             writer.close()
             _set_config_dtype(tmp / "config.json", out_dtype)

@@ -73,7 +73,7 @@ def expected_hf_shapes(slots: list[_Slot], args: GPTModelArgs) -> dict[str, tupl
     shapes = {}
     for slot in slots:
         meta = torch.empty(slot.global_shape, device="meta")
-        for hf_name, tensor in zip(slot.hf_names, slot.rule.to_hf(meta, args.dims)):
+        for hf_name, tensor in zip(slot.hf_names, slot.rule.to_hf(meta, args.dims), strict=True):
             shapes[hf_name] = tuple(tensor.shape)
     return shapes
 
@@ -131,11 +131,12 @@ def load_hf_into_chunks(
 
 
 @torch.no_grad()
-def hf_tensors_from_chunk(chunk, args: GPTModelArgs, dtype: torch.dtype | None = None) -> Iterator[
-        tuple[str, torch.Tensor]]:
+def hf_tensors_from_chunk(
+    chunk, args: GPTModelArgs, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) for every parameter of an unsharded model chunk, one rule at a time."""
     for slot in _plan([chunk], args):
         if slot.shard:
             raise ValueError("hf_tensors_from_chunk needs an unsharded model (TP1/EP1)")
-        for hf_name, tensor in zip(slot.hf_names, slot.rule.to_hf(slot.param.detach(), args.dims)):
+        for hf_name, tensor in zip(slot.hf_names, slot.rule.to_hf(slot.param.detach(), args.dims), strict=True):
             yield hf_name, tensor.to(dtype) if dtype is not None else tensor

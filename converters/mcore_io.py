@@ -61,7 +61,7 @@ def load_model(chunks, model_dir: Path) -> None:
 
     loaded = dist_checkpointing.load(sharded_state_dict(chunks), str(model_dir))
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for chunk, key in zip(chunks, keys):
+    for chunk, key in zip(chunks, keys, strict=True):
         chunk.load_state_dict(loaded[key], strict=True)
 
 

@@ -1,7 +1,7 @@
 """Write a tiny random HF model + tiny trained tokenizer for one family (or all), with no hub access.
 
-    python examples/make_tiny_model.py --family llama --out /tmp/tiny-llama
-    python examples/make_tiny_model.py --family all --out /tmp/tiny   # /tmp/tiny/<family>
+python examples/make_tiny_model.py --family llama --out /tmp/tiny-llama
+python examples/make_tiny_model.py --family all --out /tmp/tiny   # /tmp/tiny/<family>
 """
 
 import argparse
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
-from megatron_swift.models import families
+from megatron_swift.models import all_families
 from megatron_swift.models.tiny import make_tiny_model
 
 
 def main() -> None:
-    names = sorted(families())
+    names = sorted(all_families())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", required=True, choices=names + ["all"])
+    parser.add_argument("--family", required=True, choices=[*names, "all"])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--seed", type=int, default=0)

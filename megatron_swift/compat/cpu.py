@@ -38,9 +38,7 @@ PATCHED_SYMBOLS: tuple[tuple[str, str], ...] = (
 
 # (module path, attribute) that megatron-core reads but never defines when Transformer Engine is
 # missing; apply_cpu_shims() defines them. A test checks the reading code still names them.
-DEFINED_SYMBOLS: tuple[tuple[str, str], ...] = (
-    ("megatron.core.transformer.moe.moe_utils", "te_general_gemm"),
-)
+DEFINED_SYMBOLS: tuple[tuple[str, str], ...] = (("megatron.core.transformer.moe.moe_utils", "te_general_gemm"),)
 
 _applied = False
 _mode: CudaToCpuMode | None = None

@@ -46,9 +46,7 @@ def _world_from_env() -> tuple[int, int, int]:
     )
 
 
-def init_distributed(
-    parallel: ParallelConfig, *, seed: int = 1234, timeout_minutes: int = 30
-) -> DistributedContext:
+def init_distributed(parallel: ParallelConfig, *, seed: int = 1234, timeout_minutes: int = 30) -> DistributedContext:
     """Initialise torch.distributed and megatron-core model-parallel groups for `parallel`."""
     from megatron.core import parallel_state, tensor_parallel
 

@@ -39,8 +39,8 @@ class Family:
     model_type: str  # HF config `model_type`
     architectures: tuple[str, ...]
     mapping: RuleSet
-    # bool, or the HF config field that says whether q/k/v projections carry a bias.
-    qkv_bias: bool | str = False
+    # q/k/v projections carry a bias (and o_proj does not): megatron's add_qkv_bias.
+    qkv_bias: bool = False
     qk_layernorm: bool = False
     moe: MoEFields | None = None
     # Keyword arguments for the HF config class that make a tiny, fast test model.
@@ -65,7 +65,7 @@ def _load_all() -> None:
         importlib.import_module(f"{pkg.__name__}.{module.name}")
 
 
-def families() -> dict[str, Family]:
+def all_families() -> dict[str, Family]:
     """Every registered family by name."""
     _load_all()
     return {family.name: family for family in _REGISTRY.values()}

@@ -88,8 +88,9 @@ def _translate_rope(hf_config, args: dict) -> None:
         args["rope_scaling"] = True
         args["rope_scaling_factor"] = float(rope["factor"])
     else:
-        raise ConfigError(f"rope_parameters.rope_type={rope_type!r} is not supported; supported: default, linear, "
-                          "llama3")
+        raise ConfigError(
+            f"rope_parameters.rope_type={rope_type!r} is not supported; supported: default, linear, llama3"
+        )
 
 
 def _moe_args(hf_config, family: Family) -> dict:
@@ -130,9 +131,13 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
         raise ConfigError(f"hidden_act={hf_config.hidden_act!r} is not supported; the declared families use silu")
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    qkv_bias = family.qkv_bias
-    if isinstance(qkv_bias, str):
-        qkv_bias = bool(getattr(hf_config, qkv_bias, False))
+    if getattr(hf_config, "attention_bias", False):
+        # Llama-style attention_bias puts a bias on o_proj as well; megatron-core only offers a bias
+        # on every linear (add_bias_linear, MLP included) or on q/k/v alone (add_qkv_bias).
+        raise ConfigError(
+            "attention_bias=true (biases on q/k/v/o_proj) is not supported: megatron-core cannot bias "
+            "o_proj without biasing the MLP too"
+        )
     if getattr(hf_config, "mlp_bias", False):
         raise ConfigError("mlp_bias=true is not supported by the declared families' mappings")
     transformer = dict(
@@ -147,7 +152,7 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=qkv_bias,
+        add_qkv_bias=family.qkv_bias,
         qk_layernorm=family.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
@@ -180,8 +185,14 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
 
 
 def dtype_from_name(name: str) -> torch.dtype:
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if name not in table:
         raise ConfigError(f"unknown dtype {name!r}; use fp32, bf16 or fp16")
     return table[name]

@@ -177,9 +177,10 @@ class RuleSet:
 
     def __post_init__(self):
         object.__setattr__(
-            self, "_hf_res", tuple(template_regex(t) for rule in self.rules for t in rule.hf) + tuple(
-                re.compile(p) for p in self.ignore_hf
-            )
+            self,
+            "_hf_res",
+            tuple(template_regex(t) for rule in self.rules for t in rule.hf)
+            + tuple(re.compile(p) for p in self.ignore_hf),
         )
 
     def resolve(self, mcore_name: str) -> tuple[Rule, dict[str, str]]:

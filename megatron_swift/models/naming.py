@@ -64,7 +64,7 @@ def canonical_name(name: str, layers) -> str:
     if not found:
         return name
     layer = layers[int(found.group(1))]
-    rest = name[found.end():]
+    rest = name[found.end() :]
     expert_indices = getattr(getattr(layer, "mlp", None), "local_expert_indices", None)
     grouped = _GROUPED_EXPERT.search("." + rest)
     if grouped:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_swift.models.family import Family, families
+from megatron_swift.models.family import Family, all_families
 
 CORPUS = """\
 Megatron-Core splits a transformer over many devices: tensor parallelism cuts each weight matrix,
@@ -60,17 +60,19 @@ def make_tiny_tokenizer(vocab_size: int = 384):
 def tiny_hf_config(family: Family, **overrides):
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(family.model_type, architectures=[family.architectures[0]],
-                                **{**family.tiny_config, **overrides})
+    return AutoConfig.for_model(
+        family.model_type, architectures=[family.architectures[0]], **{**family.tiny_config, **overrides}
+    )
 
 
 @torch.no_grad()
-def make_tiny_model(family_name: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    **config_overrides) -> Path:
+def make_tiny_model(
+    family_name: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32, **config_overrides
+) -> Path:
     """Write a random tiny HF model of `family_name` + tokenizer to `out_dir`; returns the path."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    known = families()
+    known = all_families()
     if family_name not in known:
         raise ValueError(f"unknown family {family_name!r}; known: {', '.join(sorted(known))}")
     tokenizer = make_tiny_tokenizer()
@@ -95,6 +97,7 @@ def make_tiny_model(family_name: str, out_dir: str | Path, *, seed: int = 0, dty
     out = Path(out_dir)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                     do_sample=False).save_pretrained(out)
+    GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
+    ).save_pretrained(out)
     return out

@@ -1,1 +1,1 @@
-"""One module per model family; importing the package registers nothing until `families()` scans it."""
+"""One module per model family; importing the package registers nothing until `all_families()` scans it."""

@@ -14,10 +14,18 @@ EMBEDDINGS = (
 
 ATTENTION = (
     Rename(f"{LAYER}.input_layernorm.weight", hf_name="model.layers.{layer}.input_layernorm.weight"),
-    FusedQKV(f"{LAYER}.self_attention.linear_qkv.weight", q=f"{ATTN}.q_proj.weight", k=f"{ATTN}.k_proj.weight",
-             v=f"{ATTN}.v_proj.weight"),
-    FusedQKV(f"{LAYER}.self_attention.linear_qkv.bias", q=f"{ATTN}.q_proj.bias", k=f"{ATTN}.k_proj.bias",
-             v=f"{ATTN}.v_proj.bias"),
+    FusedQKV(
+        f"{LAYER}.self_attention.linear_qkv.weight",
+        q=f"{ATTN}.q_proj.weight",
+        k=f"{ATTN}.k_proj.weight",
+        v=f"{ATTN}.v_proj.weight",
+    ),
+    FusedQKV(
+        f"{LAYER}.self_attention.linear_qkv.bias",
+        q=f"{ATTN}.q_proj.bias",
+        k=f"{ATTN}.k_proj.bias",
+        v=f"{ATTN}.v_proj.bias",
+    ),
     Rename(f"{LAYER}.self_attention.linear_proj.weight", hf_name=f"{ATTN}.o_proj.weight"),
     Rename(f"{LAYER}.pre_mlp_layernorm.weight", hf_name="model.layers.{layer}.post_attention_layernorm.weight"),
 )
@@ -28,8 +36,11 @@ QK_NORM = (
 )
 
 DENSE_MLP = (
-    FusedGateUp(f"{LAYER}.mlp.linear_fc1.weight", gate="model.layers.{layer}.mlp.gate_proj.weight",
-                up="model.layers.{layer}.mlp.up_proj.weight"),
+    FusedGateUp(
+        f"{LAYER}.mlp.linear_fc1.weight",
+        gate="model.layers.{layer}.mlp.gate_proj.weight",
+        up="model.layers.{layer}.mlp.up_proj.weight",
+    ),
     Rename(f"{LAYER}.mlp.linear_fc2.weight", hf_name="model.layers.{layer}.mlp.down_proj.weight"),
 )
 
@@ -56,13 +67,16 @@ LLAMA = register(
         model_type="llama",
         architectures=("LlamaForCausalLM",),
         mapping=DENSE_DECODER,
-        qkv_bias="attention_bias",
         # Llama 3.1 rope scaling; original_max_position_embeddings <= max_position_embeddings as in the real configs.
         tiny_config=dict(
             TINY_DENSE,
             max_position_embeddings=131072,
             rope_parameters=dict(
-                rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
                 original_max_position_embeddings=8192,
             ),
         ),

@@ -17,14 +17,23 @@ MIXTRAL = register(
             + ATTENTION
             + (
                 Rename("decoder.layers.{layer}.mlp.router.weight", hf_name=f"{MOE}.gate.weight"),
-                FusedGateUp(f"{EXPERT}.linear_fc1.weight", gate=MOE + ".experts.{expert}.w1.weight",
-                            up=MOE + ".experts.{expert}.w3.weight"),
+                FusedGateUp(
+                    f"{EXPERT}.linear_fc1.weight",
+                    gate=MOE + ".experts.{expert}.w1.weight",
+                    up=MOE + ".experts.{expert}.w3.weight",
+                ),
                 Rename(f"{EXPERT}.linear_fc2.weight", hf_name=MOE + ".experts.{expert}.w2.weight"),
             ),
             ignore_hf=IGNORE_HF,
         ),
         moe=MoEFields(num_experts="num_local_experts", norm_topk_prob=True),
-        tiny_config=dict(TINY_DENSE, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
-                         num_hidden_layers=2, sliding_window=None),
+        tiny_config=dict(
+            TINY_DENSE,
+            intermediate_size=96,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            num_hidden_layers=2,
+            sliding_window=None,
+        ),
     )
 )

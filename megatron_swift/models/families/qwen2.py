@@ -10,7 +10,8 @@ QWEN2 = register(
         architectures=("Qwen2ForCausalLM",),
         mapping=DENSE_DECODER,
         qkv_bias=True,
-        tiny_config=dict(TINY_DENSE, tie_word_embeddings=True, rope_parameters=dict(rope_type="default",
-                                                                                    rope_theta=1000000.0)),
+        tiny_config=dict(
+            TINY_DENSE, tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1000000.0)
+        ),
     )
 )

@@ -10,7 +10,6 @@ QWEN3 = register(
         model_type="qwen3",
         architectures=("Qwen3ForCausalLM",),
         mapping=RuleSet(DENSE_DECODER.rules + QK_NORM, ignore_hf=DENSE_DECODER.ignore_hf),
-        qkv_bias="attention_bias",
         qk_layernorm=True,
         # head_dim * heads != hidden_size on purpose: real Qwen3 configs decouple them.
         tiny_config=dict(TINY_DENSE, head_dim=24, tie_word_embeddings=True),

@@ -19,13 +19,15 @@ QWEN3_MOE = register(
             + DENSE_MLP
             + (
                 Rename("decoder.layers.{layer}.mlp.router.weight", hf_name="model.layers.{layer}.mlp.gate.weight"),
-                FusedGateUp(f"{EXPERT}.linear_fc1.weight", gate=f"{HF_EXPERT}.gate_proj.weight",
-                            up=f"{HF_EXPERT}.up_proj.weight"),
+                FusedGateUp(
+                    f"{EXPERT}.linear_fc1.weight",
+                    gate=f"{HF_EXPERT}.gate_proj.weight",
+                    up=f"{HF_EXPERT}.up_proj.weight",
+                ),
                 Rename(f"{EXPERT}.linear_fc2.weight", hf_name=f"{HF_EXPERT}.down_proj.weight"),
             ),
             ignore_hf=IGNORE_HF,
         ),
-        qkv_bias="attention_bias",
         qk_layernorm=True,
         moe=MoEFields(
             num_experts="num_experts",
@@ -35,7 +37,15 @@ QWEN3_MOE = register(
             dense_layers="mlp_only_layers",
         ),
         # Layer 0 dense (mlp_only_layers) to exercise mixed dense/MoE stacks, as some Qwen-MoE configs do.
-        tiny_config=dict(TINY_DENSE, head_dim=16, moe_intermediate_size=48, num_experts=4,
-                         num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0], decoder_sparse_step=1),
+        tiny_config=dict(
+            TINY_DENSE,
+            head_dim=16,
+            moe_intermediate_size=48,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+            decoder_sparse_step=1,
+        ),
     )
 )

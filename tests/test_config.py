@@ -1,0 +1,101 @@
+"""Typed config: YAML + dotted overrides, coercion, and validation that reports every problem."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from megatron_swift.config import ConfigError, ParallelConfig, load_config, parse_overrides
+
+
+@dataclass
+class Train:
+    lr: float = 1e-5
+    train_iters: int = 10
+    bf16: bool = False
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    load: str | None = None
+
+
+@dataclass
+class Job:
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: Train = field(default_factory=Train)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("parallel:\n  tensor_model_parallel_size: 2\ntrain:\n  lr: 3e-4\n  bf16: true\n")
+    job = load_config(
+        Job,
+        path,
+        [
+            "--train.lr",
+            "1e-4",
+            "--parallel.sequence_parallel",
+            "--train.train_iters=7",
+            "--train.target_modules",
+            "linear_qkv,linear_proj",
+            "--train.load",
+            "none",
+        ],
+    )
+    assert job.parallel.tensor_model_parallel_size == 2
+    assert job.parallel.sequence_parallel is True
+    assert job.train.lr == pytest.approx(1e-4)
+    assert job.train.bf16 is True
+    assert job.train.train_iters == 7
+    assert job.train.target_modules == ["linear_qkv", "linear_proj"]
+    assert job.train.load is None
+
+
+def test_unknown_field_suggests_the_close_name():
+    with pytest.raises(
+        ConfigError,
+        match=r"parallel\.tensor_parallel_size: unknown field; did you mean "
+        r"'tensor_model_parallel_size'",
+    ):
+        load_config(Job, None, ["--parallel.tensor_parallel_size", "2"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--train.train_iters", "2.5"], "train.train_iters: expected an integer"),
+        (["--train.bf16", "maybe"], "train.bf16: expected true/false"),
+        (["--train.lr", "fast"], "train.lr: expected a number"),
+        (["--train", "x"], "train: expected a mapping"),
+    ],
+)
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Job, None, override)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lr: 1\n  bf16: [unclosed\n")
+    with pytest.raises(ConfigError, match=rf"{path}:\d+: invalid YAML"):
+        load_config(Job, path)
+
+
+def test_parse_overrides_nests_sections():
+    assert parse_overrides(["--a.b.c", "1", "--a.d=x"]) == {"a": {"b": {"c": "1"}, "d": "x"}}
+    with pytest.raises(ConfigError, match="unexpected argument"):
+        parse_overrides(["positional"])
+
+
+def test_parallel_problems_lists_every_problem():
+    bad = ParallelConfig(pipeline_model_parallel_size=0, sequence_parallel=True, virtual_pipeline_model_parallel_size=2)
+    problems = bad.problems()
+    assert len(problems) == 3
+    assert any("pipeline_model_parallel_size must be >= 1" in p for p in problems)
+    assert any("sequence_parallel needs" in p for p in problems)
+    assert any("virtual_pipeline_model_parallel_size > 1 needs" in p for p in problems)
+
+
+def test_parallel_problems_against_world_size():
+    assert ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2).problems(8) == []
+    (problem,) = ParallelConfig(tensor_model_parallel_size=3).problems(4)
+    assert "world size 4 is not divisible" in problem
+    (problem,) = ParallelConfig(expert_model_parallel_size=4).problems(2)
+    assert "expert_model_parallel_size=4" in problem
