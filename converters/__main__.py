@@ -11,16 +11,11 @@ differ by more than --tol.
 
 from __future__ import annotations
 
+# Only the standard library at module level: megatron-core's checkpoint writer starts a spawn-context
+# helper process that re-imports this module, and torch/megatron imports would cost it seconds.
 import argparse
 import json
 import sys
-
-from converters.hf_io import CheckpointError
-from megatron_swift.config import ConfigError, ParallelConfig
-from megatron_swift.distributed import WorkerError
-from megatron_swift.models import UnsupportedModelError
-
-USER_ERRORS = (CheckpointError, ConfigError, UnsupportedModelError, WorkerError, FileNotFoundError)
 
 
 def _parallel_flags(parser: argparse.ArgumentParser, ep: bool = True) -> None:
@@ -30,7 +25,9 @@ def _parallel_flags(parser: argparse.ArgumentParser, ep: bool = True) -> None:
         parser.add_argument("--ep", type=int, default=1, help="expert model parallel size")
 
 
-def _parallel(args) -> ParallelConfig:
+def _parallel(args):
+    from megatron_swift.config import ParallelConfig
+
     return ParallelConfig(
         tensor_model_parallel_size=args.tp,
         pipeline_model_parallel_size=args.pp,
@@ -94,9 +91,14 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from converters.hf_io import CheckpointError
+    from megatron_swift.config import ConfigError
+    from megatron_swift.distributed import WorkerError
+    from megatron_swift.models import UnsupportedModelError
+
     try:
         return run(argv)
-    except USER_ERRORS as exc:
+    except (CheckpointError, ConfigError, UnsupportedModelError, WorkerError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

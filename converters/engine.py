@@ -134,9 +134,9 @@ def load_hf_into_chunks(
 def hf_tensors_from_chunk(
     chunk, args: GPTModelArgs, dtype: torch.dtype | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every parameter of an unsharded model chunk, one rule at a time."""
+    """(HF name, CPU tensor) for every parameter of an unsharded model chunk, one rule at a time."""
     for slot in _plan([chunk], args):
         if slot.shard:
             raise ValueError("hf_tensors_from_chunk needs an unsharded model (TP1/EP1)")
         for hf_name, tensor in zip(slot.hf_names, slot.rule.to_hf(slot.param.detach(), args.dims), strict=True):
-            yield hf_name, tensor.to(dtype) if dtype is not None else tensor
+            yield hf_name, tensor.to("cpu", dtype or tensor.dtype)

@@ -168,6 +168,15 @@ def _numel(shape) -> int:
     return count
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ShardedSafetensorsWriter:
     """Stream (name, tensor) pairs into `model-0000i-of-0000n.safetensors` shards + the HF index.
 
@@ -193,7 +202,8 @@ class ShardedSafetensorsWriter:
 
     def _flush(self) -> None:
         index = len(self._shards)
-        save_file(self._pending, str(self.out_dir / f"shard-{index}.tmp"), metadata={"format": "pt"})
+        path = self.out_dir / f"shard-{index}.tmp"
+        save_file(self._pending, str(path), metadata={"format": "pt"})
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 

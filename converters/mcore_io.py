@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from converters.hf_io import CheckpointError
+from converters.hf_io import CheckpointError, fsync_path
 
 META_NAME = "mswift_meta.json"
 MODEL_DIR = "model"
@@ -98,9 +98,14 @@ def atomic_output_dir(out: Path):
     tmp.mkdir()
     try:
         yield tmp
+        # Everything reaches the disk before the rename publishes it (already-synced files cost nothing).
+        for path in sorted(tmp.rglob("*"), reverse=True):
+            fsync_path(path)
+        fsync_path(tmp)
         if out.exists():
             out.rmdir()  # an empty placeholder (checked above)
         tmp.rename(out)
+        fsync_path(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -40,6 +40,12 @@ def test_moe_fields():
     assert qwen["moe_ffn_hidden_size"] == 48 and qwen["ffn_hidden_size"] == 160
 
 
+def test_shared_expert_fields():
+    qwen2_moe = translate(tiny_hf_config(all_families()["qwen2_moe"])).transformer
+    assert qwen2_moe["moe_shared_expert_intermediate_size"] == 80 and qwen2_moe["moe_shared_expert_gate"] is True
+    assert qwen2_moe["add_qkv_bias"] is True and qwen2_moe["moe_router_pre_softmax"] is True
+
+
 def test_llama3_rope_scaling_matches_transformers_inv_freq():
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

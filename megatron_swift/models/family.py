@@ -31,6 +31,9 @@ class MoEFields:
     # Qwen-MoE style dense/sparse interleave (`decoder_sparse_step`, `mlp_only_layers`).
     sparse_step: str | None = None
     dense_layers: str | None = None
+    # Always-on shared expert (Qwen2-MoE): its FFN width field, and whether a sigmoid gate scales it.
+    shared_expert_ffn_hidden_size: str | None = None
+    shared_expert_gate: bool = False
 
 
 @dataclass(frozen=True)

@@ -15,20 +15,20 @@ import torch
 def _forward_step(data_iterator, model, vocab_size: int):
     from megatron.core import tensor_parallel
 
-    tokens = next(data_iterator)
+    tokens = next(data_iterator).to(next(model.parameters()).device)
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     output = model(tokens, position_ids, None)
 
     def collect(output_tensor, non_loss_data=False):
         full = tensor_parallel.gather_from_tensor_model_parallel_region(output_tensor)
-        return full[..., :vocab_size].detach().float()
+        return full[..., :vocab_size].detach().float().cpu()
 
     return output, collect
 
 
 @torch.no_grad()
 def forward_logits(chunks, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
-    """Logits [batch, seq, vocab_size] for `tokens` on the last pipeline stage, None elsewhere."""
+    """Logits [batch, seq, vocab_size] (fp32, on CPU) on the last pipeline stage, None elsewhere."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

@@ -112,6 +112,11 @@ def _moe_args(hf_config, family: Family) -> dict:
         moe_router_dtype="fp32",
         moe_grouped_gemm=False,
     )
+    if fields.shared_expert_ffn_hidden_size:
+        shared = int(getattr(hf_config, fields.shared_expert_ffn_hidden_size, 0) or 0)
+        if shared:
+            moe["moe_shared_expert_intermediate_size"] = shared
+            moe["moe_shared_expert_gate"] = fields.shared_expert_gate
     sparse = [True] * num_layers
     if fields.sparse_step:
         step = int(getattr(hf_config, fields.sparse_step, 1) or 1)
