@@ -129,15 +129,21 @@ def bare_copy(hf_dir: Path, out: Path, durable: bool) -> None:
     shutil.copy2(hf_dir / INDEX_NAME, out / INDEX_NAME)
 
 
-def timed(step: Callable[[Path], object], work: Path, name: str, repeats: int) -> tuple[float, float, Path]:
-    """(first, best) wall time of `step(out)` over `repeats` fresh output dirs; the last output is kept."""
-    times, out = [], work / name
+def timed_round_robin(steps: dict[str, Callable[[Path], object]], work: Path, repeats: int) -> dict[str, list[float]]:
+    """Wall times of each step over `repeats` rounds, the steps interleaved within each round.
+
+    Interleaving makes every step see the same disk and page-cache conditions (writeback of the previous
+    round's files dominates the noise on this machine). Each output dir is recreated before its run.
+    """
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        shutil.rmtree(out, ignore_errors=True)
-        start = time.perf_counter()
-        step(out)
-        times.append(time.perf_counter() - start)
-    return times[0], min(times), out
+        for name, step in steps.items():
+            out = work / name
+            shutil.rmtree(out, ignore_errors=True)
+            start = time.perf_counter()
+            step(out)
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def bridge_status() -> dict[str, str]:
@@ -172,9 +178,15 @@ def machine_info() -> dict:
     }
 
 
-def step_result(first: float, best: float, nbytes: int, bare_gbps: float | None = None) -> dict:
+def step_result(times: list[float], nbytes: int, bare_gbps: float | None = None) -> dict:
+    best = min(times)
     gbps = nbytes / 1e9 / best
-    result = {"seconds": round(best, 3), "gb_per_s": round(gbps, 4), "cold_seconds": round(first, 3)}
+    result = {
+        "seconds": round(best, 3),
+        "gb_per_s": round(gbps, 4),
+        "cold_seconds": round(times[0], 3),
+        "all_seconds": [round(t, 3) for t in times],
+    }
     if bare_gbps is not None:
         ratio = gbps / bare_gbps
         result.update(ratio=round(ratio, 3), meets_target=ratio >= TARGET_RATIO)
@@ -185,11 +197,18 @@ def run(work: Path, layers: int, repeats: int) -> dict:
     config = {**QWEN2_0_5B, "num_hidden_layers": layers}
     hf_dir = work / "hf"
     sizes = write_random_checkpoint(hf_dir, config)
-    *bare_s, _ = timed(lambda out: bare_copy(hf_dir, out, durable=True), work, "bare", repeats)
-    *bare_no_sync_s, _ = timed(lambda out: bare_copy(hf_dir, out, durable=False), work, "bare-no-sync", repeats)
-    *to_mcore_s, mcore_dir = timed(lambda out: hf_to_mcore(hf_dir, out), work, "mcore", repeats)
-    *to_hf_s, _ = timed(lambda out: mcore_to_hf(mcore_dir, out), work, "hf-back", repeats)
-    bare = step_result(*bare_s, sizes["bytes"])
+    mcore_dir = work / "hf-to-mcore"
+    times = timed_round_robin(
+        {
+            "bare": lambda out: bare_copy(hf_dir, out, durable=True),
+            "bare, no fsync": lambda out: bare_copy(hf_dir, out, durable=False),
+            "hf-to-mcore": lambda out: hf_to_mcore(hf_dir, out),
+            "mcore-to-hf": lambda out: mcore_to_hf(mcore_dir, out),
+        },
+        work,
+        repeats,
+    )
+    bare = step_result(times["bare"], sizes["bytes"])
     return {
         "model": {"shape": "Qwen2.5-0.5B (random weights)", "layers": layers, "dtype": "bf16", **sizes},
         "repeats": repeats,
@@ -197,9 +216,9 @@ def run(work: Path, layers: int, repeats: int) -> dict:
         "machine": machine_info(),
         "steps": {
             "bare": bare,
-            "bare, no fsync": step_result(*bare_no_sync_s, sizes["bytes"]),
-            "hf-to-mcore": step_result(*to_mcore_s, sizes["bytes"], bare["gb_per_s"]),
-            "mcore-to-hf": step_result(*to_hf_s, sizes["bytes"], bare["gb_per_s"]),
+            "bare, no fsync": step_result(times["bare, no fsync"], sizes["bytes"]),
+            "hf-to-mcore": step_result(times["hf-to-mcore"], sizes["bytes"], bare["gb_per_s"]),
+            "mcore-to-hf": step_result(times["mcore-to-hf"], sizes["bytes"], bare["gb_per_s"]),
         },
         "bridges": bridge_status(),
     }
@@ -237,7 +256,7 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--work-dir", type=Path, help="where checkpoints are written (default: a temporary dir)")
     parser.add_argument("--layers", type=int, default=QWEN2_0_5B["num_hidden_layers"])
     args = parser.parse_args()
