@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_swift.models.families.llama import DENSE_DECODER
+from megatron_swift.models.families.common import DENSE_DECODER
 from megatron_swift.models.mapping import FusedGateUp, FusedQKV, ModelDims, PaddedVocab
 
 DIMS = ModelDims(num_attention_heads=6, num_query_groups=2, head_dim=4, vocab_size=10, padded_vocab_size=16)

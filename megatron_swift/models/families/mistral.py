@@ -1,6 +1,6 @@
 """Mistral (MistralForCausalLM): the Llama layout; v0.1 adds sliding-window attention."""
 
-from megatron_swift.models.families.llama import DENSE_DECODER, TINY_DENSE
+from megatron_swift.models.families.common import DENSE_DECODER, TINY_DENSE
 from megatron_swift.models.family import Family, register
 
 MISTRAL = register(

@@ -1,11 +1,10 @@
 """Mixtral (MixtralForCausalLM): Mistral attention + sparse MoE (w1=gate, w3=up, w2=down), renormalised top-k."""
 
-from megatron_swift.models.families.llama import ATTENTION, EMBEDDINGS, IGNORE_HF, TINY_DENSE
+from megatron_swift.models.families.common import ATTENTION, EMBEDDINGS, IGNORE_HF, TINY_DENSE, routed_experts
 from megatron_swift.models.family import Family, MoEFields, register
-from megatron_swift.models.mapping import FusedGateUp, Rename, RuleSet
+from megatron_swift.models.mapping import RuleSet
 
 MOE = "model.layers.{layer}.block_sparse_moe"
-EXPERT = "decoder.layers.{layer}.mlp.experts.local_experts.{expert}"
 
 MIXTRAL = register(
     Family(
@@ -15,15 +14,7 @@ MIXTRAL = register(
         mapping=RuleSet(
             EMBEDDINGS
             + ATTENTION
-            + (
-                Rename("decoder.layers.{layer}.mlp.router.weight", hf_name=f"{MOE}.gate.weight"),
-                FusedGateUp(
-                    f"{EXPERT}.linear_fc1.weight",
-                    gate=MOE + ".experts.{expert}.w1.weight",
-                    up=MOE + ".experts.{expert}.w3.weight",
-                ),
-                Rename(f"{EXPERT}.linear_fc2.weight", hf_name=MOE + ".experts.{expert}.w2.weight"),
-            ),
+            + routed_experts(f"{MOE}.gate.weight", MOE + ".experts.{expert}", "w1.weight", "w3.weight", "w2.weight"),
             ignore_hf=IGNORE_HF,
         ),
         moe=MoEFields(num_experts="num_local_experts", norm_topk_prob=True),

@@ -1,6 +1,6 @@
 """Qwen2 / Qwen2.5 (Qwen2ForCausalLM): a Llama-shaped decoder with q/k/v biases; small sizes tie embeddings."""
 
-from megatron_swift.models.families.llama import DENSE_DECODER, TINY_DENSE
+from megatron_swift.models.families.common import DENSE_DECODER, TINY_DENSE
 from megatron_swift.models.family import Family, register
 
 QWEN2 = register(

@@ -1,11 +1,13 @@
 """Qwen2-MoE / Qwen1.5-MoE (Qwen2MoeForCausalLM): Qwen2 attention + routed experts + a gated shared expert."""
 
-from megatron_swift.models.families.llama import ATTENTION, DENSE_MLP, EMBEDDINGS, IGNORE_HF, TINY_DENSE
-from megatron_swift.models.family import Family, MoEFields, register
+import dataclasses
+
+from megatron_swift.models.families.common import ATTENTION, DENSE_MLP, EMBEDDINGS, IGNORE_HF, TINY_DENSE
+from megatron_swift.models.families.qwen3_moe import HF_MLP, QWEN_EXPERTS, QWEN_MOE_FIELDS
+from megatron_swift.models.family import Family, register
 from megatron_swift.models.mapping import FusedGateUp, Rename, RuleSet
 
-HF_MLP = "model.layers.{layer}.mlp"
-MLP = "decoder.layers.{layer}.mlp"
+SHARED = "decoder.layers.{layer}.mlp.shared_experts"
 
 QWEN2_MOE = register(
     Family(
@@ -16,36 +18,21 @@ QWEN2_MOE = register(
             EMBEDDINGS
             + ATTENTION
             + DENSE_MLP
+            + QWEN_EXPERTS
             + (
-                Rename(f"{MLP}.router.weight", hf_name=f"{HF_MLP}.gate.weight"),
                 FusedGateUp(
-                    f"{MLP}.experts.local_experts.{{expert}}.linear_fc1.weight",
-                    gate=f"{HF_MLP}.experts.{{expert}}.gate_proj.weight",
-                    up=f"{HF_MLP}.experts.{{expert}}.up_proj.weight",
-                ),
-                Rename(
-                    f"{MLP}.experts.local_experts.{{expert}}.linear_fc2.weight",
-                    hf_name=f"{HF_MLP}.experts.{{expert}}.down_proj.weight",
-                ),
-                FusedGateUp(
-                    f"{MLP}.shared_experts.linear_fc1.weight",
+                    f"{SHARED}.linear_fc1.weight",
                     gate=f"{HF_MLP}.shared_expert.gate_proj.weight",
                     up=f"{HF_MLP}.shared_expert.up_proj.weight",
                 ),
-                Rename(f"{MLP}.shared_experts.linear_fc2.weight", hf_name=f"{HF_MLP}.shared_expert.down_proj.weight"),
-                Rename(f"{MLP}.shared_experts.gate_weight", hf_name=f"{HF_MLP}.shared_expert_gate.weight"),
+                Rename(f"{SHARED}.linear_fc2.weight", hf_name=f"{HF_MLP}.shared_expert.down_proj.weight"),
+                Rename(f"{SHARED}.gate_weight", hf_name=f"{HF_MLP}.shared_expert_gate.weight"),
             ),
             ignore_hf=IGNORE_HF,
         ),
         qkv_bias=True,
-        moe=MoEFields(
-            num_experts="num_experts",
-            expert_ffn_hidden_size="moe_intermediate_size",
-            norm_topk_prob="norm_topk_prob",
-            sparse_step="decoder_sparse_step",
-            dense_layers="mlp_only_layers",
-            shared_expert_ffn_hidden_size="shared_expert_intermediate_size",
-            shared_expert_gate=True,
+        moe=dataclasses.replace(
+            QWEN_MOE_FIELDS, shared_expert_ffn_hidden_size="shared_expert_intermediate_size", shared_expert_gate=True
         ),
         tiny_config=dict(
             TINY_DENSE,

@@ -1,6 +1,6 @@
 """Qwen3 (Qwen3ForCausalLM): per-head RMSNorm on q and k (qk-norm), explicit head_dim, optional bias."""
 
-from megatron_swift.models.families.llama import DENSE_DECODER, QK_NORM, TINY_DENSE
+from megatron_swift.models.families.common import DENSE_DECODER, QK_NORM, TINY_DENSE
 from megatron_swift.models.family import Family, register
 from megatron_swift.models.mapping import RuleSet
 

@@ -1,41 +1,38 @@
 """Qwen3-MoE (Qwen3MoeForCausalLM): Qwen3 attention (qk-norm) + MoE experts; optional dense layers."""
 
-from megatron_swift.models.families.llama import ATTENTION, DENSE_MLP, EMBEDDINGS, IGNORE_HF, QK_NORM, TINY_DENSE
+from megatron_swift.models.families.common import (
+    ATTENTION,
+    DENSE_MLP,
+    EMBEDDINGS,
+    IGNORE_HF,
+    QK_NORM,
+    TINY_DENSE,
+    routed_experts,
+)
 from megatron_swift.models.family import Family, MoEFields, register
-from megatron_swift.models.mapping import FusedGateUp, Rename, RuleSet
+from megatron_swift.models.mapping import RuleSet
 
-HF_EXPERT = "model.layers.{layer}.mlp.experts.{expert}"
-EXPERT = "decoder.layers.{layer}.mlp.experts.local_experts.{expert}"
+HF_MLP = "model.layers.{layer}.mlp"
+QWEN_EXPERTS = routed_experts(
+    f"{HF_MLP}.gate.weight", HF_MLP + ".experts.{expert}", "gate_proj.weight", "up_proj.weight", "down_proj.weight"
+)
+
+QWEN_MOE_FIELDS = MoEFields(
+    num_experts="num_experts",
+    expert_ffn_hidden_size="moe_intermediate_size",
+    norm_topk_prob="norm_topk_prob",
+    sparse_step="decoder_sparse_step",
+    dense_layers="mlp_only_layers",
+)
 
 QWEN3_MOE = register(
     Family(
         name="qwen3_moe",
         model_type="qwen3_moe",
         architectures=("Qwen3MoeForCausalLM",),
-        mapping=RuleSet(
-            EMBEDDINGS
-            + ATTENTION
-            + QK_NORM
-            + DENSE_MLP
-            + (
-                Rename("decoder.layers.{layer}.mlp.router.weight", hf_name="model.layers.{layer}.mlp.gate.weight"),
-                FusedGateUp(
-                    f"{EXPERT}.linear_fc1.weight",
-                    gate=f"{HF_EXPERT}.gate_proj.weight",
-                    up=f"{HF_EXPERT}.up_proj.weight",
-                ),
-                Rename(f"{EXPERT}.linear_fc2.weight", hf_name=f"{HF_EXPERT}.down_proj.weight"),
-            ),
-            ignore_hf=IGNORE_HF,
-        ),
+        mapping=RuleSet(EMBEDDINGS + ATTENTION + QK_NORM + DENSE_MLP + QWEN_EXPERTS, ignore_hf=IGNORE_HF),
         qk_layernorm=True,
-        moe=MoEFields(
-            num_experts="num_experts",
-            expert_ffn_hidden_size="moe_intermediate_size",
-            norm_topk_prob="norm_topk_prob",
-            sparse_step="decoder_sparse_step",
-            dense_layers="mlp_only_layers",
-        ),
+        moe=QWEN_MOE_FIELDS,
         # Layer 0 dense (mlp_only_layers) to exercise mixed dense/MoE stacks, as some Qwen-MoE configs do.
         tiny_config=dict(
             TINY_DENSE,
