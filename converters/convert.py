@@ -15,7 +15,13 @@ import torch
 from tqdm import tqdm
 
 from converters.engine import hf_tensors_from_chunk, load_hf_into_chunks
-from converters.hf_io import CheckpointError, HFCheckpoint, ShardedSafetensorsWriter, load_hf_config
+from converters.hf_io import (
+    CheckpointError,
+    HFCheckpoint,
+    ShardedSafetensorsWriter,
+    copy_side_files,
+    load_hf_config,
+)
 from converters.mcore_io import (
     HF_DIR,
     MODEL_DIR,
@@ -108,7 +114,7 @@ def hf_to_mcore(
     args = translate(ckpt.config, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     _require_layout(args, parallel)
     dtype = dtype or dtype_name(ckpt.dtype)
-    dtype_from_name(dtype)
+    dtype_from_name(dtype)  # an unknown name fails here, before any process starts
     out = Path(out_dir)
     with atomic_output_dir(out) as tmp:
         ckpt.copy_side_files(tmp / HF_DIR)
@@ -165,9 +171,7 @@ def mcore_to_hf(
         chunks = build_chunks(args, ParallelConfig(), dtype_from_name(meta["dtype"]))
         load_model(chunks, mcore_dir / MODEL_DIR)
         with atomic_output_dir(out) as tmp:
-            for item in (mcore_dir / HF_DIR).iterdir():
-                if item.is_file():
-                    (tmp / item.name).write_bytes(item.read_bytes())
+            copy_side_files(mcore_dir / HF_DIR, tmp)
             writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
             for name, tensor in tqdm(
                 hf_tensors_from_chunk(chunks[0], args, out_dtype), desc="mcore-to-hf", unit="tensor"

@@ -154,11 +154,15 @@ class HFCheckpoint:
         return sum(_DTYPE_BYTES.get(i.dtype, 4) * _numel(i.shape) for i in self.tensors.values())
 
     def copy_side_files(self, out_dir: Path) -> None:
-        """Copy config, tokenizer and generation files (everything that is not a weight file)."""
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for item in self.path.iterdir():
-            if item.is_file() and item.suffix not in _WEIGHT_SUFFIXES and item.name != INDEX_NAME:
-                shutil.copy2(item, out_dir / item.name)
+        copy_side_files(self.path, out_dir)
+
+
+def copy_side_files(src_dir: Path, out_dir: Path) -> None:
+    """Copy config, tokenizer and generation files (every file that is not a weight file)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in Path(src_dir).iterdir():
+        if item.is_file() and item.suffix not in _WEIGHT_SUFFIXES and item.name != INDEX_NAME:
+            shutil.copy2(item, out_dir / item.name)
 
 
 def _numel(shape) -> int:

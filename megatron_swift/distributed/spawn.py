@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from collections.abc import Callable
 
 import torch.multiprocessing as mp
@@ -56,25 +57,20 @@ def run_workers(fn: Callable, nprocs: int, *args) -> list:
     ]
     for proc in procs:
         proc.start()
-    results: dict[int, object] = {}
+    results: dict[int, bytes] = {}
     errors: dict[int, str] = {}
-    # Collect before join: a large result would otherwise block the child on a full pipe.
-    alive = set(range(nprocs))
-    while alive:
+    # Read results while workers run (a large result would block its sender on a full pipe); stop at the
+    # first error, since the other ranks would wait forever in a collective with the failed one.
+    while len(results) < nprocs and not errors:
         if not queue.empty():
-            rank, status, payload = queue.get()
-            alive.discard(rank)
-            (results if status == "ok" else errors)[rank] = payload
-            if errors:  # one failed rank would leave the others blocked in a collective
-                break
+            rank, status, data = queue.get()
+            (results if status == "ok" else errors)[rank] = data
             continue
-        dead = [r for r in alive if not procs[r].is_alive() and procs[r].exitcode not in (None, 0)]
-        if dead:
-            if queue.empty():
-                errors.update({r: f"worker exited with code {procs[r].exitcode}" for r in dead})
-                break
-            continue
-        procs[next(iter(alive))].join(timeout=0.05)
+        crashed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+        if crashed and queue.empty():  # died without reporting (killed, segfault)
+            errors.update({r: f"worker exited with code {procs[r].exitcode}" for r in crashed})
+        else:
+            time.sleep(0.02)
     for proc in procs:
         if errors and proc.is_alive():
             proc.terminate()
