@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from converters.convert import build_chunks, conversion_world_size, model_args_for_checkpoint, model_layout_problems
+from converters.convert import build_chunks, conversion_world_size, model_args_for_checkpoint
 from converters.mcore_io import MODEL_DIR, load_model
 from megatron_swift.config import ConfigError, ParallelConfig
 from megatron_swift.distributed import destroy_distributed, init_distributed, run_workers
 from megatron_swift.models.forward import forward_logits
+from megatron_swift.models.layout import model_layout_problems
 
 
 def _mcore_logits_worker(mcore_dir: str, parallel: dict, tokens: torch.Tensor):

@@ -1,0 +1,116 @@
+"""Pretraining / SFT entry point: parse, preflight, init, build, train.
+
+    torchrun --nproc_per_node N launch/pretrain_sft.py --config FILE.yaml [--section.field value ...]
+
+Weights come straight from an HF directory (each rank reads only its shard, no offline step) or
+from a megatron-swift checkpoint; this file composes the converter engine with the training loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by torchrun: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_swift.config import ConfigError, load_config
+from megatron_swift.training.config import JobConfig, preflight
+
+
+def model_source(job: JobConfig) -> Path:
+    """The directory holding the HF config and tokenizer of the model to train."""
+    return Path(job.model.hf) if job.model.hf else Path(job.model.load) / "hf"
+
+
+def check_job(job: JobConfig, world_size: int):
+    """Translate the model config and preflight the whole job; raises ConfigError listing every problem."""
+    from converters.hf_io import load_hf_config
+    from megatron_swift.models import translate
+
+    args = translate(
+        load_hf_config(model_source(job)), make_vocab_size_divisible_by=job.model.make_vocab_size_divisible_by
+    )
+    problems = preflight(job, world_size, args)
+    import torch
+
+    from megatron_swift._optional import has_transformer_engine
+
+    te_usable = torch.cuda.is_available() and has_transformer_engine() and job.model.spec != "local"
+    if job.train.fp8_format and not te_usable:
+        problems.append("train.fp8_format: FP8 needs a CUDA GPU and transformer-engine (pip install '.[gpu]')")
+    if job.parallel.context_parallel_size > 1 and not te_usable:
+        problems.append(
+            "parallel.context_parallel_size > 1 needs Transformer Engine attention (a CUDA GPU and transformer-engine)"
+        )
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) in the job:\n  " + "\n  ".join(problems))
+    return args
+
+
+def build_model(job: JobConfig, args) -> list:
+    """This rank's model chunks with their weights loaded."""
+    import torch
+
+    from converters.engine import load_hf_into_chunks
+    from converters.hf_io import HFCheckpoint
+    from converters.mcore_io import MODEL_DIR, load_model
+    from megatron_swift.models import build_model_chunks, transformer_config
+    from megatron_swift.training.config import transformer_overrides
+
+    dtype = torch.bfloat16 if job.train.bf16 else torch.float16 if job.train.fp16 else torch.float32
+    # Initialisation stays on although every weight is then loaded: megatron-core marks tensor-parallel
+    # weights (`tensor_model_parallel`, read by grad-norm clipping and the optimizers) only while initialising.
+    config = transformer_config(args, job.parallel, params_dtype=dtype, **transformer_overrides(job))
+    chunks = build_model_chunks(args, config, spec=job.model.spec)
+    if job.model.hf:
+        load_hf_into_chunks(chunks, HFCheckpoint(job.model.hf), args)
+    else:
+        load_model(chunks, Path(job.model.load) / MODEL_DIR)
+    return chunks
+
+
+def run_job(job: JobConfig, ctx, args) -> list:
+    """Build, load and train in an initialised world; returns the step results."""
+    from transformers import AutoTokenizer
+
+    from megatron_swift.data.simple import GlobalBatches, build_samples
+    from megatron_swift.training.loop import run_training
+    from megatron_swift.training.optim import wrap_for_training
+
+    chunks, optimizer, scheduler = wrap_for_training(build_model(job, args), job)
+    tokenizer = AutoTokenizer.from_pretrained(model_source(job))
+    samples = build_samples(job.data.path, tokenizer, job.data.seq_length, job.train.task)
+    batches = GlobalBatches(samples, job.train.global_batch_size, job.train.seed, job.data.shuffle)
+    return run_training(job, chunks, optimizer, scheduler, batches, is_main=ctx.is_main)
+
+
+def train(job: JobConfig) -> list:
+    """Run the whole job as one rank of a torchrun launch (or alone); returns the step results."""
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+
+    args = check_job(job, int(os.environ.get("WORLD_SIZE", 1)))
+    ctx = init_distributed(job.parallel, seed=job.train.seed)
+    try:
+        return run_job(job, ctx, args)
+    finally:
+        destroy_distributed()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML job file; --section.field value pairs override it")
+    known, overrides = parser.parse_known_args(argv)
+    try:
+        job = load_config(JobConfig, known.config, overrides)
+        train(job)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

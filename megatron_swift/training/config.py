@@ -1,0 +1,133 @@
+"""Training job configuration: typed sections with megatron-core / Megatron-LM field names, and preflight.
+
+`preflight` validates a whole job against the world size and the model before any process group
+exists, and returns every problem found (each naming its field), so a broken launch fails in
+seconds instead of hanging in a collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_swift.config import ParallelConfig
+from megatron_swift.models.layout import model_layout_problems
+
+
+@dataclass
+class ModelSection:
+    hf: str | None = None  # HF directory: weights loaded straight into the sharded model
+    load: str | None = None  # or a megatron-swift checkpoint (from hf-to-mcore or training)
+    spec: Literal["auto", "local", "te"] = "auto"
+    make_vocab_size_divisible_by: int = 128
+
+
+@dataclass
+class DataSection:
+    path: str | None = None  # JSONL: {"text": ...} for pretrain, {"messages": [...]} for sft
+    seq_length: int = 512
+    shuffle: bool = True
+
+
+@dataclass
+class TrainSection:
+    task: Literal["pretrain", "sft"] = "sft"
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    train_iters: int = 100
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 0
+    lr_warmup_fraction: float | None = None
+    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = "cosine"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    bf16: bool = False
+    fp16: bool = False
+    fp8_format: Literal["e4m3", "hybrid"] | None = None
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] | None = None
+    use_distributed_optimizer: bool = False
+    recompute_granularity: Literal["full", "selective"] | None = None
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: int | None = None
+
+
+@dataclass
+class CheckpointSection:
+    output_dir: str = "outputs/run"
+    save: str | None = None  # default: OUTPUT_DIR/checkpoints
+    save_interval: int | None = None
+    save_total_limit: int | None = None
+    load: str | None = None  # resume from this checkpoints dir (default: `save` when it has a `latest`)
+
+
+@dataclass
+class JobConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+
+def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
+    """Every problem of `job` at `world_size` (and with the model, when its arguments are given)."""
+    p, t = job.parallel, job.train
+    found = list(p.problems(world_size))
+    if (job.model.hf is None) == (job.model.load is None):
+        found.append("model.hf or model.load: set exactly one (an HF directory or a megatron-swift checkpoint)")
+    if job.data.path is None:
+        found.append("data.path: a JSONL dataset is required")
+    if job.data.seq_length < 2:
+        found.append(f"data.seq_length={job.data.seq_length} must be >= 2")
+    for name in ("micro_batch_size", "global_batch_size", "train_iters"):
+        if getattr(t, name) < 1:
+            found.append(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if t.bf16 and t.fp16:
+        found.append("train.bf16 and train.fp16: choose one")
+    if (t.fp8_format is None) != (t.fp8_recipe is None):
+        found.append("train.fp8_format and train.fp8_recipe: set both or neither")
+    if t.lr_warmup_fraction is not None and not 0 <= t.lr_warmup_fraction < 1:
+        found.append(f"train.lr_warmup_fraction={t.lr_warmup_fraction} must be in [0, 1)")
+    if t.min_lr > t.lr:
+        found.append(f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}")
+    if t.recompute_granularity == "full" and t.recompute_method is None:
+        found.append("train.recompute_method: required with recompute_granularity=full (uniform or block)")
+    if not found:
+        dp = p.data_parallel_size(world_size)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            found.append(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size "
+                f"{t.micro_batch_size} x data parallel {dp}"
+            )
+        if p.context_parallel_size > 1 and job.data.seq_length % (2 * p.context_parallel_size):
+            found.append(
+                f"data.seq_length={job.data.seq_length} is not divisible by 2 x context_parallel_size "
+                f"= {2 * p.context_parallel_size}"
+            )
+        if p.sequence_parallel and job.data.seq_length % p.tensor_model_parallel_size:
+            found.append(
+                f"data.seq_length={job.data.seq_length} is not divisible by tensor parallel (sequence_parallel)"
+            )
+    if model_args is not None:
+        found += [f"model: {problem}" for problem in model_layout_problems(model_args, p) if problem not in found]
+    return found
+
+
+def transformer_overrides(job: JobConfig) -> dict:
+    """TransformerConfig fields that come from the training section."""
+    t = job.train
+    overrides = dict(
+        # Gradients are divided by the global loss-token count (see training/step.py).
+        calculate_per_token_loss=True,
+        recompute_granularity=t.recompute_granularity,
+        recompute_method=t.recompute_method,
+        recompute_num_layers=t.recompute_num_layers,
+    )
+    if t.fp8_format:
+        overrides.update(fp8=t.fp8_format, fp8_recipe=t.fp8_recipe)
+    return overrides

@@ -1,0 +1,91 @@
+"""One optimizer step through megatron-core's schedules, with a token-weighted loss.
+
+The loss is the sum of per-token cross entropy over loss-masked tokens; megatron-core's
+`calculate_per_token_loss` divides gradients by the global token count in `finalize_model_grads`,
+so the step is the exact token mean over the whole global batch whatever the split into data-parallel
+ranks, micro-batches, pipeline or context-parallel chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class StepResult:
+    loss: float  # token-mean loss over the global batch
+    tokens: int  # loss tokens in the global batch
+    grad_norm: float
+    lr: float
+    skipped: bool
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    per_token = output_tensor.float().reshape(-1)
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (per_token * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def _forward_step(data_iterator, model):
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    device = next(model.parameters()).device
+    batch = {key: value.to(device) for key, value in next(data_iterator).items()}
+    seq = batch["tokens"].shape[1]
+    batch["position_ids"] = torch.arange(seq, device=device).unsqueeze(0).expand_as(batch["tokens"])
+    batch = get_batch_on_this_cp_rank(batch)  # CP: this rank's two load-balanced sequence chunks
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _global_loss(losses: list[dict]) -> tuple[float, int]:
+    """Sum over micro-batches and data/context-parallel ranks; sent from the last pipeline stage."""
+    from megatron.core import parallel_state as ps
+
+    report = torch.zeros(2, dtype=torch.float64)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        for item in losses:
+            report += item["lm loss"].detach().double().cpu()
+        dist.all_reduce(report, group=ps.get_data_parallel_group(with_context_parallel=True))
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        device_report = report.to(_comm_device())
+        dist.broadcast(
+            device_report, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+        )
+        report = device_report.cpu()
+    loss_sum, tokens = report.tolist()
+    return loss_sum / max(tokens, 1.0), int(tokens)
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def train_step(chunks, optimizer, scheduler, microbatches: list[dict], seq_length: int) -> StepResult:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in chunks:
+        chunk.train()
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=[iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches),
+        model=chunks,
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=microbatches[0]["tokens"].shape[0],
+        forward_only=False,
+    )
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+    updated, grad_norm, _ = optimizer.step()
+    if updated:
+        scheduler.step(increment=1)
+    loss, tokens = _global_loss(losses)
+    return StepResult(loss, tokens, float(grad_norm or 0.0), lr, not updated)

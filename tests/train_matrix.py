@@ -1,0 +1,53 @@
+"""Worker for training parity tests: many parallel layouts trained inside ONE multi-process launch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron_swift.config import ParallelConfig
+from megatron_swift.distributed import destroy_distributed, init_distributed
+from megatron_swift.training.config import JobConfig, TrainSection
+
+
+def job_for(hf_dir: str, data_path: str, output_dir: str, parallel: dict, train: dict) -> JobConfig:
+    job = JobConfig()
+    job.model.hf = hf_dir
+    job.data.path, job.data.seq_length = data_path, 32
+    job.parallel = ParallelConfig(**parallel)
+    job.train = dataclasses.replace(
+        TrainSection(global_batch_size=4, micro_batch_size=1, train_iters=3, lr=1e-3, lr_decay_style="constant"),
+        **train,
+    )
+    job.checkpoint.output_dir = output_dir
+    return job
+
+
+def losses_for_cases(cases: list[tuple[str, dict, dict]], data_path: str, output_dir: str) -> dict[int, list[float]]:
+    """case index -> per-step losses (reported by global rank 0) for (hf_dir, parallel, train) cases."""
+    import os
+
+    from launch.pretrain_sft import check_job, run_job
+
+    found = {}
+    try:
+        for index, (hf_dir, parallel, train) in enumerate(cases):
+            job = job_for(hf_dir, data_path, f"{output_dir}/case{index}", parallel, train)
+            args = check_job(job, int(os.environ.get("WORLD_SIZE", 1)))
+            ctx = init_distributed(job.parallel, seed=job.train.seed)
+            results = run_job(job, ctx, args)
+            if ctx.is_main:
+                found[index] = [r.loss for r in results]
+    finally:
+        destroy_distributed()
+    return found
+
+
+def run_cases(cases, data_path, output_dir, world_size: int) -> list[list[float]]:
+    from megatron_swift.distributed import run_workers
+
+    merged: dict[int, list[float]] = {}
+    for result in run_workers(
+        losses_for_cases, world_size, [(str(h), p, t) for h, p, t in cases], str(data_path), str(output_dir)
+    ):
+        merged.update(result)
+    return [merged[i] for i in range(len(cases))]
