@@ -34,7 +34,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from converters.convert import hf_to_mcore, mcore_to_hf
-from converters.hf_io import INDEX_NAME, ShardedSafetensorsWriter, fsync_path
+from converters.hf_io import INDEX_NAME, ShardedSafetensorsWriter
+from megatron_swift.fs import fsync_path
 from megatron_swift.models.tiny import make_tiny_tokenizer
 
 TARGET_RATIO = 0.5

@@ -172,15 +172,6 @@ def _numel(shape) -> int:
     return count
 
 
-def fsync_path(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ShardedSafetensorsWriter:
     """Stream (name, tensor) pairs into `model-0000i-of-0000n.safetensors` shards + the HF index.
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from converters.hf_io import CheckpointError, fsync_path
+from converters.hf_io import CheckpointError
+from megatron_swift.fs import fsync_path, fsync_tree
 
 META_NAME = "mswift_meta.json"
 MODEL_DIR = "model"
@@ -105,10 +106,7 @@ def atomic_output_dir(out: Path):
     tmp.mkdir()
     try:
         yield tmp
-        # Everything reaches the disk before the rename publishes it (already-synced files cost nothing).
-        for path in sorted(tmp.rglob("*"), reverse=True):
-            fsync_path(path)
-        fsync_path(tmp)
+        fsync_tree(tmp)  # everything reaches the disk before the rename publishes it
         if out.exists():
             out.rmdir()  # an empty placeholder (checked above)
         tmp.rename(out)

@@ -50,8 +50,8 @@ def check_job(job: JobConfig, world_size: int):
     return args
 
 
-def build_model(job: JobConfig, args) -> list:
-    """This rank's model chunks with their weights loaded."""
+def build_model(job: JobConfig, args, load_weights: bool = True) -> list:
+    """This rank's model chunks, with their weights loaded unless a training checkpoint will provide them."""
     import torch
 
     from converters.engine import load_hf_into_chunks
@@ -65,6 +65,8 @@ def build_model(job: JobConfig, args) -> list:
     # weights (`tensor_model_parallel`, read by grad-norm clipping and the optimizers) only while initialising.
     config = transformer_config(args, job.parallel, params_dtype=dtype, **transformer_overrides(job))
     chunks = build_model_chunks(args, config, spec=job.model.spec)
+    if not load_weights:
+        return chunks
     if job.model.hf:
         load_hf_into_chunks(chunks, HFCheckpoint(job.model.hf), args)
     else:
@@ -73,18 +75,44 @@ def build_model(job: JobConfig, args) -> list:
 
 
 def run_job(job: JobConfig, ctx, args) -> list:
-    """Build, load and train in an initialised world; returns the step results."""
+    """Build, load (or resume) and train in an initialised world; returns the step results."""
     from transformers import AutoTokenizer
 
     from megatron_swift.data.simple import GlobalBatches, build_samples
+    from megatron_swift.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from megatron_swift.training.loop import run_training
     from megatron_swift.training.optim import wrap_for_training
 
-    chunks, optimizer, scheduler = wrap_for_training(build_model(job, args), job)
+    ckpt = job.checkpoint
+    resume_from = latest_checkpoint(ckpt.load or ckpt.save) if (ckpt.load or ckpt.save) else None
+    chunks, optimizer, scheduler = wrap_for_training(build_model(job, args, load_weights=resume_from is None), job)
     tokenizer = AutoTokenizer.from_pretrained(model_source(job))
     samples = build_samples(job.data.path, tokenizer, job.data.seq_length, job.train.task)
     batches = GlobalBatches(samples, job.train.global_batch_size, job.train.seed, job.data.shuffle)
-    return run_training(job, chunks, optimizer, scheduler, batches, is_main=ctx.is_main)
+    start = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, chunks, optimizer, scheduler)
+        start, batches.consumed_samples = state["iteration"], state["consumed_samples"]
+        if ctx.is_main:
+            print(f"resumed from {resume_from} at iteration {start}")
+
+    def save(step: int) -> None:
+        path = save_checkpoint(
+            ckpt.save, step, chunks, optimizer, scheduler, batches.consumed_samples, ckpt.save_total_limit
+        )
+        if ctx.is_main:
+            print(f"saved checkpoint {path}")
+
+    return run_training(
+        job,
+        chunks,
+        optimizer,
+        scheduler,
+        batches,
+        start_iteration=start,
+        is_main=ctx.is_main,
+        save_fn=save if ckpt.save else None,
+    )
 
 
 def train(job: JobConfig) -> list:

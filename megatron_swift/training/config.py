@@ -59,10 +59,10 @@ class TrainSection:
 @dataclass
 class CheckpointSection:
     output_dir: str = "outputs/run"
-    save: str | None = None  # default: OUTPUT_DIR/checkpoints
-    save_interval: int | None = None
+    save: str | None = None  # checkpoints directory; no checkpoints are written without it
+    save_interval: int | None = None  # also saved at the end and on SIGTERM/SIGUSR1
     save_total_limit: int | None = None
-    load: str | None = None  # resume from this checkpoints dir (default: `save` when it has a `latest`)
+    load: str | None = None  # resume from this checkpoints dir (default: `save`, when it has a `latest`)
 
 
 @dataclass

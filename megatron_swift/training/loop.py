@@ -7,16 +7,36 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_swift.data.simple import GlobalBatches
 from megatron_swift.training.config import JobConfig
-from megatron_swift.training.step import StepResult, train_step
+from megatron_swift.training.step import StepResult, comm_device, train_step
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1 (Slurm preemption); agreed on by all ranks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([float(self.requested)], device=comm_device())
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def _memory_gb() -> float:
@@ -38,12 +58,17 @@ def run_training(
     is_main: bool = True,
     save_fn: Callable[[int], None] | None = None,
 ) -> list[StepResult]:
-    """Train from `start_iteration` to `train.train_iters`; returns every step's result."""
+    """Train from `start_iteration` to `train.train_iters`; returns every step's result.
+
+    `save_fn(step)` is called every `checkpoint.save_interval` steps, at the end, and when a
+    preemption signal arrives (the current step finishes, a checkpoint is saved, the loop returns).
+    """
     from megatron.core import parallel_state as ps
 
     t = job.train
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     log_dir = Path(job.checkpoint.output_dir) / "logs"
+    preemption = PreemptionFlag()
     results = []
     with contextlib.ExitStack() as stack:
         metrics = None
@@ -79,6 +104,10 @@ def run_training(
             )
             bar.update(1)
             interval = job.checkpoint.save_interval
-            if save_fn is not None and (step == t.train_iters or (interval and step % interval == 0)):
+            preempted = preemption.agreed()
+            due = step == t.train_iters or (interval and step % interval == 0)
+            if save_fn is not None and (due or preempted):
                 save_fn(step)
+            if preempted:
+                break
     return results

@@ -54,7 +54,7 @@ def _global_loss(losses: list[dict]) -> tuple[float, int]:
             report += item["lm loss"].detach().double().cpu()
         dist.all_reduce(report, group=ps.get_data_parallel_group(with_context_parallel=True))
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        device_report = report.to(_comm_device())
+        device_report = report.to(comm_device())
         dist.broadcast(
             device_report, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
         )
@@ -63,7 +63,7 @@ def _global_loss(losses: list[dict]) -> tuple[float, int]:
     return loss_sum / max(tokens, 1.0), int(tokens)
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 

@@ -1,0 +1,134 @@
+"""Training checkpoints: model + optimizer (megatron-core distributed checkpoint), schedule, RNG, data position.
+
+Layout of the `save` directory:
+  iter_0000003/model_optim/   megatron-core distributed checkpoint (reshardable) of model and optimizer
+  iter_0000003/train_state.json  iteration, consumed samples, LR-scheduler state
+  iter_0000003/rng/rank_R.pt     every rank's RNG states (torch, CUDA, model-parallel tracker)
+  latest                         "iter_0000003", replaced atomically after the directory is complete
+
+A checkpoint is written into `.iter_0000003.tmp/` and renamed when every rank has finished, and only
+then does `latest` move, so a crash at any point leaves the previous checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_swift.fs import fsync_tree
+
+LATEST = "latest"
+
+
+def _iter_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _unwrap(chunk):
+    """The GPTModel inside DDP / Float16Module wrappers (whose state-dict keys carry a `module.` prefix)."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
+    chunks = [_unwrap(chunk) for chunk in chunks]
+    model = (
+        {"model": chunks[0].sharded_state_dict()}
+        if len(chunks) == 1
+        else {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    )
+    merged_model = {k: v for part in model.values() for k, v in part.items()}
+    return {**model, "optimizer": optimizer.sharded_state_dict(merged_model, is_loading=is_loading)}
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_checkpoint(
+    save_dir: str | Path,
+    iteration: int,
+    chunks,
+    optimizer,
+    scheduler,
+    consumed_samples: int,
+    save_total_limit: int | None = None,
+) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    from megatron.core import dist_checkpointing
+
+    save_dir = Path(save_dir)
+    rank = dist.get_rank()
+    final = save_dir / _iter_name(iteration)
+    tmp = save_dir / f".{final.name}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+        (tmp / "rng").mkdir(parents=True)
+        (tmp / "model_optim").mkdir()
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), str(tmp / "model_optim"))
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
+    if rank == 0:
+        state = {"iteration": iteration, "consumed_samples": consumed_samples, "scheduler": scheduler.state_dict()}
+        (tmp / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
+    dist.barrier()
+    if rank == 0:
+        fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        pointer = save_dir / f".{LATEST}.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, save_dir / LATEST)
+        fsync_tree(save_dir, recursive=False)
+        if save_total_limit:
+            done = sorted(p for p in save_dir.glob("iter_*") if p.is_dir())
+            for old in done[:-save_total_limit]:
+                shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(save_dir: str | Path) -> Path | None:
+    pointer = Path(save_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    return Path(save_dir) / pointer.read_text().strip()
+
+
+def load_checkpoint(ckpt_dir: str | Path, chunks, optimizer, scheduler) -> dict:
+    """Collective: restore model, optimizer, scheduler and this rank's RNG; returns the train state."""
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    state = json.loads((ckpt_dir / "train_state.json").read_text())
+    loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), str(ckpt_dir / "model_optim"))
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for chunk, key in zip(chunks, keys, strict=True):
+        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = ckpt_dir / "rng" / f"rank_{dist.get_rank()}.pt"
+    if rng_file.is_file():  # absent when resuming on a different world size
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
