@@ -109,6 +109,7 @@ def run_job(job: JobConfig, ctx, args) -> list:
         optimizer,
         scheduler,
         batches,
+        args.vocab_size,
         start_iteration=start,
         is_main=ctx.is_main,
         save_fn=save if ckpt.save else None,

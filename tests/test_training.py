@@ -1,5 +1,8 @@
 """Training engine: parallel parity against the single-process run, preflight, learning."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from launch.pretrain_sft import check_job
@@ -75,3 +78,47 @@ def test_preflight_reports_every_problem_at_once(tiny_models, tmp_path):
         check_job(job, 3)
     message = str(error.value)
     assert "train.bf16 and train.fp16" in message and "num_attention_heads=4" in message
+
+
+def test_first_step_loss_equals_hf_loss_with_padded_vocab(tiny_models, tmp_path):
+    """The HF model is the reference: our step-1 loss is its token-mean loss on the same global batch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launch.pretrain_sft import train
+    from megatron_swift.data.simple import GlobalBatches, build_samples
+
+    hf = tiny_models["qwen2"]  # tied embeddings; vocab 384 padded to 512 below
+    job = job_for(str(hf), DATA, str(tmp_path), {}, {"train_iters": 1}, make_vocab_size_divisible_by=256)
+    (result,) = train(job)
+
+    samples = build_samples(DATA, AutoTokenizer.from_pretrained(hf), job.data.seq_length, "sft")
+    batch = GlobalBatches(samples, job.train.global_batch_size, job.train.seed).next_microbatches(0, 1, 4)[0]
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        logits = model(batch["tokens"]).logits
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+    mask = batch["loss_mask"].flatten()
+    expected = float((per_token * mask).sum() / mask.sum())
+    assert abs(result.loss - expected) / expected < 1e-5, (result.loss, expected)
+
+
+def test_tiny_model_overfits_sixteen_samples(tiny_models, tmp_path):
+    from launch.pretrain_sft import train
+
+    data = tmp_path / "sft16.jsonl"
+    data.write_text("".join(Path(DATA).read_text().splitlines(keepends=True)[:16]))
+    job = job_for(
+        str(tiny_models["llama"]),
+        str(data),
+        str(tmp_path),
+        {},
+        {"global_batch_size": 16, "micro_batch_size": 4, "train_iters": 50, "lr": 3e-3, "weight_decay": 0.0},
+    )
+    job.data.seq_length = 64
+    losses = [r.loss for r in train(job)]
+    assert losses[-1] < 0.1 * losses[0], losses
+    metrics = (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 50 and {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mem_gb"} <= set(
+        json.loads(metrics[-1])
+    )

@@ -9,9 +9,9 @@ from megatron_swift.distributed import destroy_distributed, init_distributed
 from megatron_swift.training.config import JobConfig, TrainSection
 
 
-def job_for(hf_dir: str, data_path: str, output_dir: str, parallel: dict, train: dict) -> JobConfig:
+def job_for(hf_dir: str, data_path: str, output_dir: str, parallel: dict, train: dict, **model) -> JobConfig:
     job = JobConfig()
-    job.model.hf = hf_dir
+    job.model = dataclasses.replace(job.model, hf=hf_dir, **model)
     job.data.path, job.data.seq_length = data_path, 32
     job.parallel = ParallelConfig(**parallel)
     job.train = dataclasses.replace(

@@ -24,15 +24,29 @@ class StepResult:
     skipped: bool
 
 
-def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    per_token = output_tensor.float().reshape(-1)
+def _loss_func(loss_mask: torch.Tensor, labels: torch.Tensor, vocab_size: int, logits: torch.Tensor):
+    """Masked token-sum cross entropy over the real vocabulary.
+
+    Megatron pads the vocabulary for TP; the padding columns' logits are excluded (-inf) so the loss
+    is the HF model's loss exactly, not a softmax over extra zero logits.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    local_vocab = logits.shape[-1]
+    first = ps.get_tensor_model_parallel_rank() * local_vocab
+    padding = torch.arange(first, first + local_vocab, device=logits.device) >= vocab_size
+    logits = logits.float()
+    if padding.any():
+        logits = logits.masked_fill(padding, float("-inf"))
+    per_token = vocab_parallel_cross_entropy(logits, labels).reshape(-1)
     mask = loss_mask.reshape(-1).float()
     loss_sum = (per_token * mask).sum()
     num_tokens = mask.sum().to(torch.int)
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
 
-def _forward_step(data_iterator, model):
+def _forward_step(data_iterator, model, vocab_size: int):
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     device = next(model.parameters()).device
@@ -40,8 +54,9 @@ def _forward_step(data_iterator, model):
     seq = batch["tokens"].shape[1]
     batch["position_ids"] = torch.arange(seq, device=device).unsqueeze(0).expand_as(batch["tokens"])
     batch = get_batch_on_this_cp_rank(batch)  # CP: this rank's two load-balanced sequence chunks
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(_loss_func, batch["loss_mask"])
+    # Without labels the last stage returns vocab-parallel logits [b, s, v/tp]; the loss is ours.
+    output = model(batch["tokens"], batch["position_ids"], None)
+    return output, partial(_loss_func, batch["loss_mask"], batch["labels"], vocab_size)
 
 
 def _global_loss(losses: list[dict]) -> tuple[float, int]:
@@ -67,7 +82,7 @@ def comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def train_step(chunks, optimizer, scheduler, microbatches: list[dict], seq_length: int) -> StepResult:
+def train_step(chunks, optimizer, scheduler, microbatches: list[dict], seq_length: int, vocab_size: int) -> StepResult:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for chunk in chunks:
@@ -75,7 +90,7 @@ def train_step(chunks, optimizer, scheduler, microbatches: list[dict], seq_lengt
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses = get_forward_backward_func()(
-        forward_step_func=_forward_step,
+        forward_step_func=partial(_forward_step, vocab_size=vocab_size),
         data_iterator=[iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches),
         model=chunks,
         num_microbatches=len(microbatches),
