@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from converters.convert import build_chunks, conversion_world_size, model_args_for_checkpoint
-from converters.mcore_io import MODEL_DIR, load_model
+from converters.mcore_io import load_model, model_weights_dir
 from megatron_swift.config import ConfigError, ParallelConfig
 from megatron_swift.distributed import destroy_distributed, init_distributed, run_workers
 from megatron_swift.models.forward import forward_logits
@@ -28,7 +28,7 @@ def _mcore_logits_worker(mcore_dir: str, parallel: dict, tokens: torch.Tensor):
     try:
         _, args = model_args_for_checkpoint(mcore_dir)
         chunks = build_chunks(args, parallel_cfg, torch.float32)
-        load_model(chunks, Path(mcore_dir) / MODEL_DIR)
+        load_model(chunks, model_weights_dir(Path(mcore_dir)))
         logits = forward_logits(chunks, tokens, args.vocab_size)
         keep = logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0
         if keep and parallel_state.get_data_parallel_rank() == 0:

@@ -27,11 +27,12 @@ from converters.mcore_io import (
     MODEL_DIR,
     atomic_output_dir,
     check_output_dir,
+    describe_model,
     dtype_name,
     load_model,
+    model_weights_dir,
     read_meta,
     save_model,
-    write_meta,
 )
 from megatron_swift.config import ConfigError, ParallelConfig
 from megatron_swift.distributed import destroy_distributed, init_distributed, run_workers
@@ -89,7 +90,6 @@ def hf_to_mcore(
     dtype_from_name(dtype)  # an unknown name fails here, before any process starts
     out = Path(out_dir)
     with atomic_output_dir(out) as tmp:
-        ckpt.copy_side_files(tmp / HF_DIR)
         run_workers(
             _hf_to_mcore_worker,
             conversion_world_size(parallel),
@@ -99,21 +99,7 @@ def hf_to_mcore(
             dtype,
             make_vocab_size_divisible_by,
         )
-        write_meta(
-            tmp,
-            family=args.family.name,
-            architecture=ckpt.config_dict.get("architectures", [None])[0],
-            source=str(ckpt.path.absolute()),
-            dtype=dtype,
-            vocab_size=args.vocab_size,
-            padded_vocab_size=args.padded_vocab_size,
-            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-            saved_with={
-                "tensor_model_parallel_size": parallel.tensor_model_parallel_size,
-                "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
-                "expert_model_parallel_size": parallel.expert_model_parallel_size,
-            },
-        )
+        describe_model(tmp, args, ckpt.path, dtype, parallel, make_vocab_size_divisible_by)
     return out
 
 
@@ -141,7 +127,7 @@ def mcore_to_hf(
     init_distributed(ParallelConfig())
     try:
         chunks = build_chunks(args, ParallelConfig(), dtype_from_name(meta["dtype"]))
-        load_model(chunks, mcore_dir / MODEL_DIR)
+        load_model(chunks, model_weights_dir(mcore_dir))
         with atomic_output_dir(out) as tmp:
             copy_side_files(mcore_dir / HF_DIR, tmp)
             writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)

@@ -153,9 +153,6 @@ class HFCheckpoint:
     def total_bytes(self) -> int:
         return sum(_DTYPE_BYTES.get(i.dtype, 4) * _numel(i.shape) for i in self.tensors.values())
 
-    def copy_side_files(self, out_dir: Path) -> None:
-        copy_side_files(self.path, out_dir)
-
 
 def copy_side_files(src_dir: Path, out_dir: Path) -> None:
     """Copy config, tokenizer and generation files (every file that is not a weight file)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from converters.hf_io import CheckpointError
+from converters.hf_io import CheckpointError, copy_side_files
 from megatron_swift.fs import fsync_path, fsync_tree
 
 META_NAME = "mswift_meta.json"
@@ -73,21 +73,51 @@ def load_model(chunks, model_dir: Path) -> None:
         chunk.load_state_dict(loaded[key], strict=True)
 
 
+def model_weights_dir(ckpt_dir: Path) -> Path:
+    """The distributed checkpoint holding the model: `model/` of a converted checkpoint, or the
+    `model_optim/` of the latest iteration of a training run's save directory."""
+    from megatron_swift.training.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(ckpt_dir)
+    return latest / "model_optim" if latest is not None else Path(ckpt_dir) / MODEL_DIR
+
+
 def read_meta(ckpt_dir: Path) -> dict:
     ckpt_dir = Path(ckpt_dir)
     meta_file = ckpt_dir / META_NAME
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"{ckpt_dir}: no such directory")
-    if not meta_file.is_file() or not (ckpt_dir / MODEL_DIR).is_dir():
-        raise CheckpointError(f"{ckpt_dir}: not a megatron-swift checkpoint (expected {META_NAME} and {MODEL_DIR}/)")
+    if not meta_file.is_file() or not model_weights_dir(ckpt_dir).is_dir():
+        raise CheckpointError(
+            f"{ckpt_dir}: not a megatron-swift checkpoint (expected {META_NAME}, and {MODEL_DIR}/ or a training "
+            "`latest` pointer)"
+        )
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_file}: unknown format {meta.get('format')!r} (expected {FORMAT})")
     return meta
 
 
-def write_meta(ckpt_dir: Path, **fields) -> None:
-    meta = {"format": FORMAT, **fields, "versions": package_versions()}
+def describe_model(ckpt_dir: Path, args, source: Path, dtype: str, parallel, make_vocab_size_divisible_by: int) -> None:
+    """Write what loading and exporting the model under `ckpt_dir` needs: the HF config, tokenizer and
+    generation files of `source` into `hf/`, and the metadata file."""
+    copy_side_files(source, Path(ckpt_dir) / HF_DIR)
+    meta = {
+        "format": FORMAT,
+        "family": args.family.name,
+        "architecture": args.family.architectures[0],
+        "source": str(Path(source).absolute()),
+        "dtype": dtype,
+        "vocab_size": args.vocab_size,
+        "padded_vocab_size": args.padded_vocab_size,
+        "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
+        "saved_with": {
+            "tensor_model_parallel_size": parallel.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
+            "expert_model_parallel_size": parallel.expert_model_parallel_size,
+        },
+        "versions": package_versions(),
+    }
     (ckpt_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 
 

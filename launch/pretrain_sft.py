@@ -56,7 +56,7 @@ def build_model(job: JobConfig, args, load_weights: bool = True) -> list:
 
     from converters.engine import load_hf_into_chunks
     from converters.hf_io import HFCheckpoint
-    from converters.mcore_io import MODEL_DIR, load_model
+    from converters.mcore_io import load_model, model_weights_dir
     from megatron_swift.models import build_model_chunks, transformer_config
     from megatron_swift.training.config import transformer_overrides
 
@@ -70,7 +70,7 @@ def build_model(job: JobConfig, args, load_weights: bool = True) -> list:
     if job.model.hf:
         load_hf_into_chunks(chunks, HFCheckpoint(job.model.hf), args)
     else:
-        load_model(chunks, Path(job.model.load) / MODEL_DIR)
+        load_model(chunks, model_weights_dir(Path(job.model.load)))
     return chunks
 
 
@@ -84,6 +84,13 @@ def run_job(job: JobConfig, ctx, args) -> list:
     from megatron_swift.training.optim import wrap_for_training
 
     ckpt = job.checkpoint
+    if ckpt.save and ctx.is_main:  # so that `mcore-to-hf` and `model.load` accept the save directory itself
+        from converters.mcore_io import describe_model
+
+        dtype = "bf16" if job.train.bf16 else "fp16" if job.train.fp16 else "fp32"
+        describe_model(
+            Path(ckpt.save), args, model_source(job), dtype, job.parallel, job.model.make_vocab_size_divisible_by
+        )
     resume_from = latest_checkpoint(ckpt.load or ckpt.save) if (ckpt.load or ckpt.save) else None
     chunks, optimizer, scheduler = wrap_for_training(build_model(job, args, load_weights=resume_from is None), job)
     tokenizer = AutoTokenizer.from_pretrained(model_source(job))

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from converters.convert import build_chunks, model_args_for_checkpoint
-from converters.mcore_io import MODEL_DIR, load_model
+from converters.mcore_io import load_model, model_weights_dir
 from megatron_swift.config import ParallelConfig
 from megatron_swift.distributed import destroy_distributed, init_distributed
 from megatron_swift.models.forward import forward_logits
@@ -29,7 +29,7 @@ def logits_for_cases(cases: list[tuple[str, dict]], tokens: torch.Tensor) -> dic
             init_distributed(parallel_cfg)
             _, args = model_args_for_checkpoint(ckpt_dir)
             chunks = build_chunks(args, parallel_cfg, torch.float32)
-            load_model(chunks, Path(ckpt_dir) / MODEL_DIR)
+            load_model(chunks, model_weights_dir(Path(ckpt_dir)))
             logits = forward_logits(chunks, tokens, args.vocab_size)
             if logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
                 found[index] = logits

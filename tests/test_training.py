@@ -122,3 +122,22 @@ def test_tiny_model_overfits_sixteen_samples(tiny_models, tmp_path):
     assert len(metrics) == 50 and {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mem_gb"} <= set(
         json.loads(metrics[-1])
     )
+
+
+def test_trained_checkpoint_exports_to_hf_with_matching_logits(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from converters.check import check
+    from converters.convert import mcore_to_hf
+    from launch.pretrain_sft import train
+
+    job = job_for(str(tiny_models["qwen3"]), DATA, str(tmp_path), {}, {"train_iters": 2})
+    job.checkpoint.save = str(tmp_path / "checkpoints")
+    train(job)
+    exported = mcore_to_hf(job.checkpoint.save, tmp_path / "hf-tuned")
+    result = check(exported, job.checkpoint.save)
+    assert result["max_abs_diff"] <= 1e-4 and result["argmax_agreement"] == 1.0, result
+    original = check(tiny_models["qwen3"], job.checkpoint.save)
+    assert original["max_abs_diff"] > 1e-3  # the export holds the trained weights, not the original ones
+    _, info = AutoModelForCausalLM.from_pretrained(exported, output_loading_info=True)
+    assert not any(info.values()), info
