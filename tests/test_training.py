@@ -57,6 +57,7 @@ def test_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
         ({"context_parallel_size": 2}, {}, 2, "parallel.context_parallel_size > 1 needs Transformer Engine"),
         ({}, {"fp8_format": "hybrid", "fp8_recipe": "delayed"}, 1, "train.fp8_format: FP8 needs a CUDA GPU"),
         ({}, {"min_lr": 1.0}, 1, "train.min_lr=1.0 exceeds train.lr"),
+        ({}, {"lr_warmup_iters": 3}, 1, "train.lr_warmup_iters=3 must be smaller than train.train_iters=3"),
     ],
 )
 def test_preflight_names_the_field(tiny_models, tmp_path, parallel, train, world, field):

@@ -93,6 +93,10 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
         found.append("train.fp8_format and train.fp8_recipe: set both or neither")
     if t.lr_warmup_fraction is not None and not 0 <= t.lr_warmup_fraction < 1:
         found.append(f"train.lr_warmup_fraction={t.lr_warmup_fraction} must be in [0, 1)")
+    if t.lr_warmup_fraction is None and t.lr_warmup_iters >= max(t.train_iters, 1):
+        found.append(
+            f"train.lr_warmup_iters={t.lr_warmup_iters} must be smaller than train.train_iters={t.train_iters}"
+        )
     if t.min_lr > t.lr:
         found.append(f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}")
     if t.recompute_granularity == "full" and t.recompute_method is None:
