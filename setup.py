@@ -22,6 +22,7 @@ setup(
         "nvidia-ml-py>=12.0",
         "pyyaml>=6.0",
         "tqdm>=4.66",
+        "tensorboard>=2.14",
         "numpy",
         "packaging",
     ],

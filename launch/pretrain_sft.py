@@ -80,6 +80,7 @@ def run_job(job: JobConfig, ctx, args) -> list:
 
     from megatron_swift.data.simple import GlobalBatches, build_samples
     from megatron_swift.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from megatron_swift.training.flops import flops_per_token
     from megatron_swift.training.loop import run_training
     from megatron_swift.training.optim import wrap_for_training
 
@@ -120,6 +121,7 @@ def run_job(job: JobConfig, ctx, args) -> list:
         start_iteration=start,
         is_main=ctx.is_main,
         save_fn=save if ckpt.save else None,
+        flops_per_token=flops_per_token(args.transformer, args.vocab_size, job.data.seq_length),
     )
 
 

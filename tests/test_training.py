@@ -120,9 +120,10 @@ def test_tiny_model_overfits_sixteen_samples(tiny_models, tmp_path):
     losses = [r.loss for r in train(job)]
     assert losses[-1] < 0.1 * losses[0], losses
     metrics = (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
-    assert len(metrics) == 50 and {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mem_gb"} <= set(
+    assert len(metrics) == 50 and {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mem_gb", "mfu"} <= set(
         json.loads(metrics[-1])
     )
+    assert list((tmp_path / "logs" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_trained_checkpoint_exports_to_hf_with_matching_logits(tiny_models, tmp_path):
@@ -142,3 +143,31 @@ def test_trained_checkpoint_exports_to_hf_with_matching_logits(tiny_models, tmp_
     assert original["max_abs_diff"] > 1e-3  # the export holds the trained weights, not the original ones
     _, info = AutoModelForCausalLM.from_pretrained(exported, output_loading_info=True)
     assert not any(info.values()), info
+
+
+def test_flops_convention_against_the_hf_models_own_matrices(tiny_models):
+    """6 x (multiply-adds in the HF model's linear layers) + the causal attention term, counted independently."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from converters.hf_io import load_hf_config
+    from megatron_swift.models import translate
+    from megatron_swift.training.flops import flops_per_token, peak_flops
+
+    for name in ("llama", "qwen3_moe"):
+        config = load_hf_config(tiny_models[name])
+        model = AutoModelForCausalLM.from_pretrained(tiny_models[name])
+        args = translate(config)
+        seq = 64
+        linear = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+        if config.model_type == "qwen3_moe":
+            # transformers 5 keeps experts as fused 3-D tensors and the router outside nn.Linear:
+            # add the router and the top-k experts a token runs through.
+            moe_layers = config.num_hidden_layers - len(config.mlp_only_layers)
+            expert = 3 * config.hidden_size * config.moe_intermediate_size
+            router = config.num_experts * config.hidden_size
+            linear += moe_layers * (router + config.num_experts_per_tok * expert)
+        head_dim = args.transformer["kv_channels"]
+        attention = config.num_hidden_layers * 2 * 2 * (seq / 2) * config.num_attention_heads * head_dim
+        assert flops_per_token(args.transformer, args.vocab_size, seq) == pytest.approx(3 * (2 * linear + attention))
+    assert peak_flops("NVIDIA H200", "bf16") == 989e12 and peak_flops("Some CPU", "bf16") is None

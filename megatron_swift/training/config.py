@@ -66,12 +66,19 @@ class CheckpointSection:
 
 
 @dataclass
+class LoggingSection:
+    tensorboard: bool = True  # OUTPUT_DIR/logs/tensorboard
+    wandb_project: str | None = None  # needs `pip install wandb`
+
+
+@dataclass
 class JobConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
 
 
 def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:

@@ -6,7 +6,7 @@ Receives built, loaded, wrapped model chunks; knows nothing of where the weights
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import signal
 import time
 from collections.abc import Callable
@@ -18,6 +18,8 @@ from tqdm import tqdm
 
 from megatron_swift.data.simple import GlobalBatches
 from megatron_swift.training.config import JobConfig
+from megatron_swift.training.flops import peak_flops
+from megatron_swift.training.metrics import MetricsLogger
 from megatron_swift.training.step import StepResult, comm_device, train_step
 
 
@@ -39,12 +41,15 @@ class PreemptionFlag:
         return bool(flag.item())
 
 
-def _memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 1024**3
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
+def _mfu_fn(job: JobConfig, flops_per_token: float | None):
+    """tokens/s -> MFU on a GPU listed in the peak table, else None."""
+    if flops_per_token is None or not torch.cuda.is_available():
+        return lambda tokens_per_sec: None
+    peak = peak_flops(torch.cuda.get_device_name(), "fp8" if job.train.fp8_format else "bf16")
+    if peak is None:
+        return lambda tokens_per_sec: None
+    devices = dist.get_world_size() if dist.is_initialized() else 1
+    return lambda tokens_per_sec: round(flops_per_token * tokens_per_sec / (peak * devices), 4)
 
 
 def run_training(
@@ -58,6 +63,7 @@ def run_training(
     start_iteration: int = 0,
     is_main: bool = True,
     save_fn: Callable[[int], None] | None = None,
+    flops_per_token: float | None = None,
 ) -> list[StepResult]:
     """Train from `start_iteration` to `train.train_iters`; returns every step's result.
 
@@ -68,14 +74,17 @@ def run_training(
 
     t = job.train
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    log_dir = Path(job.checkpoint.output_dir) / "logs"
     preemption = PreemptionFlag()
+    mfu = _mfu_fn(job, flops_per_token)
     results = []
     with contextlib.ExitStack() as stack:
         metrics = None
         if is_main:
-            log_dir.mkdir(parents=True, exist_ok=True)
-            metrics = stack.enter_context(open(log_dir / "metrics.jsonl", "a", encoding="utf-8"))
+            log_dir = Path(job.checkpoint.output_dir) / "logs"
+            metrics = MetricsLogger(
+                log_dir, dataclasses.asdict(job), job.logging.tensorboard, job.logging.wandb_project
+            )
+            stack.callback(metrics.close)
         bar = stack.enter_context(tqdm(total=t.train_iters, initial=start_iteration, disable=not is_main, desc="train"))
         for iteration in range(start_iteration, t.train_iters):
             start = time.perf_counter()
@@ -86,17 +95,17 @@ def run_training(
             step = iteration + 1
             tokens_per_sec = t.global_batch_size * job.data.seq_length / elapsed
             if metrics is not None:
-                record = {
-                    "step": step,
-                    "loss": result.loss,
-                    "lr": result.lr,
-                    "grad_norm": result.grad_norm,
-                    "tokens_per_sec": round(tokens_per_sec, 1),
-                    "mem_gb": round(_memory_gb(), 3),
-                    "skipped": result.skipped,
-                }
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                metrics.log(
+                    {
+                        "step": step,
+                        "loss": result.loss,
+                        "lr": result.lr,
+                        "grad_norm": result.grad_norm,
+                        "tokens_per_sec": round(tokens_per_sec, 1),
+                        "mfu": mfu(tokens_per_sec),
+                        "skipped": result.skipped,
+                    }
+                )
             bar.set_postfix(
                 loss=f"{result.loss:.4f}",
                 lr=f"{result.lr:.2e}",

@@ -1,0 +1,50 @@
+"""Model FLOPs per trained token and MFU, with a stated convention.
+
+Convention (what `mfu` in metrics.jsonl means):
+- matrix multiplies only, 2 FLOPs per multiply-add; a training step is 3x the forward pass
+  (forward + backward for inputs and weights); activation recomputation is NOT counted;
+- per token: q/k/v projections with GQA (num_query_groups k/v heads), output projection, SwiGLU MLP
+  (three matrices), for MoE the router plus top-k routed experts plus the shared expert, and the
+  output layer over the real (unpadded) vocabulary;
+- attention scores and the attention-weighted sum over a causal sequence: on average half of the
+  sequence is attended, 2 * 2 * (seq / 2) * heads * head_dim per token (newer Megatron-LM's
+  convention; torchtitan counts the full square, which reports a higher MFU).
+MFU = FLOPs per token x tokens per second / (peak dense FLOP/s of the device x devices).
+"""
+
+from __future__ import annotations
+
+# Dense peak FLOP/s per device (no sparsity), by precision. Names match torch.cuda.get_device_name().
+PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp8": 1979e12},
+    "H100": {"bf16": 989e12, "fp8": 1979e12},
+    "A100": {"bf16": 312e12},
+    "L40S": {"bf16": 362e12, "fp8": 733e12},
+}
+
+
+def flops_per_token(t: dict, vocab_size: int, seq_length: int) -> float:
+    """Training FLOPs per token for TransformerConfig keyword arguments `t` (see module docstring)."""
+    h, heads, groups, head_dim = t["hidden_size"], t["num_attention_heads"], t["num_query_groups"], t["kv_channels"]
+    attention = 2 * h * (heads + 2 * groups) * head_dim + 2 * heads * head_dim * h
+    attention += 2 * 2 * (seq_length / 2) * heads * head_dim
+    dense_mlp = 2 * 3 * h * t["ffn_hidden_size"]
+    experts = t.get("num_moe_experts")
+    if experts:
+        moe_mlp = 2 * h * experts + t["moe_router_topk"] * 2 * 3 * h * t["moe_ffn_hidden_size"]
+        moe_mlp += 2 * 3 * h * (t.get("moe_shared_expert_intermediate_size") or 0)
+        pattern = t.get("moe_layer_freq", 1)
+        sparse = pattern if isinstance(pattern, list) else [int(i % pattern == 0) for i in range(t["num_layers"])]
+        mlp = sum(moe_mlp if is_moe else dense_mlp for is_moe in sparse)
+    else:
+        mlp = t["num_layers"] * dense_mlp
+    forward = t["num_layers"] * attention + mlp + 2 * h * vocab_size
+    return 3 * forward
+
+
+def peak_flops(device_name: str, precision: str) -> float | None:
+    """Peak dense FLOP/s of one device, or None when the device or precision is not in the table."""
+    for key, peaks in PEAK_FLOPS.items():
+        if key in device_name:
+            return peaks.get(precision)
+    return None

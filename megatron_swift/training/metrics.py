@@ -1,0 +1,80 @@
+"""Per-step metrics on rank 0: JSON lines, TensorBoard, optional Weights & Biases, GPU telemetry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def _rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
+
+
+class GpuTelemetry:
+    """Utilisation and memory of this process's GPU through nvidia-ml-py (NVML); inactive without a GPU."""
+
+    def __init__(self):
+        self.handle = None
+        if torch.cuda.is_available():
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+
+    def read(self) -> dict:
+        if self.handle is None:
+            return {}
+        import pynvml
+
+        return {
+            "gpu_util": pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu,
+            "gpu_mem_used_gb": round(pynvml.nvmlDeviceGetMemoryInfo(self.handle).used / 1024**3, 3),
+        }
+
+
+class MetricsLogger:
+    """Writes OUTPUT_DIR/logs/metrics.jsonl and TensorBoard events; wandb when a project is set."""
+
+    def __init__(self, log_dir: Path, config: dict, tensorboard: bool = True, wandb_project: str | None = None):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir / "tensorboard")
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError(
+                    "logging.wandb_project is set but wandb is not installed: pip install wandb"
+                ) from None
+            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(log_dir))
+        self.gpu = GpuTelemetry()
+
+    def log(self, record: dict) -> dict:
+        mem = torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else _rss_gb()
+        record = {**record, "mem_gb": round(mem, 3), **self.gpu.read()}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        step = record["step"]
+        scalars = {k: v for k, v in record.items() if k != "step" and type(v) in (int, float)}
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(f"train/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+        return record
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
