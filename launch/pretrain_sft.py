@@ -64,7 +64,7 @@ def build_model(job: JobConfig, args, load_weights: bool = True) -> list:
     # Initialisation stays on although every weight is then loaded: megatron-core marks tensor-parallel
     # weights (`tensor_model_parallel`, read by grad-norm clipping and the optimizers) only while initialising.
     config = transformer_config(args, job.parallel, params_dtype=dtype, **transformer_overrides(job))
-    chunks = build_model_chunks(args, config, spec=job.model.spec)
+    chunks = build_model_chunks(args, config, spec=job.model.spec, attention=job.model.attention)
     if not load_weights:
         return chunks
     if job.model.hf:

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -11,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _slurm_env(tmp_path: Path) -> dict:
     return {
         **os.environ,
+        # The job's environment has this interpreter's python and torchrun first on PATH (a venv or module).
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "SLURM_NNODES": "1",
         "SLURM_JOB_ID": "4242",
         "SLURM_JOB_NODELIST": "localhost",

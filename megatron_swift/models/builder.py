@@ -78,8 +78,14 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
-def build_model_chunks(args: GPTModelArgs, config, *, spec: str = "auto") -> list:
-    """GPTModel chunks for this rank (parallel state must be initialised)."""
+def build_model_chunks(args: GPTModelArgs, config, *, spec: str = "auto", attention: str = "sdpa") -> list:
+    """GPTModel chunks for this rank (parallel state must be initialised).
+
+    `attention` picks the core attention of the local spec: `sdpa` (PyTorch's fused kernel, see
+    models/attention.py) or `local` (megatron-core's DotProductAttention). The TE spec ignores it.
+    """
+    if attention not in ("sdpa", "local"):
+        raise ConfigError(f"model.attention={attention!r}: choose sdpa or local")
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -92,6 +98,10 @@ def build_model_chunks(args: GPTModelArgs, config, *, spec: str = "auto") -> lis
         block_spec = get_gpt_decoder_block_spec(
             config, use_transformer_engine=te, normalization="RMSNorm", vp_stage=stage
         )
+        if not te and attention == "sdpa":
+            from megatron_swift.models.attention import use_sdpa_core_attention
+
+            use_sdpa_core_attention(block_spec)
         chunks.append(
             GPTModel(
                 config=config,

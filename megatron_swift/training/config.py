@@ -19,6 +19,7 @@ class ModelSection:
     hf: str | None = None  # HF directory: weights loaded straight into the sharded model
     load: str | None = None  # or a megatron-swift checkpoint (from hf-to-mcore or training)
     spec: Literal["auto", "local", "te"] = "auto"
+    attention: Literal["sdpa", "local"] = "sdpa"  # core attention of the local spec
     make_vocab_size_divisible_by: int = 128
 
 

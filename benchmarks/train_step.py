@@ -1,0 +1,156 @@
+"""Per-step training time of the same small Llama in this engine vs HF transformers' own training step.
+
+Both sides: the same HF checkpoint (fp32, random weights), the same fixed batch (every token a target),
+Adam with the same hyper-parameters and gradient clipping, one process on this machine's CPU. Ours
+goes through megatron-core (DDP wrapper, megatron optimizer, pipeline schedule, vocab-parallel loss);
+HF is `model(...)`, `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW.step()`. Rounds alternate
+the two sides so both see the same machine state; the median step of each is reported.
+
+    python benchmarks/train_step.py          # writes benchmarks/results/train_step.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launch.pretrain_sft import build_model, check_job
+from megatron_swift.distributed import destroy_distributed, init_distributed
+from megatron_swift.models.tiny import make_tiny_model
+from megatron_swift.training.config import JobConfig, TrainSection
+from megatron_swift.training.optim import wrap_for_training
+from megatron_swift.training.step import train_step
+
+TARGET = 1.0  # ours / HF per-step time
+SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=4, vocab_size=2048, max_position_embeddings=1024)  # fmt: skip
+
+
+def make_batch(vocab: int, batch: int, seq: int) -> dict[str, torch.Tensor]:
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(batch, seq)}
+
+
+class Ours:
+    def __init__(self, hf_dir: Path, data: Path, batch: int, seq: int, lr: float):
+        self.job = JobConfig()
+        self.job.model.hf, self.job.data.path, self.job.data.seq_length = str(hf_dir), str(data), seq
+        self.job.train = TrainSection(micro_batch_size=batch, global_batch_size=batch, lr=lr, weight_decay=0.0,
+                                      lr_decay_style="constant", clip_grad=1.0, train_iters=10**6)  # fmt: skip
+        self.args = check_job(self.job, 1)
+        init_distributed(self.job.parallel)
+        self.chunks, self.optimizer, self.scheduler = wrap_for_training(build_model(self.job, self.args), self.job)
+
+    def step(self, batch: dict) -> float:
+        result = train_step(self.chunks, self.optimizer, self.scheduler, [batch], self.job.data.seq_length,
+                            self.args.vocab_size)  # fmt: skip
+        return result.loss
+
+
+class HF:
+    def __init__(self, hf_dir: Path, lr: float):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="sdpa")
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8,
+                                           weight_decay=0.0)  # fmt: skip
+
+    def step(self, batch: dict) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(batch["tokens"]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        return float(loss)
+
+
+def timed(step, batch) -> tuple[float, float]:
+    start = time.perf_counter()
+    loss = step(batch)
+    return time.perf_counter() - start, loss
+
+
+def run(work: Path, batch: int, seq: int, steps: int, warmup: int) -> dict:
+    hf_dir = make_tiny_model("llama", work / "hf", **SHAPE)
+    data = work / "data.jsonl"
+    data.write_text(json.dumps({"text": "unused: the benchmark feeds a fixed batch"}) + "\n")
+    fixed = make_batch(SHAPE["vocab_size"], batch, seq)
+    ours, hf = Ours(hf_dir, data, batch, seq, lr=1e-4), HF(hf_dir, lr=1e-4)
+    times: dict[str, list[float]] = {"megatron-swift": [], "hf-transformers": []}
+    first_losses = {}
+    try:
+        for i in range(warmup + steps):
+            for name, side in (("megatron-swift", ours), ("hf-transformers", hf)):
+                seconds, loss = timed(side.step, fixed)
+                first_losses.setdefault(name, loss)
+                if i >= warmup:
+                    times[name].append(seconds)
+    finally:
+        destroy_distributed()
+    median = {name: statistics.median(values) for name, values in times.items()}
+    ratio = median["megatron-swift"] / median["hf-transformers"]
+    return {
+        "model": {"family": "llama", **SHAPE, "parameters": sum(p.numel() for p in hf.model.parameters())},
+        "batch": {"micro_batch_size": batch, "seq_length": seq, "dtype": "fp32"},
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+        "first_loss": first_losses,  # same weights and batch: should agree
+        "median_step_seconds": {k: round(v, 4) for k, v in median.items()},
+        "tokens_per_sec": {k: round(batch * seq / v, 1) for k, v in median.items()},
+        "ratio_ours_to_hf": round(ratio, 3),
+        "target_ratio": TARGET,
+        "meets_target": ratio <= TARGET,
+    }
+
+
+def markdown(results: dict) -> str:
+    m, b = results["model"], results["batch"]
+    lines = [
+        "# Training step: megatron-swift vs HF transformers",
+        "",
+        f"Llama-shaped, {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}, "
+        f"{m['parameters']:,} parameters; batch {b['micro_batch_size']} x {b['seq_length']} tokens, {b['dtype']}, "
+        f"CPU with {results['threads']} threads; median of {results['steps']} steps.",
+        "",
+        "| engine | median step (s) | tokens/s | first loss |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, seconds in results["median_step_seconds"].items():
+        lines.append(
+            f"| {name} | {seconds:.4f} | {results['tokens_per_sec'][name]:.0f} | {results['first_loss'][name]:.5f} |"
+        )
+    verdict = "meets" if results["meets_target"] else "misses"
+    lines += ["", f"Ratio (ours / HF): **{results['ratio_ours_to_hf']:.3f}** ({verdict} the target <= {TARGET})."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mswift-train-bench-") as tmp:
+        results = run(Path(tmp), args.batch, args.seq, args.steps, args.warmup)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "train_step.json").write_text(json.dumps(results, indent=2) + "\n")
+    report = markdown(results)
+    (args.out_dir / "train_step.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
