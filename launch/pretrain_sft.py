@@ -9,6 +9,8 @@ from a megatron-swift checkpoint; this file composes the converter engine with t
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ if __package__ in (None, ""):  # run as a script by torchrun: make the repo impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_swift.config import ConfigError, load_config
-from megatron_swift.training.config import JobConfig, preflight
+from megatron_swift.training.config import JobConfig, environment_problems, precision, preflight
 
 
 def model_source(job: JobConfig) -> Path:
@@ -33,18 +35,7 @@ def check_job(job: JobConfig, world_size: int):
     args = translate(
         load_hf_config(model_source(job)), make_vocab_size_divisible_by=job.model.make_vocab_size_divisible_by
     )
-    problems = preflight(job, world_size, args)
-    import torch
-
-    from megatron_swift._optional import has_transformer_engine
-
-    te_usable = torch.cuda.is_available() and has_transformer_engine() and job.model.spec != "local"
-    if job.train.fp8_format and not te_usable:
-        problems.append("train.fp8_format: FP8 needs a CUDA GPU and transformer-engine (pip install '.[gpu]')")
-    if job.parallel.context_parallel_size > 1 and not te_usable:
-        problems.append(
-            "parallel.context_parallel_size > 1 needs Transformer Engine attention (a CUDA GPU and transformer-engine)"
-        )
+    problems = preflight(job, world_size, args) + environment_problems(job)
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in the job:\n  " + "\n  ".join(problems))
     return args
@@ -52,15 +43,13 @@ def check_job(job: JobConfig, world_size: int):
 
 def build_model(job: JobConfig, args, load_weights: bool = True) -> list:
     """This rank's model chunks, with their weights loaded unless a training checkpoint will provide them."""
-    import torch
-
     from converters.engine import load_hf_into_chunks
     from converters.hf_io import HFCheckpoint
     from converters.mcore_io import load_model, model_weights_dir
-    from megatron_swift.models import build_model_chunks, transformer_config
+    from megatron_swift.models import build_model_chunks, dtype_from_name, transformer_config
     from megatron_swift.training.config import transformer_overrides
 
-    dtype = torch.bfloat16 if job.train.bf16 else torch.float16 if job.train.fp16 else torch.float32
+    dtype = dtype_from_name(precision(job))
     # Initialisation stays on although every weight is then loaded: megatron-core marks tensor-parallel
     # weights (`tensor_model_parallel`, read by grad-norm clipping and the optimizers) only while initialising.
     config = transformer_config(args, job.parallel, params_dtype=dtype, **transformer_overrides(job))
@@ -88,15 +77,17 @@ def run_job(job: JobConfig, ctx, args) -> list:
     if ckpt.save and ctx.is_main:  # so that `mcore-to-hf` and `model.load` accept the save directory itself
         from converters.mcore_io import describe_model
 
-        dtype = "bf16" if job.train.bf16 else "fp16" if job.train.fp16 else "fp32"
-        describe_model(
-            Path(ckpt.save), args, model_source(job), dtype, job.parallel, job.model.make_vocab_size_divisible_by
-        )
+        describe_model(Path(ckpt.save), args, model_source(job), precision(job), job.parallel,
+                       job.model.make_vocab_size_divisible_by)  # fmt: skip
+    # Data first: a bad row fails before the model is built.
+    samples = build_samples(job.data.path, AutoTokenizer.from_pretrained(model_source(job)), job.data.seq_length,
+                            job.train.task)  # fmt: skip
+    if job.train.epochs is not None:
+        iters = math.ceil(job.train.epochs * len(samples) / job.train.global_batch_size)
+        job = dataclasses.replace(job, train=dataclasses.replace(job.train, train_iters=iters))
+    batches = GlobalBatches(samples, job.train.global_batch_size, job.train.seed, job.data.shuffle)
     resume_from = latest_checkpoint(ckpt.load or ckpt.save) if (ckpt.load or ckpt.save) else None
     chunks, optimizer, scheduler = wrap_for_training(build_model(job, args, load_weights=resume_from is None), job)
-    tokenizer = AutoTokenizer.from_pretrained(model_source(job))
-    samples = build_samples(job.data.path, tokenizer, job.data.seq_length, job.train.task)
-    batches = GlobalBatches(samples, job.train.global_batch_size, job.train.seed, job.data.shuffle)
     start = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, chunks, optimizer, scheduler)
@@ -141,10 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML job file; --section.field value pairs override it")
     known, overrides = parser.parse_known_args(argv)
+    from converters.hf_io import CheckpointError
+    from megatron_swift.data.simple import DataError
+    from megatron_swift.models import UnsupportedModelError
+
     try:
-        job = load_config(JobConfig, known.config, overrides)
-        train(job)
-    except ConfigError as exc:
+        train(load_config(JobConfig, known.config, overrides))
+    except (ConfigError, DataError, CheckpointError, UnsupportedModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

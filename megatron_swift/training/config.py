@@ -36,6 +36,7 @@ class TrainSection:
     micro_batch_size: int = 1
     global_batch_size: int = 8
     train_iters: int = 100
+    epochs: float | None = None  # when set, train_iters = ceil(epochs x samples / global_batch_size)
     lr: float = 1e-5
     min_lr: float = 0.0
     lr_warmup_iters: int = 0
@@ -101,7 +102,9 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
         found.append("train.fp8_format and train.fp8_recipe: set both or neither")
     if t.lr_warmup_fraction is not None and not 0 <= t.lr_warmup_fraction < 1:
         found.append(f"train.lr_warmup_fraction={t.lr_warmup_fraction} must be in [0, 1)")
-    if t.lr_warmup_fraction is None and t.lr_warmup_iters >= max(t.train_iters, 1):
+    if t.epochs is not None and t.epochs <= 0:
+        found.append(f"train.epochs={t.epochs} must be > 0")
+    if t.epochs is None and t.lr_warmup_fraction is None and t.lr_warmup_iters >= max(t.train_iters, 1):
         found.append(
             f"train.lr_warmup_iters={t.lr_warmup_iters} must be smaller than train.train_iters={t.train_iters}"
         )
@@ -143,3 +146,23 @@ def transformer_overrides(job: JobConfig) -> dict:
     if t.fp8_format:
         overrides.update(fp8=t.fp8_format, fp8_recipe=t.fp8_recipe)
     return overrides
+
+
+def precision(job: JobConfig) -> str:
+    return "bf16" if job.train.bf16 else "fp16" if job.train.fp16 else "fp32"
+
+
+def environment_problems(job: JobConfig) -> list[str]:
+    """What this machine cannot run: FP8 and context parallelism need Transformer Engine on a GPU."""
+    import torch
+
+    from megatron_swift._optional import has_transformer_engine
+
+    te_usable = torch.cuda.is_available() and has_transformer_engine() and job.model.spec != "local"
+    found = []
+    if job.train.fp8_format and not te_usable:
+        found.append("train.fp8_format: FP8 needs a CUDA GPU and transformer-engine (pip install '.[gpu]')")
+    if job.parallel.context_parallel_size > 1 and not te_usable:
+        found.append("parallel.context_parallel_size > 1 needs Transformer Engine attention (a CUDA GPU and "
+                     "transformer-engine)")  # fmt: skip
+    return found
