@@ -34,18 +34,17 @@ class SDPACoreAttention(DotProductAttention):
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                    packed_seq_params, **kwargs)  # fmt: skip
         seq_q, batch = query.shape[0], query.shape[1]
-        # [s, b, heads, d] -> [b, heads, s, d]; grouped k/v heads are repeated like megatron does.
+        # [s, b, heads, d] -> [b, heads, s, d]; SDPA maps query heads onto the k/v groups (GQA) itself.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        repeat = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        if repeat > 1:
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         causal = mask_type == AttnMaskType.causal and attention_mask is None
         # megatron's masks are True where attention is NOT allowed; SDPA's boolean masks the opposite.
         keep = None if causal or attention_mask is None else ~attention_mask
         dropout = self.config.attention_dropout if self.training else 0.0
+        gqa = k.shape[1] != q.shape[1]
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext():
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout, is_causal=causal,
-                                                     scale=self.softmax_scale)  # fmt: skip
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=keep, dropout_p=dropout, is_causal=causal, scale=self.softmax_scale, enable_gqa=gqa
+            )
         return context.permute(2, 0, 1, 3).reshape(seq_q, batch, self.hidden_size_per_partition)
 
 
