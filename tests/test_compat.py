@@ -1,5 +1,6 @@
 """The CPU shims: every patched symbol still exists upstream, and each shim does its one job."""
 
+import os
 import subprocess
 import sys
 
@@ -85,3 +86,26 @@ def test_torch_norm_accepts_sequence_parallel_and_tags_params():
     assert isinstance(norm, torch.nn.RMSNorm)
     assert all(getattr(p, "sequence_parallel", False) for p in norm.parameters())
     assert config.sequence_parallel  # the caller's config is not mutated
+
+
+_LOG_REDIRECTS = """
+import torch
+from megatron_swift.compat import apply_cpu_shims, cuda_redirects
+apply_cpu_shims()
+torch.empty(2, device="cuda")
+sites = cuda_redirects()
+assert any("device=cuda in empty" in s for s in sites), sites
+"""
+
+
+def test_redirected_cuda_call_sites_are_logged_when_asked():
+    result = subprocess.run([sys.executable, "-c", _LOG_REDIRECTS], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "MSWIFT_LOG_CUDA_REDIRECTS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_missing_gpu_extras_name_what_to_install():
+    from megatron_swift._optional import MissingExtraError, require
+
+    with pytest.raises(MissingExtraError, match=r"vllm is not usable .*pip install 'megatron-swift\[serve\]'"):
+        require("vllm")

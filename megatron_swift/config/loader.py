@@ -152,7 +152,3 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         data = loaded or {}
     data = _merge(data, parse_overrides(overrides or []))
     return _build(cls, data)
-
-
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
