@@ -67,7 +67,7 @@ def _hf_to_mcore_worker(hf_dir: str, tmp_dir: str, parallel: dict, dtype: str, v
         with tqdm(
             total=ckpt.total_bytes(), unit="B", unit_scale=True, desc="hf-to-mcore", disable=not ctx.is_main
         ) as bar:
-            loaded = load_hf_into_chunks(chunks, ckpt, args, on_tensor=bar.update)
+            loaded = load_hf_into_chunks(chunks, ckpt, args, on_tensor=bar.update, adopt_tensors=True)
         save_model(chunks, Path(tmp_dir) / MODEL_DIR)
         return loaded
     finally:

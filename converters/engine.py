@@ -111,9 +111,18 @@ def preflight(ckpt: HFCheckpoint, slots: list[_Slot], args: GPTModelArgs) -> Non
 
 @torch.no_grad()
 def load_hf_into_chunks(
-    chunks, ckpt: HFCheckpoint, args: GPTModelArgs, on_tensor: Callable[[int], None] | None = None
+    chunks,
+    ckpt: HFCheckpoint,
+    args: GPTModelArgs,
+    on_tensor: Callable[[int], None] | None = None,
+    adopt_tensors: bool = False,
 ) -> int:
-    """Fill every parameter of this rank's chunks from the HF checkpoint; returns bytes loaded."""
+    """Fill every parameter of this rank's chunks from the HF checkpoint; returns bytes loaded.
+
+    `adopt_tensors`: where a rule's output already is the parameter's whole tensor (unsharded, same
+    dtype and device), the parameter takes it instead of a copy; such tensors may map the safetensors
+    file. For short-lived models that are only saved again (conversion), not for training.
+    """
     slots = _plan(chunks, args)
     preflight(ckpt, slots, args)
     loaded = 0
@@ -122,7 +131,11 @@ def load_hf_into_chunks(
         if tuple(full.shape) != slot.global_shape:  # the preflight makes this a bug, not bad input
             raise AssertionError(f"{slot.name}: built {list(full.shape)}, expected {list(slot.global_shape)}")
         local = slot.rule.tp_shard(full, *slot.shard) if slot.shard else full
-        slot.param.copy_(local)
+        adoptable = local.dtype == slot.param.dtype and local.device == slot.param.device and local.is_contiguous()
+        if adopt_tensors and slot.shard is None and adoptable:
+            slot.param.data = local
+        else:
+            slot.param.copy_(local)
         nbytes = local.numel() * local.element_size()
         loaded += nbytes
         if on_tensor:
