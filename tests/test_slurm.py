@@ -28,11 +28,13 @@ def test_convert_train_export_single_node(tiny_models, tmp_path):
     result = subprocess.run(
         ["bash", str(ROOT / "launch/slurm/convert_train_export.sbatch"), str(tiny_models["llama"]),
          "examples/tiny_sft.yaml", str(out), "--train.train_iters", "2", "--train.lr_warmup_iters", "0",
-         "--checkpoint.save_interval", "2"],
+         "--checkpoint.save_interval", "1", "--checkpoint.save_total_limit", "1"],
         env=_slurm_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    assert (out / "run" / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+    checkpoints = out / "run" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "iter_0000002"
+    assert sorted(p.name for p in checkpoints.glob("iter_*")) == ["iter_0000002"]  # save_total_limit 1
     assert len((out / "run" / "logs" / "metrics.jsonl").read_text().splitlines()) == 2
     config = json.loads((out / "hf" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and (out / "hf" / "model.safetensors.index.json").is_file()

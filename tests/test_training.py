@@ -19,6 +19,11 @@ LLAMA_LAYOUTS = [
     ({"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}, {}),
     ({}, {}),  # DP2 against DP1 with 2x gradient accumulation (global batch 4, micro batch 1)
     ({}, {"use_distributed_optimizer": True}),
+    (
+        {"tensor_model_parallel_size": 2},
+        {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+    ),
+    ({}, {"recompute_granularity": "selective"}),
 ]
 MOE_LAYOUTS = [({"expert_model_parallel_size": 2}, {})]
 
@@ -171,3 +176,13 @@ def test_flops_convention_against_the_hf_models_own_matrices(tiny_models):
         attention = config.num_hidden_layers * 2 * 2 * (seq / 2) * config.num_attention_heads * head_dim
         assert flops_per_token(args.transformer, args.vocab_size, seq) == pytest.approx(3 * (2 * linear + attention))
     assert peak_flops("NVIDIA H200", "bf16") == 989e12 and peak_flops("Some CPU", "bf16") is None
+
+
+def test_pretraining_task_trains_on_text(tiny_models, tmp_path):
+    from launch.pretrain_sft import train
+
+    job = job_for(str(tiny_models["mistral"]), "examples/data/pretrain_sample.jsonl", str(tmp_path), {},
+                  {"task": "pretrain", "train_iters": 4})  # fmt: skip
+    results = train(job)
+    assert len(results) == 4 and results[-1].loss < results[0].loss
+    assert all(r.tokens == 4 * 32 for r in results)  # every token of a pretraining window is a target
