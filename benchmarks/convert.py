@@ -31,6 +31,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from results_io import write_results  # benchmarks/ is on sys.path when a benchmark runs as a script
 from safetensors.torch import load_file, save_file
 
 from converters.convert import hf_to_mcore, mcore_to_hf
@@ -266,11 +267,7 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="mswift-bench-") as tmp:
             results = run(Path(tmp), args.layers, args.repeats)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "convert.json").write_text(json.dumps(results, indent=2) + "\n")
-    report = markdown(results)
-    (args.out_dir / "convert.md").write_text(report)
-    print(report)
+    write_results(args.out_dir, "convert", results, markdown(results))
 
 
 if __name__ == "__main__":

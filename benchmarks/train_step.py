@@ -23,6 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results_io import write_results  # benchmarks/ is on sys.path when a benchmark runs as a script
+
 from launch.pretrain_sft import build_model, check_job
 from megatron_swift.distributed import destroy_distributed, init_distributed
 from megatron_swift.models.tiny import make_tiny_model
@@ -145,11 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mswift-train-bench-") as tmp:
         results = run(Path(tmp), args.batch, args.seq, args.steps, args.warmup)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "train_step.json").write_text(json.dumps(results, indent=2) + "\n")
-    report = markdown(results)
-    (args.out_dir / "train_step.md").write_text(report)
-    print(report)
+    write_results(args.out_dir, "train_step", results, markdown(results))
 
 
 if __name__ == "__main__":
