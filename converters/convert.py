@@ -57,19 +57,21 @@ def build_chunks(args: GPTModelArgs, parallel: ParallelConfig, dtype: torch.dtyp
     return build_model_chunks(args, config, spec="local" if not torch.cuda.is_available() else "auto")
 
 
-def _hf_to_mcore_worker(hf_dir: str, tmp_dir: str, parallel: dict, dtype: str, vocab_divisor: int) -> int:
+def _hf_to_mcore_worker(hf_dir: str, tmp_dir: str, parallel: dict, dtype: str, vocab_divisor: int) -> None:
     parallel_cfg = ParallelConfig(**parallel)
     ctx = init_distributed(parallel_cfg)
     try:
         ckpt = HFCheckpoint(hf_dir)
         args = translate(ckpt.config, make_vocab_size_divisible_by=vocab_divisor)
         chunks = build_chunks(args, parallel_cfg, dtype_from_name(dtype))
-        with tqdm(
-            total=ckpt.total_bytes(), unit="B", unit_scale=True, desc="hf-to-mcore", disable=not ctx.is_main
-        ) as bar:
-            loaded = load_hf_into_chunks(chunks, ckpt, args, on_tensor=bar.update, adopt_tensors=True)
+        with tqdm(unit="B", unit_scale=True, desc="hf-to-mcore", disable=not ctx.is_main) as bar:
+
+            def show(read: int, total: int) -> None:
+                bar.total = total
+                bar.update(read - bar.n)
+
+            load_hf_into_chunks(chunks, ckpt, args, on_progress=show, adopt_tensors=True)
         save_model(chunks, Path(tmp_dir) / MODEL_DIR)
-        return loaded
     finally:
         destroy_distributed()
 

@@ -114,10 +114,12 @@ def load_hf_into_chunks(
     chunks,
     ckpt: HFCheckpoint,
     args: GPTModelArgs,
-    on_tensor: Callable[[int], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
     adopt_tensors: bool = False,
-) -> int:
-    """Fill every parameter of this rank's chunks from the HF checkpoint; returns bytes loaded.
+) -> None:
+    """Fill every parameter of this rank's chunks from the HF checkpoint.
+
+    `on_progress(read, total)`: HF bytes this rank has read so far, of the bytes its parameters need.
 
     `adopt_tensors`: where a rule's output already is the parameter's whole tensor (unsharded, same
     dtype and device), the parameter takes it instead of a copy; such tensors may map the safetensors
@@ -125,7 +127,8 @@ def load_hf_into_chunks(
     """
     slots = _plan(chunks, args)
     preflight(ckpt, slots, args)
-    loaded = 0
+    total = ckpt.nbytes({n for slot in slots for n in slot.hf_names})
+    read = 0
     for slot in slots:
         full = slot.rule.to_mcore([ckpt.get(n) for n in slot.hf_names], args.dims)
         if tuple(full.shape) != slot.global_shape:  # the preflight makes this a bug, not bad input
@@ -136,11 +139,9 @@ def load_hf_into_chunks(
             slot.param.data = local
         else:
             slot.param.copy_(local)
-        nbytes = local.numel() * local.element_size()
-        loaded += nbytes
-        if on_tensor:
-            on_tensor(nbytes)
-    return loaded
+        read += ckpt.nbytes(slot.hf_names)
+        if on_progress:
+            on_progress(min(read, total), total)  # a tied tensor read twice counts once
 
 
 @torch.no_grad()

@@ -150,8 +150,9 @@ class HFCheckpoint:
             handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
         return handle.get_tensor(name)
 
-    def total_bytes(self) -> int:
-        return sum(_DTYPE_BYTES.get(i.dtype, 4) * _numel(i.shape) for i in self.tensors.values())
+    def nbytes(self, names) -> int:
+        """Stored size of the named tensors."""
+        return sum(_DTYPE_BYTES.get(self.tensors[n].dtype, 4) * _numel(self.tensors[n].shape) for n in names)
 
 
 def copy_side_files(src_dir: Path, out_dir: Path) -> None:
