@@ -20,20 +20,23 @@ from megatron_swift.models.forward import forward_logits
 from megatron_swift.models.layout import model_layout_problems
 
 
-def _mcore_logits_worker(mcore_dir: str, parallel: dict, tokens: torch.Tensor):
-    from megatron.core import parallel_state
+def logits_in_this_world(mcore_dir: str | Path, parallel: ParallelConfig, tokens: torch.Tensor):
+    """Initialise `parallel` in the running world, load the checkpoint, return its fp32 logits on the
+    one rank that reports them (last pipeline stage, TP and DP rank 0), None on the others."""
+    from megatron.core import parallel_state as ps
 
-    parallel_cfg = ParallelConfig(**parallel)
-    init_distributed(parallel_cfg)
+    init_distributed(parallel)
+    _, args = model_args_for_checkpoint(mcore_dir)
+    chunks = build_chunks(args, parallel, torch.float32)
+    load_model(chunks, model_weights_dir(Path(mcore_dir)))
+    logits = forward_logits(chunks, tokens, args.vocab_size)
+    reporting = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    return logits if reporting else None
+
+
+def _mcore_logits_worker(mcore_dir: str, parallel: dict, tokens: torch.Tensor):
     try:
-        _, args = model_args_for_checkpoint(mcore_dir)
-        chunks = build_chunks(args, parallel_cfg, torch.float32)
-        load_model(chunks, model_weights_dir(Path(mcore_dir)))
-        logits = forward_logits(chunks, tokens, args.vocab_size)
-        keep = logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0
-        if keep and parallel_state.get_data_parallel_rank() == 0:
-            return logits
-        return None
+        return logits_in_this_world(mcore_dir, ParallelConfig(**parallel), tokens)
     finally:
         destroy_distributed()
 

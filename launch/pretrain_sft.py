@@ -24,7 +24,9 @@ from megatron_swift.training.config import JobConfig, environment_problems, prec
 
 def model_source(job: JobConfig) -> Path:
     """The directory holding the HF config and tokenizer of the model to train."""
-    return Path(job.model.hf) if job.model.hf else Path(job.model.load) / "hf"
+    from converters.mcore_io import HF_DIR
+
+    return Path(job.model.hf) if job.model.hf else Path(job.model.load) / HF_DIR
 
 
 def check_job(job: JobConfig, world_size: int):

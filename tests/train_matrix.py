@@ -7,6 +7,7 @@ import dataclasses
 from megatron_swift.config import ParallelConfig
 from megatron_swift.distributed import destroy_distributed, init_distributed
 from megatron_swift.training.config import JobConfig, TrainSection
+from tests.dist_matrix import run_case_matrix
 
 
 def job_for(hf_dir: str, data_path: str, output_dir: str, parallel: dict, train: dict, **model) -> JobConfig:
@@ -43,11 +44,5 @@ def losses_for_cases(cases: list[tuple[str, dict, dict]], data_path: str, output
 
 
 def run_cases(cases, data_path, output_dir, world_size: int) -> list[list[float]]:
-    from megatron_swift.distributed import run_workers
-
-    merged: dict[int, list[float]] = {}
-    for result in run_workers(
-        losses_for_cases, world_size, [(str(h), p, t) for h, p, t in cases], str(data_path), str(output_dir)
-    ):
-        merged.update(result)
-    return [merged[i] for i in range(len(cases))]
+    cases_arg = [(str(h), p, t) for h, p, t in cases]
+    return run_case_matrix(losses_for_cases, len(cases), world_size, cases_arg, str(data_path), str(output_dir))

@@ -23,7 +23,8 @@ _LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 _GROUPED_EXPERT = re.compile(r"\.mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers (whose state-dict keys carry a `module.` prefix)."""
     while hasattr(model, "module") and not hasattr(model, "decoder"):
         model = model.module
     return model
@@ -49,7 +50,7 @@ def _partition_dim(module: nn.Module, param_name: str) -> int | None:
 
 def canonical_parameters(model: nn.Module):
     """Yield (canonical_name, parameter, TP partition dim or None) for one model chunk on this rank."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     layers = model.decoder.layers if getattr(model, "decoder", None) is not None else []
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):

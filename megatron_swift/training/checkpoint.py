@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_swift.fs import fsync_tree
+from megatron_swift.models.naming import unwrap_model
 
 LATEST = "latest"
 
@@ -29,20 +30,35 @@ def _iter_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def _unwrap(chunk):
-    """The GPTModel inside DDP / Float16Module wrappers (whose state-dict keys carry a `module.` prefix)."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
+def model_sharded_state(chunks) -> dict:
+    """Model part of a checkpoint: `model` (or `model0`, `model1`, ... with virtual pipeline stages).
+    Converted checkpoints use the same keys, so either kind loads into either."""
+    chunks = [unwrap_model(chunk) for chunk in chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def restore_model_state(chunks, loaded: dict) -> None:
+    """Put what `dist_checkpointing.load` returned for `model_sharded_state(chunks)` into the chunks."""
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for chunk, key in zip(chunks, keys, strict=True):
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
+
+
+def save_strategy(writer_processes: int = 4):
+    """torch_dist saving with `writer_processes` forked writers per rank.
+
+    megatron-core's default is 2; on the 0.5B conversion benchmark 4 writers saved in ~1.4 s against
+    ~2.0 s with 2 (serialisation and fsync proceed in parallel).
+    """
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=writer_processes)
 
 
 def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
-    chunks = [_unwrap(chunk) for chunk in chunks]
-    model = (
-        {"model": chunks[0].sharded_state_dict()}
-        if len(chunks) == 1
-        else {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
-    )
+    model = model_sharded_state(chunks)
     merged_model = {k: v for part in model.values() for k, v in part.items()}
     return {**model, "optimizer": optimizer.sharded_state_dict(merged_model, is_loading=is_loading)}
 
@@ -87,7 +103,9 @@ def save_checkpoint(
         (tmp / "rng").mkdir(parents=True)
         (tmp / "model_optim").mkdir()
     dist.barrier()
-    dist_checkpointing.save(_sharded_state(chunks, optimizer, is_loading=False), str(tmp / "model_optim"))
+    dist_checkpointing.save(
+        _sharded_state(chunks, optimizer, is_loading=False), str(tmp / "model_optim"), sharded_strategy=save_strategy()
+    )
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
     if rank == 0:
         state = {"iteration": iteration, "consumed_samples": consumed_samples, "scheduler": scheduler.state_dict()}
@@ -123,9 +141,7 @@ def load_checkpoint(ckpt_dir: str | Path, chunks, optimizer, scheduler) -> dict:
     ckpt_dir = Path(ckpt_dir)
     state = json.loads((ckpt_dir / "train_state.json").read_text())
     loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), str(ckpt_dir / "model_optim"))
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for chunk, key in zip(chunks, keys, strict=True):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    restore_model_state(chunks, loaded)
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_file = ckpt_dir / "rng" / f"rank_{dist.get_rank()}.pt"
