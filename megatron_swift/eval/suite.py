@@ -49,6 +49,12 @@ class EvalConfig:
             found.append("--seq-length, --batch-size and --max-new-tokens must be positive")
         if not self.models and self.perplexity_data:
             found.append("--perplexity needs a --model")
+        if self.backend == "vllm" and self.models and (self.qa_data or self.agent_data):
+            from megatron_swift._optional import vllm_unavailable_reason
+
+            reason = vllm_unavailable_reason()
+            if reason:
+                found.append(f"--backend vllm: {reason}; use --backend hf")
         for name, path in self.models.items():
             if not (Path(path) / "config.json").is_file():
                 found.append(f"--model {name}={path}: not an HF model directory (no config.json)")
