@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="generation engine")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model (vllm backend)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="cpu", help="torch device for the transformers backend")
     parser.add_argument("--out", default="eval_report", help="report directory")

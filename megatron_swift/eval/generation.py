@@ -99,8 +99,8 @@ def generate_hf(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
     return texts
 
 
-def generate_vllm(model_dir, prompts: list[list[int]], max_new_tokens: int, tensor_parallel_size: int = 1):
-    """The same greedy continuations through vLLM's offline engine (CUDA GPU with vllm installed)."""
+def vllm_engine(model_dir, tensor_parallel_size: int = 1):
+    """vLLM's offline engine for `model_dir` (needs vllm and a CUDA GPU; says which is missing)."""
     from megatron_swift._optional import vllm_unavailable_reason
 
     reason = vllm_unavailable_reason()
@@ -108,7 +108,13 @@ def generate_vllm(model_dir, prompts: list[list[int]], max_new_tokens: int, tens
         raise EvalInputError(f"--backend vllm: {reason}; use --backend hf")
     import vllm
 
-    engine = vllm.LLM(model=str(model_dir), tensor_parallel_size=tensor_parallel_size)
+    return vllm.LLM(model=str(model_dir), tensor_parallel_size=tensor_parallel_size)
+
+
+def generate_vllm(engine, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """The same greedy continuations as `generate_hf`, through a vLLM engine."""
+    import vllm
+
     params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=True)
     outputs = engine.generate([{"prompt_token_ids": p} for p in prompts], params)
     return [out.outputs[0].text for out in outputs]

@@ -40,15 +40,11 @@ def masked_loss(model, samples: list[Sample], batch_size: int = 8) -> dict:
             continue
         width = int(targets[-1]) + 1
         inputs, labels, mask = inputs[:, :width], labels[:, :width], mask[:, :width]
-        logits = model(input_ids=inputs.to(device)).logits.float().cpu()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
-        nll_sum += (nll.double() * mask.double()).sum()
+        logits = model(input_ids=inputs.to(device)).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.to(device), reduction="none")
+        nll_sum += (nll.double() * mask.to(device).double()).sum().cpu()
         tokens_counted += int(mask.sum())
     if tokens_counted == 0:
         raise ValueError("no target tokens in the data (every loss mask is 0)")
     loss = float(nll_sum / tokens_counted)
     return {"loss": loss, "perplexity": math.exp(loss), "target_tokens": tokens_counted, "samples": len(samples)}
-
-
-def perplexity(model, tokenizer, path: str | Path, seq_length: int, task: str = "sft", batch_size: int = 8) -> dict:
-    return masked_loss(model, encode_rows(path, tokenizer, seq_length, task), batch_size)

@@ -14,9 +14,10 @@ from megatron_swift.eval.generation import (
     qa_accuracy,
     read_prompt_rows,
     render_prompt,
+    vllm_engine,
 )
-from megatron_swift.eval.loading import EvalInputError, check_model_dir, load_model, load_tokenizer
-from megatron_swift.eval.perplexity import perplexity
+from megatron_swift.eval.loading import EvalInputError, load_model, load_tokenizer
+from megatron_swift.eval.perplexity import encode_rows, masked_loss
 from megatron_swift.fs import atomic_write_text
 
 PREDICTIONS_ONLY = "predictions"  # the model name used when rows carry their own predictions
@@ -33,6 +34,7 @@ class EvalConfig:
     max_new_tokens: int = 256
     batch_size: int = 8
     backend: str = "hf"  # hf (transformers) or vllm
+    tensor_parallel_size: int = 1  # vllm backend only
     dtype: str = "auto"
     device: str = "cpu"
     out: str | None = None  # where predictions-NAME.jsonl go (next to the report)
@@ -45,8 +47,8 @@ class EvalConfig:
             found.append(f"--task {self.task!r}: expected sft or pretrain")
         if self.backend not in ("hf", "vllm"):
             found.append(f"--backend {self.backend!r}: expected hf or vllm")
-        if self.seq_length < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-            found.append("--seq-length, --batch-size and --max-new-tokens must be positive")
+        if min(self.seq_length, self.batch_size, self.max_new_tokens, self.tensor_parallel_size) < 1:
+            found.append("--seq-length, --batch-size, --max-new-tokens and --tensor-parallel-size must be positive")
         if not self.models and self.perplexity_data:
             found.append("--perplexity needs a --model")
         if self.backend == "vllm" and self.models and (self.qa_data or self.agent_data):
@@ -74,16 +76,28 @@ def _agent_references(rows: list[PromptRow]):
     return references, tools
 
 
-def _predictions(config: EvalConfig, model_dir, model, tokenizer, rows: list[PromptRow]) -> list[str]:
-    if model_dir is None:
+def _predictions(generate, rows: list[PromptRow]) -> list[str]:
+    if generate is None:
         missing = [row.where for row in rows if row.prediction is None]
         if missing:
             raise EvalInputError(f"{missing[0]}: no 'prediction' in the row and no --model to generate one")
         return [row.prediction for row in rows]
-    prompts = [render_prompt(tokenizer, row) for row in rows]
+    return generate(rows)
+
+
+def _generator(config: EvalConfig, model_dir: str, model, tokenizer):
+    """rows -> greedy predictions, prompts rendered with the model's chat template, on the configured backend."""
     if config.backend == "vllm":
-        return generate_vllm(model_dir, prompts, config.max_new_tokens)
-    return generate_hf(model, tokenizer, prompts, config.max_new_tokens, config.batch_size)
+        engine = vllm_engine(model_dir, config.tensor_parallel_size)
+
+        def generate(prompts):
+            return generate_vllm(engine, prompts, config.max_new_tokens)
+    else:
+
+        def generate(prompts):
+            return generate_hf(model, tokenizer, prompts, config.max_new_tokens, config.batch_size)
+
+    return lambda rows: generate([render_prompt(tokenizer, row) for row in rows])
 
 
 def _save_predictions(config: EvalConfig, name: str, kind: str, rows: list[PromptRow], predictions: list[str]):
@@ -106,23 +120,25 @@ def evaluate(config: EvalConfig) -> dict:
 
     results = {}
     for name, model_dir in config.models.items() or [(PREDICTIONS_ONLY, None)]:
-        model = tokenizer = None
+        result, generate = {}, None
         if model_dir is not None:
-            check_model_dir(model_dir)
             tokenizer = load_tokenizer(model_dir)
-            if config.backend == "hf" or config.perplexity_data:
-                model = load_model(model_dir, config.dtype, config.device)
-        result = {}
-        if config.perplexity_data:
-            result["perplexity"] = perplexity(
-                model, tokenizer, config.perplexity_data, config.seq_length, config.task, config.batch_size
-            )
+            samples = None
+            if config.perplexity_data:  # encoded (and so validated) before the model is loaded
+                samples = encode_rows(config.perplexity_data, tokenizer, config.seq_length, config.task)
+            model = load_model(model_dir, config.dtype, config.device) if samples or config.backend == "hf" else None
+            if samples:
+                result["perplexity"] = masked_loss(model, samples, config.batch_size)
+            if qa_rows or agent_rows:
+                if config.backend == "vllm":
+                    model = None  # free the transformers copy before vLLM takes the GPU memory
+                generate = _generator(config, model_dir, model, tokenizer)
         if qa_rows:
-            predictions = _predictions(config, model_dir, model, tokenizer, qa_rows)
+            predictions = _predictions(generate, qa_rows)
             _save_predictions(config, name, "qa", qa_rows, predictions)
             result["qa"] = qa_accuracy(predictions, [row.reference for row in qa_rows])
         if agent_rows:
-            predictions = _predictions(config, model_dir, model, tokenizer, agent_rows)
+            predictions = _predictions(generate, agent_rows)
             _save_predictions(config, name, "agent", agent_rows, predictions)
             result["agent"] = score_agent(predictions, *agent_refs).summary()
         results[name] = result
