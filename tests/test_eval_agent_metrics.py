@@ -154,6 +154,12 @@ def test_unreadable_predictions_are_invalid_never_errors(text):
     assert parse_turn(text) == INVALID
 
 
+def test_pathological_output_does_not_crash():
+    assert parse_turn("{" + "[" * 100_000) == INVALID
+    assert parse_turn("Action: f\nAction Input: " + "[" * 100_000).calls == (ToolCall("f", None),)
+    assert parse_turn("\n" * 50_000 + "x").plan == "finish"
+
+
 def test_text_starting_with_a_bracket_is_an_answer():
     assert parse_turn("[1] see the docs").plan == "finish"
 

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 PLANS = ("call", "finish", "give_up")
 _HERMES_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
-_REACT_ACTION = re.compile(r"^\s*Action\s*:", re.MULTILINE)
+_REACT_ACTION = re.compile(r"^[ \t]*Action[ \t]*:", re.MULTILINE)  # within a line: no backtracking across lines
 _TOKEN = re.compile(r"\w+")
 
 
@@ -79,7 +79,7 @@ def _arguments(value) -> dict | None:
     if isinstance(value, str):  # OpenAI encodes arguments as a JSON string
         try:
             value = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # RecursionError: pathologically nested output
             return None
     return value if isinstance(value, dict) else None
 
@@ -98,7 +98,7 @@ def _call_from_json(obj) -> ToolCall | None:
 def _json_calls(text: str) -> tuple[ToolCall, ...] | None:
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return None
     items = obj if isinstance(obj, list) else [obj]
     calls = [_call_from_json(item) for item in items]

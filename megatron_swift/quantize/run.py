@@ -56,10 +56,10 @@ def quantize_model(
     samples = encode_rows(eval_data, tokenizer, seq_length, task) if eval_data else None  # bad rows fail here
     texts = calibration_texts(calibration, tokenizer) if METHODS[method].needs_calibration else None
 
-    results = {"original": {"size": {"disk_mb": weights_bytes(model_dir) / 2**20}}}
-    if samples:
-        results["original"]["perplexity"] = masked_loss(load_model(model_dir), samples)
-    with atomic_directory(Path(out_dir)) as tmp:
+    with atomic_directory(Path(out_dir)) as tmp:  # refuses a non-empty output before any work
+        results = {"original": {"size": {"disk_mb": weights_bytes(model_dir) / 2**20}}}
+        if samples:
+            results["original"]["perplexity"] = masked_loss(load_model(model_dir), samples)
         RUNNERS[method](model_dir, tmp, texts)
         _copy_side_files(model_dir, tmp)
         results[method] = {"size": {"disk_mb": weights_bytes(tmp) / 2**20}}

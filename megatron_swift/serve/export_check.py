@@ -4,9 +4,9 @@ vLLM reads `config.json` (picks the model class from `architectures`, sizes from
 `max_position_embeddings` for the default `--max-model-len`), loads the tokenizer with transformers
 (so it needs the tokenizer files, and a chat template for the OpenAI chat endpoint), takes default
 sampling settings and stop tokens from `generation_config.json`, and maps the safetensors tensor
-names of the HF architecture. The name check compares the stored names with the state dict of the
-same architecture built by transformers on the meta device (no memory, no weights read). LoRA
-adapters need a PEFT `adapter_config.json` and adapter weights.
+names of the HF architecture. The name check compares the stored names with the names transformers
+itself would save for the same architecture, built on the meta device (no memory, no weights read).
+LoRA adapters need a PEFT `adapter_config.json` and adapter weights.
 """
 
 from __future__ import annotations
@@ -46,13 +46,23 @@ def _weight_names(model_dir: Path, problems: list[str]) -> set[str] | None:
 
 
 def _expected_names(config) -> tuple[set[str], set[str]]:
-    """(required, optional) state-dict names of the architecture; a tied output layer is optional."""
+    """(required, optional) tensor names of the architecture as HF checkpoints store them.
+
+    transformers 5 fuses some weights in memory (MoE experts) and splits them again on save, so the
+    stored names are the state dict passed through its save-side conversion; a tied output layer is
+    optional."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    names = set(model.state_dict())
+    state = model.state_dict()
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers without weight conversions store the state dict as is
+        names = set(state)
+    else:
+        names = set(revert_weight_conversion(model, state))
     optional = {n for n in names if n.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
     return names - optional, optional
 
