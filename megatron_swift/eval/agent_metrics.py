@@ -41,8 +41,14 @@ Metrics over N steps (C = steps whose reference plan is `call`, F = steps whose 
   R = L / #reference tokens, F1 = 2PR / (P + R) (0 if L = 0).
 
 Act.EM and argument F1 are None when there is no call step, Rouge-L when there is no finish step.
-With one call per step these are ToolBench-Static's `Act.EM`, `F1`, `HalluRate`, `Plan.EM` and
-`Rouge-L` (evalscope `tool_bench`), computed per step and averaged over the dataset.
+
+Alignment: with one call per step these are the ToolBench-Static metrics (the α-UMi evaluation the
+SWIFT paper reports; evalscope's `tool_bench`) computed over the whole dataset: Plan.EM over all
+steps, Act.EM and F1 over the steps whose reference calls a tool (the 1 / 0.5 per key scoring and
+the empty-arguments rule are theirs), Rouge-L over final-answer steps, hallucinations as calls to
+unlisted tools. Ours adds several calls per step (ordered names for Act.EM, position pairs for F1),
+uses the plain F1 (beta = 1) on `\\w+` tokens for Rouge-L, and keeps steps whose reference names a
+tool missing from the list (ToolBench-Static drops them).
 """
 
 from __future__ import annotations
