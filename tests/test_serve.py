@@ -30,11 +30,12 @@ def exported(tmp_path_factory) -> Path:
     return mcore_to_hf(hf_to_mcore(source, root / "mcore"), root / "export")
 
 
-def make_adapter(base: Path, out: Path, rank: int) -> Path:
+def make_adapter(base: Path, out: Path, rank: int, **options) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=rank, target_modules=["q_proj"]))
+    config = LoraConfig(r=rank, target_modules=["q_proj"], **options)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
     model.save_pretrained(out)
     return out
 
@@ -122,8 +123,12 @@ def test_cli_with_adapters_derives_the_lora_rank(exported, tmp_path, capsys):
     first = make_adapter(exported, tmp_path / "a1", rank=8)
     second = make_adapter(exported, tmp_path / "a2", rank=20)
     assert check_adapter(first) == ([], 8)
+    saved = make_adapter(exported, tmp_path / "a3", rank=8, modules_to_save=["lm_head"])
+    assert "modules_to_save ['lm_head'] (vLLM serves LoRA weights only)" in check_adapter(saved)[0][0]
     argv = ["--model", str(exported), "--adapter", f"sql={first}", "--adapter", f"chat={second}", "--port", "9000"]
     argv += ["--max-model-len", "512", "--dry-run", "--", "--enforce-eager"]
+    assert serve_main([*argv[:6], "--max-lora-rank", "16", "--dry-run"]) == 2
+    assert "--max-lora-rank 16 is below an adapter's rank 20" in capsys.readouterr().err
     assert serve_main(argv) == 0
     command = shlex.split(capsys.readouterr().out.strip())
     assert command == [

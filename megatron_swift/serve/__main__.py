@@ -61,6 +61,8 @@ def prepare(argv: list[str] | None = None):
             config.max_lora_rank = lora_rank_for(ranks)
         except ValueError as exc:
             problems.append(str(exc))
+    elif ranks and max(ranks) > config.max_lora_rank:
+        problems.append(f"--max-lora-rank {config.max_lora_rank} is below an adapter's rank {max(ranks)}")
     problems += config.problems()
     if not skip_check:
         problems += check_export(config.model)

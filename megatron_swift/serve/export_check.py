@@ -6,7 +6,8 @@ vLLM reads `config.json` (picks the model class from `architectures`, sizes from
 sampling settings and stop tokens from `generation_config.json`, and maps the safetensors tensor
 names of the HF architecture. The name check compares the stored names with the names transformers
 itself would save for the same architecture, built on the meta device (no memory, no weights read).
-LoRA adapters need a PEFT `adapter_config.json` and adapter weights.
+LoRA adapters need a PEFT `adapter_config.json` and adapter weights, and no `modules_to_save` or DoRA
+(vLLM's adapter loader refuses both).
 """
 
 from __future__ import annotations
@@ -135,6 +136,14 @@ def check_adapter(adapter_dir: str | Path) -> tuple[list[str], int | None]:
     if not isinstance(rank, int) or rank < 1:
         problems.append(f"{config_file}: 'r' must be a positive integer")
         rank = None
+    # vLLM's PEFT loader refuses these (PEFTHelper._validate_features).
+    if config.get("modules_to_save"):
+        problems.append(
+            f"{config_file}: modules_to_save {config['modules_to_save']} (vLLM serves LoRA weights only); "
+            "export the run with --merge-lora and serve the merged model"
+        )
+    if config.get("use_dora"):
+        problems.append(f"{config_file}: DoRA adapters are not supported by vLLM; merge it into the model")
     if not any((adapter_dir / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
         problems.append(f"{adapter_dir}: no adapter_model.safetensors")
     return problems, rank
