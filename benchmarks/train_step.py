@@ -53,8 +53,7 @@ class Ours:
         self.chunks, self.optimizer, self.scheduler = wrap_for_training(build_model(self.job, self.args), self.job)
 
     def step(self, batch: dict) -> float:
-        result = train_step(self.chunks, self.optimizer, self.scheduler, [batch], self.job.data.seq_length,
-                            self.args.vocab_size)  # fmt: skip
+        result = train_step(self.chunks, self.optimizer, self.scheduler, [batch], self.args.vocab_size)
         return result.loss
 
 

@@ -153,7 +153,8 @@ def precision(job: JobConfig) -> str:
 
 
 def environment_problems(job: JobConfig) -> list[str]:
-    """What this machine cannot run: FP8 and context parallelism need Transformer Engine on a GPU."""
+    """What this machine cannot run: FP8 needs Transformer Engine on a GPU; context parallelism needs
+    TE's attention or our SDPA core attention (models/attention.py) in the local spec."""
     import torch
 
     from megatron_swift._optional import has_transformer_engine
@@ -162,7 +163,7 @@ def environment_problems(job: JobConfig) -> list[str]:
     found = []
     if job.train.fp8_format and not te_usable:
         found.append("train.fp8_format: FP8 needs a CUDA GPU and transformer-engine (pip install '.[gpu]')")
-    if job.parallel.context_parallel_size > 1 and not te_usable:
+    if job.parallel.context_parallel_size > 1 and not te_usable and job.model.attention != "sdpa":
         found.append("parallel.context_parallel_size > 1 needs Transformer Engine attention (a CUDA GPU and "
-                     "transformer-engine)")  # fmt: skip
+                     "transformer-engine) or model.attention=sdpa")  # fmt: skip
     return found
