@@ -86,9 +86,11 @@ def read_meta(ckpt_dir: Path) -> dict:
     return meta
 
 
-def describe_model(ckpt_dir: Path, args, source: Path, dtype: str, parallel, make_vocab_size_divisible_by: int) -> None:
+def describe_model(ckpt_dir: Path, args, source: Path, dtype: str, parallel, make_vocab_size_divisible_by: int,
+                   lora: dict | None = None) -> None:  # fmt: skip
     """Write what loading and exporting the model under `ckpt_dir` needs: the HF config, tokenizer and
-    generation files of `source` into `hf/`, and the metadata file."""
+    generation files of `source` into `hf/`, and the metadata file (with `lora` for adapter-only runs:
+    options and the base weights' location)."""
     copy_side_files(source, Path(ckpt_dir) / HF_DIR)
     meta = {
         "format": FORMAT,
@@ -106,6 +108,8 @@ def describe_model(ckpt_dir: Path, args, source: Path, dtype: str, parallel, mak
         },
         "versions": package_versions(),
     }
+    if lora is not None:
+        meta["lora"] = lora
     (ckpt_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 
 
