@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from converters.adapter import peft_adapter_tensors, write_peft_adapter
+from converters.adapter import apply_lora_with_adapter, peft_adapter_tensors, write_peft_adapter
 from converters.engine import hf_tensors_from_chunk, load_hf_into_chunks
 from converters.hf_io import (
     CheckpointError,
@@ -40,7 +40,7 @@ from megatron_swift.distributed import destroy_distributed, init_distributed, ru
 from megatron_swift.models import build_model_chunks, dtype_from_name, transformer_config, translate
 from megatron_swift.models.hf_config import GPTModelArgs
 from megatron_swift.models.layout import model_layout_problems
-from megatron_swift.tuners.lora import LoraConfig, apply_lora, merge_lora
+from megatron_swift.tuners.lora import LoraConfig, merge_lora
 
 
 def _require_layout(args: GPTModelArgs, parallel: ParallelConfig) -> None:
@@ -147,7 +147,7 @@ def mcore_to_hf(
     init_distributed(ParallelConfig())
     try:
         chunks = build_chunks(args, ParallelConfig(), dtype_from_name(meta["dtype"]))
-        lora_config = _load_lora_base(chunks, meta, args) if lora else None
+        lora_config = _load_lora_base(chunks, meta, args, mcore_dir) if lora else None
         load_model(chunks, model_weights_dir(mcore_dir))
         with atomic_output_dir(out) as tmp:
             if lora == "adapter":
@@ -171,7 +171,7 @@ def mcore_to_hf(
     return out
 
 
-def _load_lora_base(chunks, meta: dict, args: GPTModelArgs) -> LoraConfig:
+def _load_lora_base(chunks, meta: dict, args: GPTModelArgs, mcore_dir: Path) -> LoraConfig:
     """Load the frozen base weights a LoRA run trained on, then put its adapters on (to be loaded next)."""
     base = meta["lora"]["base"]
     if "hf" in base:
@@ -179,7 +179,7 @@ def _load_lora_base(chunks, meta: dict, args: GPTModelArgs) -> LoraConfig:
     else:
         load_model(chunks, model_weights_dir(Path(base["load"])))
     lora_config = LoraConfig(**meta["lora"]["config"])
-    apply_lora(chunks, lora_config, args.family, meta["lora"]["seed"])
+    apply_lora_with_adapter(chunks, lora_config, args, mcore_dir / HF_DIR, meta["lora"]["seed"])
     return lora_config
 
 

@@ -46,12 +46,12 @@ def check_job(job: JobConfig, world_size: int):
 def build_model(job: JobConfig, args, load_weights: bool = True) -> list:
     """This rank's model chunks, with their weights loaded unless a training checkpoint will provide them
     (with LoRA, checkpoints hold only the adapters: base weights always come from the model source)."""
+    from converters.adapter import apply_lora_with_adapter
     from converters.engine import load_hf_into_chunks
     from converters.hf_io import HFCheckpoint
     from converters.mcore_io import load_model, model_weights_dir
     from megatron_swift.models import build_model_chunks, dtype_from_name, transformer_config
     from megatron_swift.training.config import transformer_overrides
-    from megatron_swift.tuners.lora import apply_lora
 
     dtype = dtype_from_name(precision(job))
     # Initialisation stays on although every weight is then loaded: megatron-core marks tensor-parallel
@@ -64,7 +64,7 @@ def build_model(job: JobConfig, args, load_weights: bool = True) -> list:
     elif load_weights or lora:
         load_model(chunks, model_weights_dir(Path(job.model.load)))
     if lora:
-        report = apply_lora(chunks, job.lora, args.family, job.train.seed)
+        report = apply_lora_with_adapter(chunks, job.lora, args, model_source(job), job.train.seed)
         if int(os.environ.get("RANK", 0)) == 0:
             print(report.summary())
     return chunks

@@ -137,3 +137,55 @@ def test_lora_resume_is_bitwise(tiny_models, tmp_path):
     # Only adapters (and their optimizer state) are saved: a small fraction of the model's bytes.
     size = sum(p.stat().st_size for p in (latest_checkpoint(ckpt) / "model_optim").rglob("*") if p.is_file())
     assert size < 0.5 * sum(p.stat().st_size for p in tiny_models["llama"].glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_peft_adapter_continues_training_and_exports_back_exactly(family, tiny_models, tmp_path):
+    """A PEFT adapter trained on HF (its own lora_A per projection) is taken in as is: training with lr 0
+    changes nothing, so the re-exported adapter and the merged model reproduce the PEFT model's logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from converters.convert import mcore_to_hf
+
+    hf_dir = tiny_models[family]
+    torch.manual_seed(3)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (
+        ["gate_proj", "up_proj", "down_proj"] if family == "llama" else []
+    )
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    if family == "qwen3_moe":
+        peft_config.target_parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    original = get_peft_model(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32), peft_config)
+    original.save_pretrained(tmp_path / "peft")
+    tokens = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))
+    expected = _logits(original, tokens)
+
+    lora = {"rank": 4, "alpha": 8.0, "adapter": str(tmp_path / "peft")}
+    if family == "qwen3_moe":
+        lora["target_modules"] = MOE_TARGETS
+    _, ckpt = _train_lora(hf_dir, tmp_path, lora=lora, iters=1, lr=0.0, min_lr=0.0)
+    merged_dir = mcore_to_hf(ckpt, tmp_path / "merged", lora="merge")
+    adapter_dir = mcore_to_hf(ckpt, tmp_path / "adapter", lora="adapter")
+
+    merged = _logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32), tokens)
+    base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    base_logits = _logits(base, tokens)
+    reexported = _logits(PeftModel.from_pretrained(base, adapter_dir), tokens)  # wraps `base` in place
+    assert (merged - expected).abs().max() <= 1e-4
+    assert (reexported - expected).abs().max() <= 1e-4
+    assert (expected - base_logits).abs().max() > 1e-2
+
+
+def test_peft_adapter_rank_mismatch_is_a_clear_error(tiny_models, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from converters.hf_io import CheckpointError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"])).save_pretrained(
+        tmp_path / "p"
+    )
+    with pytest.raises(CheckpointError, match=r"lora.rank=4 but the adapter has r=2"):
+        _train_lora(tiny_models["llama"], tmp_path, lora={"rank": 4, "alpha": 8.0, "adapter": str(tmp_path / "p")})

@@ -87,8 +87,9 @@ def _init_full(shape, seed: int, zero: bool, dtype) -> torch.Tensor:
     return full.to(dtype)
 
 
-def _adapter_shards(base: nn.Module, name: str, config: LoraConfig, family: Family, seed: int):
-    """This rank's (A, B) for the base linear with canonical name `name`."""
+def _adapter_shards(base: nn.Module, name: str, config: LoraConfig, family: Family, seed: int, initial=None):
+    """This rank's (A, B) for the base linear with canonical name `name`: cut from `initial(name, rule,
+    bindings)`'s full-size tensors when given (an imported adapter), else from seeded random ones."""
     mode = parallel_mode(base)
     group = getattr(base, "tp_group", None)
     size = group.size() if group is not None and mode != "duplicated" else 1
@@ -96,12 +97,18 @@ def _adapter_shards(base: nn.Module, name: str, config: LoraConfig, family: Fami
     out_local, in_local = base.weight.shape
     out_full = out_local * size if mode == "column" else out_local
     in_full = in_local * size if mode == "row" else in_local
-    name_seed = seed + zlib.crc32(name.encode())
+    rule, bindings = family.mapping.resolve(f"{name}.weight")  # the base weight's layout decides how B/A are cut
     dtype = base.weight.dtype
-    lora_a = _init_full((config.rank, in_full), name_seed, zero=False, dtype=dtype)
-    lora_b = _init_full((out_full, config.rank), name_seed + 1, zero=config.init_b_zero, dtype=dtype)
+    if initial is not None:
+        lora_a, lora_b = (t.to(dtype) for t in initial(name, rule, bindings))
+        if lora_a.shape[1] != in_full or lora_b.shape[0] != out_full or lora_a.shape[0] != lora_b.shape[1]:
+            raise LoraError(f"{name}: adapter shapes A {list(lora_a.shape)}, B {list(lora_b.shape)} do not fit "
+                            f"the layer ([r, {in_full}], [{out_full}, r])")  # fmt: skip
+    else:
+        name_seed = seed + zlib.crc32(name.encode())
+        lora_a = _init_full((config.rank, in_full), name_seed, zero=False, dtype=dtype)
+        lora_b = _init_full((out_full, config.rank), name_seed + 1, zero=config.init_b_zero, dtype=dtype)
     if size > 1:
-        rule, _ = family.mapping.resolve(f"{name}.weight")  # the base weight's layout decides how B/A are cut
         if mode == "column":
             lora_b = rule.tp_shard(lora_b, 0, rank, size)
         else:
@@ -109,8 +116,12 @@ def _adapter_shards(base: nn.Module, name: str, config: LoraConfig, family: Fami
     return lora_a.contiguous(), lora_b.contiguous()
 
 
-def apply_lora(chunks: list, config: LoraConfig, family: Family, seed: int) -> LoraReport:
-    """Wrap the targeted linears of every chunk in place, freeze everything else but modules_to_save."""
+def apply_lora(chunks: list, config: LoraConfig, family: Family, seed: int, initial=None) -> LoraReport:
+    """Wrap the targeted linears of every chunk in place, freeze everything else but modules_to_save.
+
+    `initial(name, rule, bindings) -> (A, B)`: full-size starting adapters (megatron layout) of each
+    targeted linear, e.g. from a PEFT adapter (converters/adapter.py); default: seeded random A, zero B.
+    """
     shorts, regexes = _linear_matcher(config, family)
     adapted, matched_regexes = [], set()
     for chunk in chunks:
@@ -128,7 +139,7 @@ def apply_lora(chunks: list, config: LoraConfig, family: Family, seed: int) -> L
             if module_name.rsplit(".", 1)[-1] in shorts or hits:
                 targets.append((module_name, name, module))
         for module_name, name, module in targets:
-            lora_a, lora_b = _adapter_shards(module, name, config, family, seed)
+            lora_a, lora_b = _adapter_shards(module, name, config, family, seed, initial)
             parent_name, _, child = module_name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, LoraLinear(module, lora_a, lora_b, config.scale,
                                                                        config.dropout))  # fmt: skip

@@ -20,6 +20,8 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     # Trained in full and saved with the adapter: `embedding`, `output_layer`, `router`, or module paths.
     modules_to_save: list[str] = field(default_factory=list)
+    # A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to continue training from.
+    adapter: str | None = None
     # Initialisation of lora_B: zero (the adapter starts as a no-op, as in PEFT) unless a test asks otherwise.
     init_b_zero: bool = True
 
