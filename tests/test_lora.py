@@ -1,6 +1,7 @@
 """LoRA on megatron-core: parity across layouts, exact export (merged and PEFT), counts, resume."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -189,3 +190,45 @@ def test_peft_adapter_rank_mismatch_is_a_clear_error(tiny_models, tmp_path):
     )
     with pytest.raises(CheckpointError, match=r"lora.rank=4 but the adapter has r=2"):
         _train_lora(tiny_models["llama"], tmp_path, lora={"rank": 4, "alpha": 8.0, "adapter": str(tmp_path / "p")})
+
+
+@pytest.mark.parametrize(
+    ("lora", "message"),
+    [
+        ({"target_modules": ["q_proj"]}, "k_proj, q_proj, v_proj are fused into megatron-core's linear_qkv"),
+        ({"target_modules": ["attn_out"]}, "'attn_out' is not a linear of the llama family"),
+        ({"target_modules": [r"re:\.nothing\."]}, r"re:\.nothing\. matched no linear module"),
+        ({"modules_to_save": ["lm_heads"]}, "'lm_heads' names no module"),
+    ],
+)
+def test_lora_targets_that_match_nothing_are_errors(tiny_models, tmp_path, lora, message):
+    from launch.pretrain_sft import build_model, check_job
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.tuners.lora.layers import LoraError
+
+    job = job_for(str(tiny_models["llama"]), DATA, str(tmp_path), {}, {}, lora)
+    args = check_job(job, 1)
+    init_distributed(job.parallel)
+    try:
+        with pytest.raises(LoraError, match=re.escape(message)):
+            build_model(job, args)
+    finally:
+        destroy_distributed()
+
+
+def test_only_adapters_are_optimized(tiny_models, tmp_path):
+    from launch.pretrain_sft import build_model, check_job
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.optim import wrap_for_training
+
+    job = job_for(str(tiny_models["llama"]), DATA, str(tmp_path), {}, {}, {"modules_to_save": ["output_layer"]})
+    args = check_job(job, 1)
+    init_distributed(job.parallel)
+    try:
+        chunks, optimizer, _ = wrap_for_training(build_model(job, args), job)
+        optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        names = {name for name, p in chunks[0].named_parameters() if p.requires_grad}
+        assert all(n.endswith(("lora_A.weight", "lora_B.weight", "output_layer.weight")) for n in names), names
+        assert len(names) == 4 * 4 * 2 + 1 and len(optimized) == len(names)
+    finally:
+        destroy_distributed()
