@@ -5,8 +5,8 @@
 The Transformer Engine layer spec fuses the pre-attention / pre-MLP norms into linear_qkv /
 linear_fc1 (TELayerNormColumnParallelLinear), so the LoRA adapter there normalises its own input
 (megatron_swift/tuners/lora/layers.py). This compares, in fp32 with TF32 off, the logits of a tiny
-Llama with the same non-zero adapters under the local spec and under the TE spec (<= 1e-4), and
-both against HF + the exported PEFT adapter. Writes gpu_lora.json to --out.
+Llama with the same non-zero adapters under the local spec and under the TE spec (<= 1e-4). Writes
+gpu_lora.json to --out.
 """
 
 from __future__ import annotations
