@@ -119,7 +119,9 @@ def run_job(job: JobConfig, ctx, args) -> list:
         start_iteration=start,
         is_main=ctx.is_main,
         save_fn=save if ckpt.save else None,
-        flops_per_token=flops_per_token(args.transformer, args.vocab_size, job.data.seq_length),
+        flops_per_token=flops_per_token(
+            args.transformer, args.vocab_size, job.data.seq_length, frozen_weights=job.train.train_type == "lora"
+        ),
     )
 
 

@@ -181,6 +181,8 @@ def test_flops_convention_against_the_hf_models_own_matrices(tiny_models):
         head_dim = args.transformer["kv_channels"]
         attention = config.num_hidden_layers * 2 * 2 * (seq / 2) * config.num_attention_heads * head_dim
         assert flops_per_token(args.transformer, args.vocab_size, seq) == pytest.approx(3 * (2 * linear + attention))
+        lora = flops_per_token(args.transformer, args.vocab_size, seq, frozen_weights=True)
+        assert lora == pytest.approx(2 * (2 * linear + attention))
     assert peak_flops("NVIDIA H200", "bf16") == 989e12 and peak_flops("Some CPU", "bf16") is None
 
 

@@ -131,6 +131,8 @@ def apply_lora(chunks: list, config: LoraConfig, family: Family, seed: int, init
             param.requires_grad = False
         targets = []
         for module_name, module in model.named_modules():
+            if isinstance(module, LoraLinear):
+                raise LoraError(f"{module_name} already has a LoRA adapter (apply_lora ran twice)")
             if getattr(module, "weight", None) is None or not module_name.rsplit(".", 1)[-1].startswith("linear_"):
                 continue
             name = canonical_name(f"{module_name}.weight", layers).removesuffix(".weight")

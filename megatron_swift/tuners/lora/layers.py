@@ -109,6 +109,15 @@ class LoraLinear(nn.Module):
         out, bias = self.base_layer(x, *args, **kwargs)
         return out + self.lora_delta(x).to(out.dtype), bias
 
+    # megatron-core reaches into its linears for these (qk-clip reads `linear_qkv.weight`; delayed
+    # weight-gradient computation calls `backward_dw`): they concern the base layer.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def backward_dw(self) -> None:
+        self.base_layer.backward_dw()
+
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
