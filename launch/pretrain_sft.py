@@ -59,7 +59,7 @@ def build_model(job: JobConfig, args, load_weights: bool = True) -> list:
     config = transformer_config(args, job.parallel, params_dtype=dtype, **transformer_overrides(job))
     chunks = build_model_chunks(args, config, spec=job.model.spec, attention=job.model.attention)
     lora = job.train.train_type == "lora"
-    if job.model.hf and (load_weights or lora):
+    if (load_weights or lora) and job.model.hf:
         load_hf_into_chunks(chunks, HFCheckpoint(job.model.hf), args)
     elif load_weights or lora:
         load_model(chunks, model_weights_dir(Path(job.model.load)))
@@ -109,20 +109,9 @@ def run_job(job: JobConfig, ctx, args) -> list:
         if ctx.is_main:
             print(f"saved checkpoint {path}")
 
-    return run_training(
-        job,
-        chunks,
-        optimizer,
-        scheduler,
-        batches,
-        args.vocab_size,
-        start_iteration=start,
-        is_main=ctx.is_main,
-        save_fn=save if ckpt.save else None,
-        flops_per_token=flops_per_token(
-            args.transformer, args.vocab_size, job.data.seq_length, frozen_weights=job.train.train_type == "lora"
-        ),
-    )
+    flops = flops_per_token(args.transformer, args.vocab_size, job.data.seq_length, job.train.train_type == "lora")
+    return run_training(job, chunks, optimizer, scheduler, batches, args.vocab_size, start_iteration=start,
+                        is_main=ctx.is_main, save_fn=save if ckpt.save else None, flops_per_token=flops)  # fmt: skip
 
 
 def train(job: JobConfig) -> list:
