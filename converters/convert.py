@@ -30,6 +30,7 @@ from converters.mcore_io import (
     check_output_dir,
     describe_model,
     dtype_name,
+    full_model_weights_dir,
     load_model,
     model_weights_dir,
     read_meta,
@@ -177,7 +178,7 @@ def _load_lora_base(chunks, meta: dict, args: GPTModelArgs, mcore_dir: Path) -> 
     if "hf" in base:
         load_hf_into_chunks(chunks, HFCheckpoint(base["hf"]), args)
     else:
-        load_model(chunks, model_weights_dir(Path(base["load"])))
+        load_model(chunks, full_model_weights_dir(Path(base["load"])))
     lora_config = LoraConfig(**meta["lora"]["config"])
     apply_lora_with_adapter(chunks, lora_config, args, mcore_dir / HF_DIR, meta["lora"]["seed"])
     return lora_config

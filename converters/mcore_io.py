@@ -70,6 +70,16 @@ def model_weights_dir(ckpt_dir: Path) -> Path:
     return latest / "model_optim" if latest is not None else Path(ckpt_dir) / MODEL_DIR
 
 
+def full_model_weights_dir(ckpt_dir: Path) -> Path:
+    """`model_weights_dir` of a checkpoint that holds a whole model (not a LoRA run's adapters)."""
+    if "lora" in read_meta(ckpt_dir):
+        raise CheckpointError(
+            f"{ckpt_dir}: holds LoRA adapters only; export it with `mcore-to-hf --merge-lora` and start from that, "
+            "or set lora.adapter to its `--adapter-only` export"
+        )
+    return model_weights_dir(ckpt_dir)
+
+
 def read_meta(ckpt_dir: Path) -> dict:
     ckpt_dir = Path(ckpt_dir)
     meta_file = ckpt_dir / META_NAME

@@ -49,7 +49,7 @@ def build_model(job: JobConfig, args, load_weights: bool = True) -> list:
     from converters.adapter import apply_lora_with_adapter
     from converters.engine import load_hf_into_chunks
     from converters.hf_io import HFCheckpoint
-    from converters.mcore_io import load_model, model_weights_dir
+    from converters.mcore_io import full_model_weights_dir, load_model
     from megatron_swift.models import build_model_chunks, dtype_from_name, transformer_config
     from megatron_swift.training.config import transformer_overrides
 
@@ -62,7 +62,7 @@ def build_model(job: JobConfig, args, load_weights: bool = True) -> list:
     if (load_weights or lora) and job.model.hf:
         load_hf_into_chunks(chunks, HFCheckpoint(job.model.hf), args)
     elif load_weights or lora:
-        load_model(chunks, model_weights_dir(Path(job.model.load)))
+        load_model(chunks, full_model_weights_dir(Path(job.model.load)))
     if lora:
         report = apply_lora_with_adapter(chunks, job.lora, args, model_source(job), job.train.seed)
         if int(os.environ.get("RANK", 0)) == 0:

@@ -178,6 +178,16 @@ def test_peft_adapter_continues_training_and_exports_back_exactly(family, tiny_m
     assert (expected - base_logits).abs().max() > 1e-2
 
 
+def test_a_lora_checkpoint_is_not_a_base_model(tiny_models, tmp_path):
+    from converters.hf_io import CheckpointError
+    from launch.pretrain_sft import train
+
+    _, ckpt = _train_lora(tiny_models["llama"], tmp_path, iters=1)
+    job = job_for(None, DATA, str(tmp_path / "again"), {}, {"train_iters": 1}, load=str(ckpt))
+    with pytest.raises(CheckpointError, match="holds LoRA adapters only"):
+        train(job)
+
+
 def test_peft_adapter_rank_mismatch_is_a_clear_error(tiny_models, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
