@@ -48,13 +48,16 @@ class Ours:
         self.job.model.hf, self.job.data.path, self.job.data.seq_length = str(hf_dir), str(data), seq
         self.job.train = TrainSection(micro_batch_size=batch, global_batch_size=batch, lr=lr, weight_decay=0.0,
                                       lr_decay_style="constant", clip_grad=1.0, train_iters=10**6)  # fmt: skip
+        self.configure(self.job)
         self.args = check_job(self.job, 1)
         init_distributed(self.job.parallel)
         self.chunks, self.optimizer, self.scheduler = wrap_for_training(build_model(self.job, self.args), self.job)
 
+    def configure(self, job: JobConfig) -> None:
+        """Variants (benchmarks/lora_step.py) adjust the job here."""
+
     def step(self, batch: dict) -> float:
-        result = train_step(self.chunks, self.optimizer, self.scheduler, [batch], self.job.data.seq_length,
-                            self.args.vocab_size)  # fmt: skip
+        result = train_step(self.chunks, self.optimizer, self.scheduler, [batch], self.args.vocab_size)
         return result.loss
 
 

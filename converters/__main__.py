@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     to_hf.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's dtype")
     to_hf.add_argument("--max-shard-size-gb", type=float, default=4.0)
+    lora = to_hf.add_mutually_exclusive_group()
+    lora.add_argument("--merge-lora", action="store_const", const="merge", dest="lora",
+                      help="LoRA run: write the base model with the adapters merged in")  # fmt: skip
+    lora.add_argument("--adapter-only", action="store_const", const="adapter", dest="lora",
+                      help="LoRA run: write a PEFT adapter (HF module names) only")  # fmt: skip
 
     check = commands.add_parser("check", help="compare HF and megatron-core logits on the same tokens (fp32)")
     check.add_argument("--hf", required=True)
@@ -79,8 +84,8 @@ def run(argv: list[str] | None = None) -> int:
         out = hf_to_mcore(args.hf, args.out, _parallel(args), args.dtype, args.make_vocab_size_divisible_by)
         print(f"wrote megatron-core checkpoint: {out}")
     elif args.command == "mcore-to-hf":
-        out = mcore_to_hf(args.mcore, args.out, args.dtype, int(args.max_shard_size_gb * 1024**3))
-        print(f"wrote HF checkpoint: {out}")
+        out = mcore_to_hf(args.mcore, args.out, args.dtype, int(args.max_shard_size_gb * 1024**3), args.lora)
+        print(f"wrote {'PEFT adapter' if args.lora == 'adapter' else 'HF checkpoint'}: {out}")
     else:
         result = check(args.hf, args.mcore, _parallel(args), args.batch, args.seq, args.seed)
         print(json.dumps(result))

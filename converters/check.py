@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from converters.convert import build_chunks, conversion_world_size, model_args_for_checkpoint
-from converters.mcore_io import load_model, model_weights_dir
+from converters.mcore_io import full_model_weights_dir, load_model
 from megatron_swift.config import ConfigError, ParallelConfig
 from megatron_swift.distributed import destroy_distributed, init_distributed, run_workers
 from megatron_swift.models.forward import forward_logits
@@ -28,7 +28,7 @@ def logits_in_this_world(mcore_dir: str | Path, parallel: ParallelConfig, tokens
     init_distributed(parallel)
     _, args = model_args_for_checkpoint(mcore_dir)
     chunks = build_chunks(args, parallel, torch.float32)
-    load_model(chunks, model_weights_dir(Path(mcore_dir)))
+    load_model(chunks, full_model_weights_dir(Path(mcore_dir)))
     logits = forward_logits(chunks, tokens, args.vocab_size)
     reporting = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
     return logits if reporting else None

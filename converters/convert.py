@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from converters.adapter import apply_lora_with_adapter, peft_adapter_tensors, write_peft_adapter
 from converters.engine import hf_tensors_from_chunk, load_hf_into_chunks
 from converters.hf_io import (
     CheckpointError,
@@ -30,6 +31,7 @@ from converters.mcore_io import (
     check_output_dir,
     describe_model,
     dtype_name,
+    full_model_weights_dir,
     load_model,
     model_weights_dir,
     read_meta,
@@ -40,6 +42,7 @@ from megatron_swift.distributed import destroy_distributed, init_distributed, ru
 from megatron_swift.models import build_model_chunks, dtype_from_name, transformer_config, translate
 from megatron_swift.models.hf_config import GPTModelArgs
 from megatron_swift.models.layout import model_layout_problems
+from megatron_swift.tuners.lora import LoraConfig, merge_lora
 
 
 def _require_layout(args: GPTModelArgs, parallel: ParallelConfig) -> None:
@@ -120,18 +123,43 @@ def model_args_for_checkpoint(mcore_dir: str | Path) -> tuple[dict, GPTModelArgs
 
 
 def mcore_to_hf(
-    mcore_dir: str | Path, out_dir: str | Path, dtype: str | None = None, max_shard_bytes: int = 4 * 1024**3
+    mcore_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str | None = None,
+    max_shard_bytes: int = 4 * 1024**3,
+    lora: str | None = None,
 ) -> Path:
-    """Export a megatron-core checkpoint (saved at any layout) as an HF safetensors directory."""
+    """Export a megatron-core checkpoint (saved at any layout) as an HF safetensors directory.
+
+    A LoRA training run's checkpoint holds only adapters: `lora="merge"` writes the base model with
+    the adapters merged in, `lora="adapter"` writes a PEFT adapter (HF module names) only.
+    """
     mcore_dir, out = Path(mcore_dir), Path(out_dir)
     meta, args = model_args_for_checkpoint(mcore_dir)
     out_dtype = dtype_from_name(dtype or meta["dtype"])
+    if ("lora" in meta) != (lora is not None):
+        raise CheckpointError(
+            f"{mcore_dir}: holds LoRA adapters only; choose --merge-lora (full model) or --adapter-only (PEFT)"
+            if "lora" in meta
+            else f"{mcore_dir}: not a LoRA training checkpoint; drop --merge-lora / --adapter-only"
+        )
+    if lora not in (None, "merge", "adapter"):
+        raise ValueError(f"lora={lora!r}: choose merge or adapter")
     check_output_dir(out)
     init_distributed(ParallelConfig())
     try:
         chunks = build_chunks(args, ParallelConfig(), dtype_from_name(meta["dtype"]))
+        lora_config = _load_lora_base(chunks, meta, args, mcore_dir) if lora else None
         load_model(chunks, model_weights_dir(mcore_dir))
         with atomic_output_dir(out) as tmp:
+            if lora == "adapter":
+                peft_config, tensors = peft_adapter_tensors(
+                    chunks[0], args, lora_config, load_hf_config(mcore_dir / HF_DIR), out_dtype
+                )
+                write_peft_adapter(tmp, peft_config, tensors, meta["lora"]["base"].get("hf") or meta["source"])
+                return out
+            if lora == "merge":
+                merge_lora(chunks)
             copy_side_files(mcore_dir / HF_DIR, tmp)
             writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
             for name, tensor in tqdm(
@@ -144,6 +172,18 @@ def mcore_to_hf(
     finally:
         destroy_distributed()
     return out
+
+
+def _load_lora_base(chunks, meta: dict, args: GPTModelArgs, mcore_dir: Path) -> LoraConfig:
+    """Load the frozen base weights a LoRA run trained on, then put its adapters on (to be loaded next)."""
+    base = meta["lora"]["base"]
+    if "hf" in base:
+        load_hf_into_chunks(chunks, HFCheckpoint(base["hf"]), args)
+    else:
+        load_model(chunks, full_model_weights_dir(Path(base["load"])))
+    lora_config = LoraConfig(**meta["lora"]["config"])
+    apply_lora_with_adapter(chunks, lora_config, args, mcore_dir / HF_DIR, meta["lora"]["seed"])
+    return lora_config
 
 
 def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:

@@ -70,6 +70,16 @@ def model_weights_dir(ckpt_dir: Path) -> Path:
     return latest / "model_optim" if latest is not None else Path(ckpt_dir) / MODEL_DIR
 
 
+def full_model_weights_dir(ckpt_dir: Path) -> Path:
+    """`model_weights_dir` of a checkpoint that holds a whole model (not a LoRA run's adapters)."""
+    if "lora" in read_meta(ckpt_dir):
+        raise CheckpointError(
+            f"{ckpt_dir}: holds LoRA adapters only; export it with `mcore-to-hf --merge-lora` and start from that, "
+            "or set lora.adapter to its `--adapter-only` export"
+        )
+    return model_weights_dir(ckpt_dir)
+
+
 def read_meta(ckpt_dir: Path) -> dict:
     ckpt_dir = Path(ckpt_dir)
     meta_file = ckpt_dir / META_NAME
@@ -86,9 +96,11 @@ def read_meta(ckpt_dir: Path) -> dict:
     return meta
 
 
-def describe_model(ckpt_dir: Path, args, source: Path, dtype: str, parallel, make_vocab_size_divisible_by: int) -> None:
+def describe_model(ckpt_dir: Path, args, source: Path, dtype: str, parallel, make_vocab_size_divisible_by: int,
+                   lora: dict | None = None) -> None:  # fmt: skip
     """Write what loading and exporting the model under `ckpt_dir` needs: the HF config, tokenizer and
-    generation files of `source` into `hf/`, and the metadata file."""
+    generation files of `source` into `hf/`, and the metadata file (with `lora` for adapter-only runs:
+    options and the base weights' location)."""
     copy_side_files(source, Path(ckpt_dir) / HF_DIR)
     meta = {
         "format": FORMAT,
@@ -106,6 +118,8 @@ def describe_model(ckpt_dir: Path, args, source: Path, dtype: str, parallel, mak
         },
         "versions": package_versions(),
     }
+    if lora is not None:
+        meta["lora"] = lora
     (ckpt_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 
 

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script by torchrun: make the repo impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_swift.config import ConfigError, load_config
-from megatron_swift.training.config import JobConfig, environment_problems, precision, preflight
+from megatron_swift.training.config import JobConfig, environment_problems, lora_export_meta, precision, preflight
 
 
 def model_source(job: JobConfig) -> Path:
@@ -44,10 +44,12 @@ def check_job(job: JobConfig, world_size: int):
 
 
 def build_model(job: JobConfig, args, load_weights: bool = True) -> list:
-    """This rank's model chunks, with their weights loaded unless a training checkpoint will provide them."""
+    """This rank's model chunks, with their weights loaded unless a training checkpoint will provide them
+    (with LoRA, checkpoints hold only the adapters: base weights always come from the model source)."""
+    from converters.adapter import apply_lora_with_adapter
     from converters.engine import load_hf_into_chunks
     from converters.hf_io import HFCheckpoint
-    from converters.mcore_io import load_model, model_weights_dir
+    from converters.mcore_io import full_model_weights_dir, load_model
     from megatron_swift.models import build_model_chunks, dtype_from_name, transformer_config
     from megatron_swift.training.config import transformer_overrides
 
@@ -56,12 +58,15 @@ def build_model(job: JobConfig, args, load_weights: bool = True) -> list:
     # weights (`tensor_model_parallel`, read by grad-norm clipping and the optimizers) only while initialising.
     config = transformer_config(args, job.parallel, params_dtype=dtype, **transformer_overrides(job))
     chunks = build_model_chunks(args, config, spec=job.model.spec, attention=job.model.attention)
-    if not load_weights:
-        return chunks
-    if job.model.hf:
+    lora = job.train.train_type == "lora"
+    if (load_weights or lora) and job.model.hf:
         load_hf_into_chunks(chunks, HFCheckpoint(job.model.hf), args)
-    else:
-        load_model(chunks, model_weights_dir(Path(job.model.load)))
+    elif load_weights or lora:
+        load_model(chunks, full_model_weights_dir(Path(job.model.load)))
+    if lora:
+        report = apply_lora_with_adapter(chunks, job.lora, args, model_source(job), job.train.seed)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(report.summary())
     return chunks
 
 
@@ -80,7 +85,7 @@ def run_job(job: JobConfig, ctx, args) -> list:
         from converters.mcore_io import describe_model
 
         describe_model(Path(ckpt.save), args, model_source(job), precision(job), job.parallel,
-                       job.model.make_vocab_size_divisible_by)  # fmt: skip
+                       job.model.make_vocab_size_divisible_by, lora=lora_export_meta(job))  # fmt: skip
     # Data first: a bad row fails before the model is built.
     samples = build_samples(job.data.path, AutoTokenizer.from_pretrained(model_source(job)), job.data.seq_length,
                             job.train.task)  # fmt: skip
@@ -104,18 +109,9 @@ def run_job(job: JobConfig, ctx, args) -> list:
         if ctx.is_main:
             print(f"saved checkpoint {path}")
 
-    return run_training(
-        job,
-        chunks,
-        optimizer,
-        scheduler,
-        batches,
-        args.vocab_size,
-        start_iteration=start,
-        is_main=ctx.is_main,
-        save_fn=save if ckpt.save else None,
-        flops_per_token=flops_per_token(args.transformer, args.vocab_size, job.data.seq_length),
-    )
+    flops = flops_per_token(args.transformer, args.vocab_size, job.data.seq_length, job.train.train_type == "lora")
+    return run_training(job, chunks, optimizer, scheduler, batches, args.vocab_size, start_iteration=start,
+                        is_main=ctx.is_main, save_fn=save if ckpt.save else None, flops_per_token=flops)  # fmt: skip
 
 
 def train(job: JobConfig) -> list:
@@ -137,10 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     from converters.hf_io import CheckpointError
     from megatron_swift.data.simple import DataError
     from megatron_swift.models import UnsupportedModelError
+    from megatron_swift.tuners.lora.layers import LoraError
 
     try:
         train(load_config(JobConfig, known.config, overrides))
-    except (ConfigError, DataError, CheckpointError, UnsupportedModelError) as exc:
+    except (ConfigError, DataError, CheckpointError, UnsupportedModelError, LoraError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -24,6 +24,7 @@ LLAMA_LAYOUTS = [
         {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
     ),
     ({}, {"recompute_granularity": "selective"}),
+    ({"context_parallel_size": 2}, {}),  # seq 32 split into 4 chunks of 8, two per rank
 ]
 MOE_LAYOUTS = [({"expert_model_parallel_size": 2}, {})]
 
@@ -59,7 +60,6 @@ def test_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
         ({}, {"global_batch_size": 3}, 2, "train.global_batch_size=3 is not divisible"),
         ({"expert_model_parallel_size": 2}, {}, 2, "expert parallel 2 needs a MoE model"),
         ({"sequence_parallel": True}, {}, 1, "parallel.sequence_parallel needs tensor_model_parallel_size > 1"),
-        ({"context_parallel_size": 2}, {}, 2, "parallel.context_parallel_size > 1 needs Transformer Engine"),
         ({}, {"fp8_format": "hybrid", "fp8_recipe": "delayed"}, 1, "train.fp8_format: FP8 needs a CUDA GPU"),
         ({}, {"min_lr": 1.0}, 1, "train.min_lr=1.0 exceeds train.lr"),
         ({}, {"lr_warmup_iters": 3}, 1, "train.lr_warmup_iters=3 must be smaller than train.train_iters=3"),
@@ -70,6 +70,12 @@ def test_preflight_names_the_field(tiny_models, tmp_path, parallel, train, world
     with pytest.raises(ConfigError) as error:
         check_job(job, world)
     assert field in str(error.value)
+
+
+def test_preflight_refuses_context_parallel_without_a_cp_attention(tiny_models, tmp_path):
+    job = job_for(str(tiny_models["llama"]), DATA, str(tmp_path), {"context_parallel_size": 2}, {}, attention="local")
+    with pytest.raises(ConfigError, match="context_parallel_size > 1 needs Transformer Engine attention"):
+        check_job(job, 2)
 
 
 def test_preflight_reports_every_problem_at_once(tiny_models, tmp_path):
@@ -175,6 +181,8 @@ def test_flops_convention_against_the_hf_models_own_matrices(tiny_models):
         head_dim = args.transformer["kv_channels"]
         attention = config.num_hidden_layers * 2 * 2 * (seq / 2) * config.num_attention_heads * head_dim
         assert flops_per_token(args.transformer, args.vocab_size, seq) == pytest.approx(3 * (2 * linear + attention))
+        lora = flops_per_token(args.transformer, args.vocab_size, seq, frozen_weights=True)
+        assert lora == pytest.approx(2 * (2 * linear + attention))
     assert peak_flops("NVIDIA H200", "bf16") == 989e12 and peak_flops("Some CPU", "bf16") is None
 
 

@@ -7,11 +7,18 @@ import dataclasses
 from megatron_swift.config import ParallelConfig
 from megatron_swift.distributed import destroy_distributed, init_distributed
 from megatron_swift.training.config import JobConfig, TrainSection
+from megatron_swift.tuners.lora import LoraConfig
 from tests.dist_matrix import run_case_matrix
 
 
-def job_for(hf_dir: str, data_path: str, output_dir: str, parallel: dict, train: dict, **model) -> JobConfig:
+def job_for(
+    hf_dir: str, data_path: str, output_dir: str, parallel: dict, train: dict, lora: dict | None = None, **model
+) -> JobConfig:
+    """A tiny test job; `lora` options switch it to LoRA training."""
     job = JobConfig()
+    if lora is not None:
+        job.lora = LoraConfig(**lora)
+        train = {**train, "train_type": "lora"}
     job.model = dataclasses.replace(job.model, hf=hf_dir, **model)
     job.data.path, job.data.seq_length = data_path, 32
     job.parallel = ParallelConfig(**parallel)
@@ -24,15 +31,15 @@ def job_for(hf_dir: str, data_path: str, output_dir: str, parallel: dict, train:
 
 
 def losses_for_cases(cases: list[tuple[str, dict, dict]], data_path: str, output_dir: str) -> dict[int, list[float]]:
-    """case index -> per-step losses (reported by global rank 0) for (hf_dir, parallel, train) cases."""
+    """case index -> per-step losses (reported by global rank 0) for (hf_dir, parallel, train[, lora]) cases."""
     import os
 
     from launch.pretrain_sft import check_job, run_job
 
     found = {}
     try:
-        for index, (hf_dir, parallel, train) in enumerate(cases):
-            job = job_for(hf_dir, data_path, f"{output_dir}/case{index}", parallel, train)
+        for index, (hf_dir, parallel, train, *lora) in enumerate(cases):
+            job = job_for(hf_dir, data_path, f"{output_dir}/case{index}", parallel, train, *lora)
             args = check_job(job, int(os.environ.get("WORLD_SIZE", 1)))
             ctx = init_distributed(job.parallel, seed=job.train.seed)
             results = run_job(job, ctx, args)
@@ -44,5 +51,5 @@ def losses_for_cases(cases: list[tuple[str, dict, dict]], data_path: str, output
 
 
 def run_cases(cases, data_path, output_dir, world_size: int) -> list[list[float]]:
-    cases_arg = [(str(h), p, t) for h, p, t in cases]
+    cases_arg = [(str(h), *rest) for h, *rest in cases]
     return run_case_matrix(losses_for_cases, len(cases), world_size, cases_arg, str(data_path), str(output_dir))

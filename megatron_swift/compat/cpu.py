@@ -59,7 +59,10 @@ class CudaToCpuMode(TorchFunctionMode):
     Why: megatron-core hard-codes `device="cuda"` in schedules (total_num_tokens), optimizer,
     clip_grads and get_default_causal_mask, calls `.cuda()` for tied embeddings on the last
     pipeline stage, and asserts `tensor.type() == "torch.cuda.FloatTensor"` in clip_grads and the
-    distributed optimizer. One mode covers all of them without touching each file.
+    distributed optimizer. Context parallelism builds index tensors with `pin_memory=True`
+    (rope_utils.get_pos_emb_on_this_cp_rank), which needs an accelerator's allocator; pinning only
+    speeds up host-to-device copies, so on CPU it is dropped. One mode covers all of them without
+    touching each file.
     """
 
     def __init__(self):
@@ -86,6 +89,9 @@ class CudaToCpuMode(TorchFunctionMode):
             return cpu_type.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else cpu_type
         if func is torch.Tensor.to:
             args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
+        if kwargs.get("pin_memory"):
+            self._record(f"pin_memory=True in {getattr(func, '__name__', func)}")
+            kwargs = {**kwargs, "pin_memory": False}
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             self._record(f"device=cuda in {getattr(func, '__name__', func)}")
             kwargs = {**kwargs, "device": "cpu"}

@@ -2,28 +2,68 @@
 
 megatron-core's local `DotProductAttention` materialises the [batch, heads, seq, seq] scores, masks
 them in place and copies them around; on CPU that is most of the gap to HF transformers' training
-step. This module keeps megatron's interface and sizes (it subclasses DotProductAttention) and
-computes the same attention with PyTorch's fused kernel. Cases it does not cover (packed sequences,
-attention bias, sliding windows, query-key layer scaling) fall back to megatron's implementation.
-The Transformer Engine spec is not affected.
+step. It also supports neither packed sequences (THD) nor context parallelism: megatron-core leaves
+both to Transformer Engine's attention. This module keeps megatron's interface and sizes (it
+subclasses DotProductAttention) and computes the same attention with PyTorch's fused kernel, adding:
+
+- packed sequences (`PackedSeqParams`, qkv_format "thd"): a block-diagonal causal mask built from
+  `cu_seqlens`, so no token attends across a document boundary;
+- context parallelism, the "all-gather" algorithm (TE's `cp_comm_type="all_gather"`): each CP rank
+  holds two load-balanced sequence chunks (megatron's `get_batch_on_this_cp_rank` layout), gathers
+  every rank's keys and values with megatron-core's sequence-parallel gather (whose backward
+  reduce-scatters their gradients) and masks causally by global position.
+
+Cases it does not cover (attention bias, sliding windows, query-key layer scaling, explicit masks
+under CP or THD) fall back to megatron's implementation, which raises for CP/THD. The Transformer
+Engine spec is not affected: on GPUs CP and THD go through TE.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
+import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 
+def cp_positions(local_len: int, cp_rank: int, cp_size: int, device=None) -> torch.Tensor:
+    """Global sequence positions of a CP rank's tokens: chunks r and 2*cp-1-r of 2*cp equal chunks."""
+    chunk = local_len // 2
+    first = torch.arange(chunk, device=device)
+    return torch.cat([first + cp_rank * chunk, first + (2 * cp_size - 1 - cp_rank) * chunk])
+
+
+def packed_causal_keep(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[total, total] bool, True where query i may attend key j: same document and j <= i."""
+    index = torch.arange(total, device=cu_seqlens.device)
+    document = torch.searchsorted(cu_seqlens[1:].to(index.dtype), index, right=True)
+    return (document[:, None] == document[None, :]) & (index[:, None] >= index[None, :])
+
+
 class SDPACoreAttention(DotProductAttention):
+    def __init__(self, config, *args, **kwargs):
+        # DotProductAttention asserts context_parallel_size == 1 because it has no CP algorithm; this
+        # class has one (forward), so the parent is built from a copy that says 1 and `self.config`
+        # is the real one.
+        parent_config = config
+        if config.context_parallel_size > 1:
+            parent_config = copy.copy(config)
+            parent_config.context_parallel_size = 1
+        super().__init__(parent_config, *args, **kwargs)
+        self.config = config
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):  # fmt: skip
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        packed = packed_seq_params is not None
+        cp_size = self.config.context_parallel_size
         unsupported = (
-            packed_seq_params is not None
+            (packed and (packed_seq_params.qkv_format != "thd" or cp_size > 1))
+            or ((packed or cp_size > 1) and (attention_mask is not None or mask_type != AttnMaskType.causal))
             or attention_bias is not None
             or kwargs
             or self.config.apply_query_key_layer_scaling
@@ -33,19 +73,36 @@ class SDPACoreAttention(DotProductAttention):
         if unsupported:
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                    packed_seq_params, **kwargs)  # fmt: skip
+        if packed:  # THD: [tokens, heads, d] with no batch dimension; one "batch" of all documents
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         seq_q, batch = query.shape[0], query.shape[1]
+        keep = None
+        if packed:
+            keep = packed_causal_keep(packed_seq_params.cu_seqlens_q, seq_q)
+        elif cp_size > 1:
+            group = parallel_state.get_context_parallel_group()
+            key, value = (
+                tensor_parallel.gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=True, group=group)
+                for t in (key, value)
+            )
+            rank = parallel_state.get_context_parallel_rank()
+            query_pos = cp_positions(seq_q, rank, cp_size, query.device)
+            key_pos = torch.cat([cp_positions(seq_q, r, cp_size, query.device) for r in range(cp_size)])
+            keep = query_pos[:, None] >= key_pos[None, :]
+        elif attention_mask is not None:
+            # megatron's masks are True where attention is NOT allowed; SDPA's boolean masks the opposite.
+            keep = ~attention_mask
+        causal = keep is None and mask_type == AttnMaskType.causal
         # [s, b, heads, d] -> [b, heads, s, d]; SDPA maps query heads onto the k/v groups (GQA) itself.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        causal = mask_type == AttnMaskType.causal and attention_mask is None
-        # megatron's masks are True where attention is NOT allowed; SDPA's boolean masks the opposite.
-        keep = None if causal or attention_mask is None else ~attention_mask
         dropout = self.config.attention_dropout if self.training else 0.0
         gqa = k.shape[1] != q.shape[1]
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext():
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=keep, dropout_p=dropout, is_causal=causal, scale=self.softmax_scale, enable_gqa=gqa
             )
-        return context.permute(2, 0, 1, 3).reshape(seq_q, batch, self.hidden_size_per_partition)
+        context = context.permute(2, 0, 1, 3).reshape(seq_q, batch, self.hidden_size_per_partition)
+        return context.squeeze(1) if packed else context
 
 
 def use_sdpa_core_attention(block_spec) -> None:

@@ -34,6 +34,10 @@ class MoEFields:
     # Always-on shared expert (Qwen2-MoE): its FFN width field, and whether a sigmoid gate scales it.
     shared_expert_ffn_hidden_size: str | None = None
     shared_expert_gate: bool = False
+    # transformers >= 5 holds the routed experts as 3-D parameters of the `experts` module (on disk they
+    # stay per expert): megatron-core expert linear -> that parameter. PEFT adapters address them through
+    # `target_parameters`; each expert's slice is the linear's weight as is ([gate; up] for linear_fc1).
+    fused_expert_params: tuple[tuple[str, str], ...] = (("linear_fc1", "gate_up_proj"), ("linear_fc2", "down_proj"))
 
 
 @dataclass(frozen=True)

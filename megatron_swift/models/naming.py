@@ -59,6 +59,7 @@ def canonical_parameters(model: nn.Module):
 
 
 def canonical_name(name: str, layers) -> str:
+    name = name.replace(".base_layer.", ".")  # a LoRA-wrapped linear's base weights keep their names
     for pattern, replacement in _TE_ALIASES:
         name = pattern.sub(replacement, name)
     found = _LAYER.match(name)

@@ -12,6 +12,7 @@ from typing import Literal
 
 from megatron_swift.config import ParallelConfig
 from megatron_swift.models.layout import model_layout_problems
+from megatron_swift.tuners.lora.config import LoraConfig
 
 
 @dataclass
@@ -33,6 +34,7 @@ class DataSection:
 @dataclass
 class TrainSection:
     task: Literal["pretrain", "sft"] = "sft"
+    train_type: Literal["full", "lora"] = "full"  # lora: adapters from the `lora` section, base frozen
     micro_batch_size: int = 1
     global_batch_size: int = 8
     train_iters: int = 100
@@ -81,6 +83,7 @@ class JobConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
@@ -128,6 +131,14 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
             found.append(
                 f"data.seq_length={job.data.seq_length} is not divisible by tensor parallel (sequence_parallel)"
             )
+    if t.train_type == "lora":
+        found += job.lora.problems()
+        etp = p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+        if model_args is not None and model_args.is_moe and etp > 1:
+            found.append(
+                f"parallel.expert_tensor_parallel_size={etp}: LoRA on expert linears needs 1 (set "
+                "parallel.expert_tensor_parallel_size: 1)"
+            )
     if model_args is not None:
         found += [f"model: {problem}" for problem in model_layout_problems(model_args, p) if problem not in found]
     return found
@@ -148,12 +159,27 @@ def transformer_overrides(job: JobConfig) -> dict:
     return overrides
 
 
+def lora_export_meta(job: JobConfig) -> dict | None:
+    """What exporting a LoRA run needs (stored with its checkpoints): the adapter options, the seed their
+    initialisation used, and where the frozen base weights live."""
+    import dataclasses
+    from pathlib import Path
+
+    if job.train.train_type != "lora":
+        return None
+    base = (
+        {"hf": str(Path(job.model.hf).absolute())} if job.model.hf else {"load": str(Path(job.model.load).absolute())}
+    )
+    return {"config": dataclasses.asdict(job.lora), "base": base, "seed": job.train.seed}
+
+
 def precision(job: JobConfig) -> str:
     return "bf16" if job.train.bf16 else "fp16" if job.train.fp16 else "fp32"
 
 
 def environment_problems(job: JobConfig) -> list[str]:
-    """What this machine cannot run: FP8 and context parallelism need Transformer Engine on a GPU."""
+    """What this machine cannot run: FP8 needs Transformer Engine on a GPU; context parallelism needs
+    TE's attention or our SDPA core attention (models/attention.py) in the local spec."""
     import torch
 
     from megatron_swift._optional import has_transformer_engine
@@ -162,7 +188,7 @@ def environment_problems(job: JobConfig) -> list[str]:
     found = []
     if job.train.fp8_format and not te_usable:
         found.append("train.fp8_format: FP8 needs a CUDA GPU and transformer-engine (pip install '.[gpu]')")
-    if job.parallel.context_parallel_size > 1 and not te_usable:
+    if job.parallel.context_parallel_size > 1 and not te_usable and job.model.attention != "sdpa":
         found.append("parallel.context_parallel_size > 1 needs Transformer Engine attention (a CUDA GPU and "
-                     "transformer-engine)")  # fmt: skip
+                     "transformer-engine) or model.attention=sdpa")  # fmt: skip
     return found

@@ -2,7 +2,9 @@
 
 Convention (what `mfu` in metrics.jsonl means):
 - matrix multiplies only, 2 FLOPs per multiply-add; a training step is 3x the forward pass
-  (forward + backward for inputs and weights); activation recomputation is NOT counted;
+  (forward + backward for inputs and weights); activation recomputation is NOT counted; with LoRA
+  (frozen base) it is 2x: frozen matrices compute no weight gradient, and the rank-r adapters'
+  own multiplies are left out (under 1% of a layer at rank <= 64 and hidden >= 2048);
 - per token: q/k/v projections with GQA (num_query_groups k/v heads), output projection, SwiGLU MLP
   (three matrices), for MoE the router plus top-k routed experts plus the shared expert, and the
   output layer over the real (unpadded) vocabulary;
@@ -23,7 +25,7 @@ PEAK_FLOPS = {
 }
 
 
-def flops_per_token(t: dict, vocab_size: int, seq_length: int) -> float:
+def flops_per_token(t: dict, vocab_size: int, seq_length: int, frozen_weights: bool = False) -> float:
     """Training FLOPs per token for TransformerConfig keyword arguments `t` (see module docstring)."""
     h, heads, groups, head_dim = t["hidden_size"], t["num_attention_heads"], t["num_query_groups"], t["kv_channels"]
     attention = 2 * h * (heads + 2 * groups) * head_dim + 2 * heads * head_dim * h
@@ -39,7 +41,7 @@ def flops_per_token(t: dict, vocab_size: int, seq_length: int) -> float:
     else:
         mlp = t["num_layers"] * dense_mlp
     forward = t["num_layers"] * attention + mlp + 2 * h * vocab_size
-    return 3 * forward
+    return (2 if frozen_weights else 3) * forward
 
 
 def peak_flops(device_name: str, precision: str) -> float | None:

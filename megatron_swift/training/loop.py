@@ -89,7 +89,7 @@ def run_training(
         for iteration in range(start_iteration, t.train_iters):
             start = time.perf_counter()
             microbatches = batches.next_microbatches(dp_rank, dp_size, t.micro_batch_size)
-            result = train_step(chunks, optimizer, scheduler, microbatches, job.data.seq_length, vocab_size)
+            result = train_step(chunks, optimizer, scheduler, microbatches, vocab_size)
             elapsed = time.perf_counter() - start
             results.append(result)
             step = iteration + 1

@@ -46,16 +46,34 @@ def _loss_func(loss_mask: torch.Tensor, labels: torch.Tensor, vocab_size: int, l
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
 
+def packed_seq_params(cu_seqlens: torch.Tensor):
+    """megatron-core's THD description of one packed micro-batch (document offsets into its tokens)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)  # fmt: skip
+
+
 def _forward_step(data_iterator, model, vocab_size: int):
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in next(data_iterator).items()}
-    seq = batch["tokens"].shape[1]
-    batch["position_ids"] = torch.arange(seq, device=device).unsqueeze(0).expand_as(batch["tokens"])
-    batch = get_batch_on_this_cp_rank(batch)  # CP: this rank's two load-balanced sequence chunks
+    packed = None
+    if "cu_seqlens" in batch:
+        # Packed (THD): all documents of the micro-batch as one row; megatron-core restarts rotary
+        # positions and the attention restarts its causal mask at every cu_seqlens offset.
+        packed = packed_seq_params(batch.pop("cu_seqlens"))
+        batch = {key: value.reshape(1, -1) for key, value in batch.items()}
+    if "position_ids" not in batch:
+        seq = batch["tokens"].shape[1]
+        batch["position_ids"] = torch.arange(seq, device=device).unsqueeze(0).expand_as(batch["tokens"])
+    if packed is None:
+        batch = get_batch_on_this_cp_rank(batch)  # CP: this rank's two load-balanced sequence chunks
     # Without labels the last stage returns vocab-parallel logits [b, s, v/tp]; the loss is ours.
-    output = model(batch["tokens"], batch["position_ids"], None)
+    output = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed)
     return output, partial(_loss_func, batch["loss_mask"], batch["labels"], vocab_size)
 
 
@@ -82,9 +100,12 @@ def comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def train_step(chunks, optimizer, scheduler, microbatches: list[dict], seq_length: int, vocab_size: int) -> StepResult:
+def train_step(chunks, optimizer, scheduler, microbatches: list[dict], vocab_size: int) -> StepResult:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    micro_batch_size, seq_length = microbatches[0]["tokens"].shape
+    if "cu_seqlens" in microbatches[0]:  # packed micro-batches travel as one [1, mbs * seq] row
+        micro_batch_size, seq_length = 1, micro_batch_size * seq_length
     for chunk in chunks:
         chunk.train()
         chunk.zero_grad_buffer()
@@ -95,7 +116,7 @@ def train_step(chunks, optimizer, scheduler, microbatches: list[dict], seq_lengt
         model=chunks,
         num_microbatches=len(microbatches),
         seq_length=seq_length,
-        micro_batch_size=microbatches[0]["tokens"].shape[0],
+        micro_batch_size=micro_batch_size,
         forward_only=False,
     )
     lr = optimizer.param_groups[0]["lr"]  # the rate this step uses

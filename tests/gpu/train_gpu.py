@@ -54,7 +54,7 @@ def run_variant(name: str, spec: str, fp8: bool, steps: int) -> dict:
         for i in range(steps + 3):
             torch.cuda.synchronize()
             start = time.perf_counter()
-            result = train_step(chunks, optimizer, scheduler, [batch], SEQ, args.vocab_size)
+            result = train_step(chunks, optimizer, scheduler, [batch], args.vocab_size)
             torch.cuda.synchronize()
             if i >= 3:
                 times.append(time.perf_counter() - start)

@@ -1,0 +1,164 @@
+"""Per-step time of a LoRA step on the same small Llama: this engine vs HF transformers + PEFT.
+
+Both sides: the same HF checkpoint (fp32, random weights), LoRA rank 8 / alpha 16 on all linear
+layers (attention and MLP projections, not the output layer), the same fixed batch, Adam with the
+same hyper-parameters and gradient clipping, one process on this machine's CPU. Rounds alternate the
+two sides; the median step of each is reported. Peak RSS is measured per side in a fresh process
+(building the model, then the same number of steps), since both sides share the timing process.
+Trainable parameters differ by design: one lora_A serves megatron's fused q/k/v and gate/up linears
+where PEFT has one per projection.
+
+    python benchmarks/lora_step.py          # writes benchmarks/results/lora_step.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from results_io import write_results  # benchmarks/ is on sys.path when a benchmark runs as a script
+from train_step import HF, SHAPE, Ours, make_batch, timed
+
+from megatron_swift.distributed import destroy_distributed
+from megatron_swift.models.tiny import make_tiny_model
+from megatron_swift.tuners.lora import LoraConfig
+from megatron_swift.tuners.lora.apply import parameter_counts
+
+TARGET = 1.0  # ours / HF+PEFT per-step time
+RANK, ALPHA = 8, 16.0
+
+
+class OursLora(Ours):
+    def configure(self, job) -> None:
+        job.train.train_type = "lora"
+        job.lora = LoraConfig(rank=RANK, alpha=ALPHA, target_modules=["all-linear"])
+
+    def trainable(self) -> int:
+        return parameter_counts(self.chunks)[0]
+
+
+class HFPeft(HF):
+    def __init__(self, hf_dir: Path, lr: float):
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        super().__init__(hf_dir, lr)
+        self.model = get_peft_model(self.model, PeftLoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear"))
+        self.model.train()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+
+    def trainable(self) -> int:
+        return self.model.get_nb_trainable_parameters()[0]
+
+
+def build(side: str, work: Path, batch: int, seq: int):
+    hf_dir, data = work / "hf", work / "data.jsonl"
+    if side == "megatron-swift":
+        return OursLora(hf_dir, data, batch, seq, lr=1e-4)
+    return HFPeft(hf_dir, lr=1e-4)
+
+
+def peak_rss_mb(side: str, work: Path, batch: int, seq: int, steps: int) -> float:
+    """Peak resident memory of a fresh process that builds `side` and runs `steps` steps."""
+    command = [sys.executable, __file__, "--rss-side", side, "--work", str(work), "--batch", str(batch),
+               "--seq", str(seq), "--steps", str(steps)]  # fmt: skip
+    return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+
+
+def _rss_child(side: str, work: Path, batch: int, seq: int, steps: int) -> None:
+    model = build(side, work, batch, seq)
+    fixed = make_batch(SHAPE["vocab_size"], batch, seq)
+    for _ in range(steps):
+        model.step(fixed)
+    destroy_distributed()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+
+
+def run(work: Path, batch: int, seq: int, steps: int, warmup: int) -> dict:
+    make_tiny_model("llama", work / "hf", **SHAPE)
+    (work / "data.jsonl").write_text(json.dumps({"text": "unused: the benchmark feeds a fixed batch"}) + "\n")
+    fixed = make_batch(SHAPE["vocab_size"], batch, seq)
+    sides = {name: build(name, work, batch, seq) for name in ("megatron-swift", "hf-transformers+peft")}
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    first_losses, trainable = {}, {name: side.trainable() for name, side in sides.items()}
+    try:
+        for i in range(warmup + steps):
+            for name, side in sides.items():
+                seconds, loss = timed(side.step, fixed)
+                first_losses.setdefault(name, loss)
+                if i >= warmup:
+                    times[name].append(seconds)
+    finally:
+        destroy_distributed()
+    rss = {name: round(peak_rss_mb(name, work, batch, seq, warmup + 2), 1) for name in sides}
+    median = {name: statistics.median(values) for name, values in times.items()}
+    ratio = median["megatron-swift"] / median["hf-transformers+peft"]
+    return {
+        "model": {"family": "llama", **SHAPE},
+        "lora": {"rank": RANK, "alpha": ALPHA, "target_modules": "all-linear"},
+        "batch": {"micro_batch_size": batch, "seq_length": seq, "dtype": "fp32"},
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+        "first_loss": first_losses,  # same weights, batch and zero-initialised lora_B: should agree
+        "trainable_params": trainable,
+        "peak_rss_mb": rss,
+        "median_step_seconds": {k: round(v, 4) for k, v in median.items()},
+        "ratio_ours_to_hf": round(ratio, 3),
+        "target_ratio": TARGET,
+        "meets_target": ratio <= TARGET,
+    }
+
+
+def markdown(results: dict) -> str:
+    m, b = results["model"], results["batch"]
+    lines = [
+        "# LoRA step: megatron-swift vs HF transformers + PEFT",
+        "",
+        f"Llama-shaped, {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}; LoRA rank "
+        f"{RANK}, alpha {ALPHA:g}, all linear layers; batch {b['micro_batch_size']} x {b['seq_length']} tokens, "
+        f"{b['dtype']}, CPU with {results['threads']} threads; median of {results['steps']} steps.",
+        "",
+        "| engine | median step (s) | trainable params | peak RSS (MB) | first loss |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, seconds in results["median_step_seconds"].items():
+        lines.append(
+            f"| {name} | {seconds:.4f} | {results['trainable_params'][name]:,} | {results['peak_rss_mb'][name]:.0f} "
+            f"| {results['first_loss'][name]:.5f} |"
+        )
+    verdict = "meets" if results["meets_target"] else "misses"
+    lines += ["", f"Ratio (ours / HF+PEFT): **{results['ratio_ours_to_hf']:.3f}** ({verdict} the target <= {TARGET})."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rss-side", help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_side:
+        _rss_child(args.rss_side, args.work, args.batch, args.seq, args.steps)
+        return
+    with tempfile.TemporaryDirectory(prefix="mswift-lora-bench-") as tmp:
+        results = run(Path(tmp), args.batch, args.seq, args.steps, args.warmup)
+    write_results(args.out_dir, "lora_step", results, markdown(results))
+
+
+if __name__ == "__main__":
+    main()

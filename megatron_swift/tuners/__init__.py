@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning on megatron-core models (LoRA)."""

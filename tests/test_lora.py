@@ -1,0 +1,244 @@
+"""LoRA on megatron-core: parity across layouts, exact export (merged and PEFT), counts, resume."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from tests.train_matrix import job_for, run_cases
+
+DATA = "examples/data/sft_sample.jsonl"
+# B initialised non-zero so the adapter path shapes the very first step too.
+LORA = {"rank": 4, "alpha": 8.0, "init_b_zero": False}
+
+
+def test_lora_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
+    llama, moe = tiny_models["llama"], tiny_models["qwen3_moe"]
+    reference = run_cases([(llama, {}, {}, LORA), (moe, {}, {}, LORA)], DATA, tmp_path / "ref", world_size=1)
+    cases = [
+        (llama, {"tensor_model_parallel_size": 2, "sequence_parallel": True}, {}, LORA),
+        (llama, {"tensor_model_parallel_size": 2}, {}, LORA),
+        (llama, {"pipeline_model_parallel_size": 2}, {}, LORA),
+        (moe, {"expert_model_parallel_size": 2, "expert_tensor_parallel_size": 1}, {}, LORA),
+    ]
+    results = run_cases(cases, DATA, tmp_path / "par", world_size=2)
+    expected = [reference[0]] * 3 + [reference[1]]
+    for case, losses, want in zip(cases, results, expected, strict=True):
+        assert len(losses) == 3
+        worst = max(abs(a - b) / abs(b) for a, b in zip(losses, want, strict=True))
+        assert worst <= 1e-5, (case[1], losses, want)
+
+
+def _train_lora(hf_dir, tmp_path, lora=LORA, iters=2, **train):
+    from launch.pretrain_sft import train as run_training
+
+    job = job_for(str(hf_dir), DATA, str(tmp_path / "out"), {}, {"train_iters": iters, **train}, lora)
+    job.checkpoint.save = str(tmp_path / "ckpt")
+    return run_training(job), tmp_path / "ckpt"
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+# PEFT maps gate/up/down_proj of MoE models onto the routed experts, so the tiny Qwen3-MoE's dense layer 0
+# MLP has no PEFT form: attention everywhere + every routed expert (as in real Qwen3-MoE, which has no dense layer).
+MOE_TARGETS = ["linear_qkv", "linear_proj", r"re:\.mlp\.experts\.local_experts\.\d+\.linear_fc[12]$"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_merged_export_equals_base_plus_peft_adapter(family, tiny_models, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from converters.convert import mcore_to_hf
+
+    lora = {**LORA, "target_modules": MOE_TARGETS} if family == "qwen3_moe" else LORA
+    _, ckpt = _train_lora(tiny_models[family], tmp_path, lora=lora)
+    merged_dir = mcore_to_hf(ckpt, tmp_path / "merged", lora="merge")
+    adapter_dir = mcore_to_hf(ckpt, tmp_path / "adapter", lora="adapter")
+
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert adapter_config["r"] == LORA["rank"] and adapter_config["lora_alpha"] == LORA["alpha"]
+    tokens = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))
+    merged = _logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32), tokens)
+    base = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32)
+    base_logits = _logits(base, tokens)
+    with_adapter = _logits(PeftModel.from_pretrained(base, adapter_dir), tokens)
+    assert (merged - with_adapter).abs().max() <= 1e-4
+    assert (merged - base_logits).abs().max() > 1e-2  # the adapter changes the model: the check has teeth
+
+
+def test_merge_equals_adapter_applied_model(tiny_models, tmp_path):
+    """In megatron-core: logits with the adapters applied == logits after merging them into the weights."""
+    from launch.pretrain_sft import build_model, check_job
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.models.forward import forward_logits
+    from megatron_swift.tuners.lora import LoraLinear, merge_lora, merged_weight, unmerged_weight
+
+    job = job_for(str(tiny_models["qwen2"]), DATA, str(tmp_path), {}, {}, LORA)
+    args = check_job(job, 1)
+    init_distributed(job.parallel)
+    try:
+        chunks = build_model(job, args)
+        tokens = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+        adapted = forward_logits(chunks, tokens, args.vocab_size)
+        wrapper = next(m for m in chunks[0].modules() if isinstance(m, LoraLinear))
+        weight, lora_a, lora_b = wrapper.base_layer.weight, wrapper.lora_A.weight, wrapper.lora_B.weight
+        roundtrip = unmerged_weight(merged_weight(weight, lora_a, lora_b, 2.0), lora_a, lora_b, 2.0)
+        assert torch.allclose(roundtrip, weight, atol=1e-6)
+        count = merge_lora(chunks)
+        assert count == 16 and not any(isinstance(m, LoraLinear) for m in chunks[0].modules())
+        merged = forward_logits(chunks, tokens, args.vocab_size)
+    finally:
+        destroy_distributed()
+    assert (adapted - merged).abs().max() <= 1e-5
+
+
+def _peft_trainable(hf_dir, rank):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = LoraConfig(r=rank, target_modules="all-linear")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(hf_dir), config)
+    return model.get_nb_trainable_parameters()[0], model.config
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_all_linear_trainable_count_matches_peft(family, tiny_models, tmp_path):
+    """Ours = PEFT's count minus what fusion shares by design: one lora_A for q/k/v (PEFT has three) and
+    one for gate/up (PEFT has two), i.e. 3 x rank x hidden fewer per layer."""
+    from launch.pretrain_sft import build_model, check_job
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.tuners.lora.apply import parameter_counts
+
+    rank = 8
+    job = job_for(str(tiny_models[family]), DATA, str(tmp_path), {}, {}, {"rank": rank})
+    args = check_job(job, 1)
+    init_distributed(job.parallel)
+    try:
+        ours, _ = parameter_counts(build_model(job, args))
+    finally:
+        destroy_distributed()
+    peft_count, config = _peft_trainable(tiny_models[family], rank)
+    shared_by_fusion = config.num_hidden_layers * 3 * rank * config.hidden_size
+    assert ours == peft_count - shared_by_fusion, (ours, peft_count, shared_by_fusion)
+
+
+def test_lora_resume_is_bitwise(tiny_models, tmp_path):
+    """6 steps straight == 3 steps, a new process resuming from the adapter-only checkpoint, 3 more."""
+    from megatron_swift.training.checkpoint import latest_checkpoint
+
+    straight, _ = _train_lora(tiny_models["llama"], tmp_path / "a", iters=6)
+    first, ckpt = _train_lora(tiny_models["llama"], tmp_path / "b", iters=3)
+    second, _ = _train_lora(tiny_models["llama"], tmp_path / "b", iters=6)
+    assert [r.loss for r in first + second] == [r.loss for r in straight]
+    # Only adapters (and their optimizer state) are saved: a small fraction of the model's bytes.
+    size = sum(p.stat().st_size for p in (latest_checkpoint(ckpt) / "model_optim").rglob("*") if p.is_file())
+    assert size < 0.5 * sum(p.stat().st_size for p in tiny_models["llama"].glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_peft_adapter_continues_training_and_exports_back_exactly(family, tiny_models, tmp_path):
+    """A PEFT adapter trained on HF (its own lora_A per projection) is taken in as is: training with lr 0
+    changes nothing, so the re-exported adapter and the merged model reproduce the PEFT model's logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from converters.convert import mcore_to_hf
+
+    hf_dir = tiny_models[family]
+    torch.manual_seed(3)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (
+        ["gate_proj", "up_proj", "down_proj"] if family == "llama" else []
+    )
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    if family == "qwen3_moe":
+        peft_config.target_parameters = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    original = get_peft_model(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32), peft_config)
+    original.save_pretrained(tmp_path / "peft")
+    tokens = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))
+    expected = _logits(original, tokens)
+
+    lora = {"rank": 4, "alpha": 8.0, "adapter": str(tmp_path / "peft")}
+    if family == "qwen3_moe":
+        lora["target_modules"] = MOE_TARGETS
+    _, ckpt = _train_lora(hf_dir, tmp_path, lora=lora, iters=1, lr=0.0, min_lr=0.0)
+    merged_dir = mcore_to_hf(ckpt, tmp_path / "merged", lora="merge")
+    adapter_dir = mcore_to_hf(ckpt, tmp_path / "adapter", lora="adapter")
+
+    merged = _logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32), tokens)
+    base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    base_logits = _logits(base, tokens)
+    reexported = _logits(PeftModel.from_pretrained(base, adapter_dir), tokens)  # wraps `base` in place
+    assert (merged - expected).abs().max() <= 1e-4
+    assert (reexported - expected).abs().max() <= 1e-4
+    assert (expected - base_logits).abs().max() > 1e-2
+
+
+def test_a_lora_checkpoint_is_not_a_base_model(tiny_models, tmp_path):
+    from converters.hf_io import CheckpointError
+    from launch.pretrain_sft import train
+
+    _, ckpt = _train_lora(tiny_models["llama"], tmp_path, iters=1)
+    job = job_for(None, DATA, str(tmp_path / "again"), {}, {"train_iters": 1}, load=str(ckpt))
+    with pytest.raises(CheckpointError, match="holds LoRA adapters only"):
+        train(job)
+
+
+def test_peft_adapter_rank_mismatch_is_a_clear_error(tiny_models, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from converters.hf_io import CheckpointError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"])).save_pretrained(
+        tmp_path / "p"
+    )
+    with pytest.raises(CheckpointError, match=r"lora.rank=4 but the adapter has r=2"):
+        _train_lora(tiny_models["llama"], tmp_path, lora={"rank": 4, "alpha": 8.0, "adapter": str(tmp_path / "p")})
+
+
+@pytest.mark.parametrize(
+    ("lora", "message"),
+    [
+        ({"target_modules": ["q_proj"]}, "k_proj, q_proj, v_proj are fused into megatron-core's linear_qkv"),
+        ({"target_modules": ["attn_out"]}, "'attn_out' is not a linear of the llama family"),
+        ({"target_modules": [r"re:\.nothing\."]}, r"re:\.nothing\. matched no linear module"),
+        ({"modules_to_save": ["lm_heads"]}, "'lm_heads' names no module"),
+    ],
+)
+def test_lora_targets_that_match_nothing_are_errors(tiny_models, tmp_path, lora, message):
+    from launch.pretrain_sft import build_model, check_job
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.tuners.lora.layers import LoraError
+
+    job = job_for(str(tiny_models["llama"]), DATA, str(tmp_path), {}, {}, lora)
+    args = check_job(job, 1)
+    init_distributed(job.parallel)
+    try:
+        with pytest.raises(LoraError, match=re.escape(message)):
+            build_model(job, args)
+    finally:
+        destroy_distributed()
+
+
+def test_only_adapters_are_optimized(tiny_models, tmp_path):
+    from launch.pretrain_sft import build_model, check_job
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.optim import wrap_for_training
+
+    job = job_for(str(tiny_models["llama"]), DATA, str(tmp_path), {}, {}, {"modules_to_save": ["output_layer"]})
+    args = check_job(job, 1)
+    init_distributed(job.parallel)
+    try:
+        chunks, optimizer, _ = wrap_for_training(build_model(job, args), job)
+        optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        names = {name for name, p in chunks[0].named_parameters() if p.requires_grad}
+        assert all(n.endswith(("lora_A.weight", "lora_B.weight", "output_layer.weight")) for n in names), names
+        assert len(names) == 4 * 4 * 2 + 1 and len(optimized) == len(names)
+    finally:
+        destroy_distributed()
