@@ -85,25 +85,6 @@ def test_batched_greedy_generation_matches_one_at_a_time(models):
         assert text == tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
 
 
-def test_cli_compares_base_and_tuned(models, tmp_path, capsys):
-    out = tmp_path / "report"
-    argv = ["--model", f"base={models['base']}", "--model", f"tuned={models['tuned']}", "--perplexity"]
-    argv += [str(SFT_DATA), "--seq-length", "64", "--qa", str(DATA / "qa_sample.jsonl"), "--agent"]
-    argv += [str(DATA / "agent_sample.jsonl"), "--max-new-tokens", "4", "--out", str(out)]
-    assert eval_main(argv) == 0
-    report = json.loads((out / "report.json").read_text())
-    base, tuned = report["results"]["base"], report["results"]["tuned"]
-    assert tuned["perplexity"]["loss"] < base["perplexity"]["loss"]  # the fine-tune lowered the loss
-    assert base["qa"]["rows"] == 8 and base["agent"]["steps"] == 16 and base["agent"]["call_steps"] == 8
-    markdown = (out / "report.md").read_text()
-    assert "| metric | base | tuned | tuned - base |" in markdown
-    row = next(line for line in markdown.splitlines() if line.startswith("| perplexity.loss |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert float(cells[3]) == pytest.approx(tuned["perplexity"]["loss"] - base["perplexity"]["loss"], abs=1e-4)
-    predictions = (out / "predictions-tuned-agent.jsonl").read_text().splitlines()
-    assert len(predictions) == 16 and "report.md" in capsys.readouterr().out
-
-
 def test_cli_scores_row_predictions_without_a_model(tmp_path):
     rows = [
         {"question": "Capital of France?", "answer": "Paris", "prediction": "paris."},  # normalised match only
