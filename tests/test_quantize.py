@@ -87,3 +87,18 @@ def test_gated_method_fails_before_any_work(tuned, tmp_path, monkeypatch, capsys
     assert quantize_main(argv) == 2
     assert "error: gptq needs" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_calibration_texts_from_training_rows(tmp_path):
+    from megatron_swift.data.simple import DataError
+    from megatron_swift.models.tiny import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    data = tmp_path / "calib.jsonl"
+    rows = [{"text": "plain"}, {"messages": [{"role": "user", "content": "hi"}]}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert methods.calibration_texts(data, tokenizer) == ["plain", "<|im_start|>user\nhi<|im_end|>\n"]
+    assert methods.calibration_texts(data, tokenizer, limit=1) == ["plain"]
+    data.write_text(json.dumps({"other": 1}) + "\n")
+    with pytest.raises(DataError, match="no 'text' or 'messages' rows for calibration"):
+        methods.calibration_texts(data, tokenizer)

@@ -66,7 +66,7 @@ def unavailable_reason(name: str, calibration: str | None = None) -> str | None:
 
 def calibration_texts(path: str | Path, tokenizer, limit: int = 128) -> list[str]:
     """Up to `limit` texts from training-format rows: `text`, or `messages` rendered with the chat template."""
-    from megatron_swift.data.simple import read_jsonl
+    from megatron_swift.data.simple import DataError, read_jsonl
 
     texts = []
     for _, row in read_jsonl(path)[:limit]:
@@ -75,7 +75,7 @@ def calibration_texts(path: str | Path, tokenizer, limit: int = 128) -> list[str
         elif isinstance(row.get("text"), str):
             texts.append(row["text"])
     if not texts:
-        raise ValueError(f"{path}: no 'text' or 'messages' rows for calibration")
+        raise DataError(f"{path}: no 'text' or 'messages' rows for calibration")
     return texts
 
 
