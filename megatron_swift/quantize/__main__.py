@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", default="sft", choices=["sft", "pretrain"])
     parser.add_argument("--seq-length", type=int, default=512)
     parser.add_argument("--calibration", help="JSONL (text or messages rows) for gptq / awq")
+    parser.add_argument("--device", default="cpu", help="torch device for the perplexity measurements")
     return parser
 
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = quantize_model(
-            args.model, args.out, args.method, args.eval_data, args.calibration, args.task, args.seq_length
+            args.model, args.out, args.method, args.eval_data, args.calibration, args.task, args.seq_length, args.device
         )
     except (QuantizeError, EvalInputError, DataError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -46,6 +46,7 @@ def quantize_model(
     calibration: str | Path | None = None,
     task: str = "sft",
     seq_length: int = 512,
+    device: str = "cpu",
 ) -> dict:
     """Quantize `model_dir` into `out_dir` with `method`; returns the report (also written to out_dir)."""
     reason = unavailable_reason(method, calibration)
@@ -59,12 +60,12 @@ def quantize_model(
     with atomic_directory(Path(out_dir)) as tmp:  # refuses a non-empty output before any work
         results = {"original": {"size": {"disk_mb": weights_bytes(model_dir) / 2**20}}}
         if samples:
-            results["original"]["perplexity"] = masked_loss(load_model(model_dir), samples)
+            results["original"]["perplexity"] = masked_loss(load_model(model_dir, device=device), samples)
         RUNNERS[method](model_dir, tmp, texts)
         _copy_side_files(model_dir, tmp)
         results[method] = {"size": {"disk_mb": weights_bytes(tmp) / 2**20}}
         if samples:
-            results[method]["perplexity"] = masked_loss(load_model(tmp), samples)
+            results[method]["perplexity"] = masked_loss(load_model(tmp, device=device), samples)
         report = {
             "settings": {"model": str(model_dir), "method": method, "eval_data": str(eval_data), "task": task},
             "results": results,
