@@ -112,6 +112,8 @@ def test_bad_input_is_one_error_line_before_any_model_work(models, tmp_path, cap
     assert "not an HF model directory" in capsys.readouterr().err
     assert eval_main(["--model", str(models["base"])]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+    assert eval_main(["--model", f"a={models['base']}", "--model", f"a={models['base']}", "--qa", str(broken)]) == 2
+    assert "give NAME=DIR with a unique NAME" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 

@@ -18,13 +18,15 @@ from pathlib import Path
 
 def parse_models(specs: list[str]) -> dict[str, str]:
     """`NAME=DIR` or `DIR` (named after the directory) -> {name: dir}; names must be unique."""
+    from megatron_swift.eval.loading import EvalInputError
+
     models: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = Path(spec).name, spec
         if not name or not path or name in models:
-            raise ValueError(f"--model {spec!r}: give NAME=DIR with a unique NAME")
+            raise EvalInputError(f"--model {spec!r}: give NAME=DIR with a unique NAME")
         models[name] = path
     return models
 
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = EvalConfig(models=parse_models(args.pop("model")), **args)
         report = evaluate(config)
-    except (EvalInputError, DataError, ValueError, FileExistsError) as exc:
+    except (EvalInputError, DataError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(write_report(config.out, report))

@@ -37,7 +37,7 @@ class EvalConfig:
     tensor_parallel_size: int = 1  # vllm backend only
     dtype: str = "auto"
     device: str = "cpu"
-    out: str | None = None  # where predictions-NAME.jsonl go (next to the report)
+    out: str | None = None  # where predictions-MODEL-{qa,agent}.jsonl go (next to the report)
 
     def problems(self) -> list[str]:
         found = []
