@@ -30,7 +30,19 @@ setup(
         # GPU clusters only: never install these on a CPU machine (a half-built TE breaks megatron-core imports).
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "serve": ["vllm>=0.8"],
-        "dev": ["pytest>=8", "ruff>=0.6", "accelerate>=1.0"],
+        # Weight-only int8 quantization that runs on CPU (mswift-quantize --method int8); transformers
+        # saves and loads it through TorchAoConfig.
+        "quant": ["torchao>=0.14"],
+        # GPU quantization paths (mswift-quantize --method gptq/awq/fp8); need CUDA.
+        "quant-gpu": ["optimum>=1.20", "gptqmodel>=2.0", "llmcompressor>=0.6"],
+        "dev": ["pytest>=8", "ruff>=0.6", "accelerate>=1.0", "torchao>=0.14"],
     },
-    entry_points={"console_scripts": ["mswift-convert=converters.__main__:main"]},
+    entry_points={
+        "console_scripts": [
+            "mswift-convert=converters.__main__:main",
+            "mswift-eval=megatron_swift.eval.__main__:main",
+            "mswift-quantize=megatron_swift.quantize.__main__:main",
+            "mswift-serve=megatron_swift.serve.__main__:main",
+        ]
+    },
 )

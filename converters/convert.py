@@ -21,6 +21,7 @@ from converters.hf_io import (
     HFCheckpoint,
     ShardedSafetensorsWriter,
     copy_side_files,
+    ensure_generation_config,
     load_hf_config,
 )
 from converters.mcore_io import (
@@ -167,6 +168,7 @@ def mcore_to_hf(
                 writer.add(name, tensor)
             writer.close()
             _set_config_dtype(tmp / "config.json", out_dtype)
+            ensure_generation_config(tmp)
     finally:
         destroy_distributed()
     return out

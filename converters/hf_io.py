@@ -163,6 +163,15 @@ def copy_side_files(src_dir: Path, out_dir: Path) -> None:
             shutil.copy2(item, out_dir / item.name)
 
 
+def ensure_generation_config(out_dir: Path) -> None:
+    """Give an export whose source had no generation_config.json the one transformers derives from
+    config.json (bos / eos / pad ids): vLLM takes its default stop tokens and sampling from that file."""
+    if not (Path(out_dir) / "generation_config.json").exists():
+        from transformers import AutoConfig, GenerationConfig
+
+        GenerationConfig.from_model_config(AutoConfig.from_pretrained(out_dir)).save_pretrained(out_dir)
+
+
 def _numel(shape) -> int:
     count = 1
     for dim in shape:

@@ -31,3 +31,20 @@ def has_transformer_engine() -> bool:
     except MissingExtraError:
         return False
     return True
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def vllm_unavailable_reason() -> str | None:
+    """Why vLLM cannot run here (not installed, or no CUDA GPU), or None when it can."""
+    import torch
+
+    if not _installed("vllm"):
+        return f"vllm is not installed; {_EXTRAS['vllm']}"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible (torch.cuda.is_available() is False); vLLM serves on GPUs only"
+    return None

@@ -1,0 +1,50 @@
+"""Mean loss and perplexity of a model on a dataset, with training's templates and loss masks.
+
+`encode_rows` is the one place where evaluation turns data rows into (token ids, loss mask); it goes
+through the training data path, so a change there (templates, masking) reaches evaluation too. The
+loss is the token mean over the whole dataset of the next-token cross entropy where the mask is 1,
+exactly the training objective, and perplexity is exp(loss).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from megatron_swift.data.simple import Sample
+
+
+def encode_rows(path: str | Path, tokenizer, seq_length: int, task: str = "sft") -> list[Sample]:
+    """Rows of a JSONL file -> samples of token ids and loss mask, exactly as training builds them."""
+    from megatron_swift.data.simple import build_samples
+
+    return build_samples(path, tokenizer, seq_length, task)
+
+
+@torch.no_grad()
+def masked_loss(model, samples: list[Sample], batch_size: int = 8) -> dict:
+    """Token-mean masked next-token loss of `model` over `samples` (training's shift: predict tokens[1:])."""
+    device = next(model.parameters()).device
+    nll_sum = torch.zeros((), dtype=torch.float64)
+    tokens_counted = 0
+    for start in range(0, len(samples), batch_size):
+        group = samples[start : start + batch_size]
+        tokens = torch.stack([s.tokens for s in group])
+        inputs, labels, mask = tokens[:, :-1], tokens[:, 1:], torch.stack([s.loss_mask for s in group])[:, 1:]
+        # Samples are right-padded with mask 0; causal attention makes every position independent of
+        # what follows it, so dropping the columns after the last target changes no loss term.
+        targets = mask.any(dim=0).nonzero()
+        if len(targets) == 0:
+            continue
+        width = int(targets[-1]) + 1
+        inputs, labels, mask = inputs[:, :width], labels[:, :width], mask[:, :width]
+        logits = model(input_ids=inputs.to(device)).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.to(device), reduction="none")
+        nll_sum += (nll.double() * mask.to(device).double()).sum().cpu()
+        tokens_counted += int(mask.sum())
+    if tokens_counted == 0:
+        raise ValueError("no target tokens in the data (every loss mask is 0)")
+    loss = float(nll_sum / tokens_counted)
+    return {"loss": loss, "perplexity": math.exp(loss), "target_tokens": tokens_counted, "samples": len(samples)}

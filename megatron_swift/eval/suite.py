@@ -1,0 +1,146 @@
+"""One evaluation run: every requested dataset on every model, validated up front, as report results."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_swift.eval.agent_metrics import parse_turn, score_agent, tool_names
+from megatron_swift.eval.generation import (
+    PromptRow,
+    generate_hf,
+    generate_vllm,
+    qa_accuracy,
+    read_prompt_rows,
+    render_prompt,
+    vllm_engine,
+)
+from megatron_swift.eval.loading import EvalInputError, load_model, load_tokenizer
+from megatron_swift.eval.perplexity import encode_rows, masked_loss
+from megatron_swift.fs import atomic_write_text
+
+PREDICTIONS_ONLY = "predictions"  # the model name used when rows carry their own predictions
+
+
+@dataclass
+class EvalConfig:
+    models: dict[str, str] = field(default_factory=dict)  # name -> HF directory; empty: score row predictions
+    perplexity_data: str | None = None
+    task: str = "sft"  # sft: assistant-only loss; pretrain: every token
+    seq_length: int = 2048
+    qa_data: str | None = None
+    agent_data: str | None = None
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    backend: str = "hf"  # hf (transformers) or vllm
+    tensor_parallel_size: int = 1  # vllm backend only
+    dtype: str = "auto"
+    device: str = "cpu"
+    out: str | None = None  # where predictions-MODEL-{qa,agent}.jsonl go (next to the report)
+
+    def problems(self) -> list[str]:
+        found = []
+        if not (self.perplexity_data or self.qa_data or self.agent_data):
+            found.append("nothing to evaluate: give --perplexity, --qa and/or --agent data")
+        if self.task not in ("sft", "pretrain"):
+            found.append(f"--task {self.task!r}: expected sft or pretrain")
+        if self.backend not in ("hf", "vllm"):
+            found.append(f"--backend {self.backend!r}: expected hf or vllm")
+        if min(self.seq_length, self.batch_size, self.max_new_tokens, self.tensor_parallel_size) < 1:
+            found.append("--seq-length, --batch-size, --max-new-tokens and --tensor-parallel-size must be positive")
+        if not self.models and self.perplexity_data:
+            found.append("--perplexity needs a --model")
+        if self.backend == "vllm" and self.models and (self.qa_data or self.agent_data):
+            from megatron_swift._optional import vllm_unavailable_reason
+
+            reason = vllm_unavailable_reason()
+            if reason:
+                found.append(f"--backend vllm: {reason}; use --backend hf")
+        for name, path in self.models.items():
+            if not (Path(path) / "config.json").is_file():
+                found.append(f"--model {name}={path}: not an HF model directory (no config.json)")
+        return found
+
+
+def _agent_references(rows: list[PromptRow]):
+    references, tools = [], []
+    for row in rows:
+        if not row.tools:
+            raise EvalInputError(f"{row.where}: agent rows need a non-empty 'tools' list")
+        reference = parse_turn(row.reference)
+        if reference.plan == "invalid":
+            raise EvalInputError(f"{row.where}: the reference assistant turn is not a readable tool call or answer")
+        references.append(reference)
+        tools.append(tool_names(row.tools))
+    return references, tools
+
+
+def _predictions(generate, rows: list[PromptRow]) -> list[str]:
+    if generate is None:
+        missing = [row.where for row in rows if row.prediction is None]
+        if missing:
+            raise EvalInputError(f"{missing[0]}: no 'prediction' in the row and no --model to generate one")
+        return [row.prediction for row in rows]
+    return generate(rows)
+
+
+def _generator(config: EvalConfig, model_dir: str, model, tokenizer):
+    """rows -> greedy predictions, prompts rendered with the model's chat template, on the configured backend."""
+    if config.backend == "vllm":
+        engine = vllm_engine(model_dir, config.tensor_parallel_size)
+
+        def generate(prompts):
+            return generate_vllm(engine, prompts, config.max_new_tokens)
+    else:
+
+        def generate(prompts):
+            return generate_hf(model, tokenizer, prompts, config.max_new_tokens, config.batch_size)
+
+    return lambda rows: generate([render_prompt(tokenizer, row) for row in rows])
+
+
+def _save_predictions(config: EvalConfig, name: str, kind: str, rows: list[PromptRow], predictions: list[str]):
+    if config.out:
+        lines = [
+            json.dumps({"where": row.where, "prediction": prediction, "reference": row.reference})
+            for row, prediction in zip(rows, predictions, strict=True)
+        ]
+        atomic_write_text(Path(config.out) / f"predictions-{name}-{kind}.jsonl", "\n".join(lines) + "\n")
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Validate everything, then evaluate each model; returns the report (settings + results)."""
+    problems = config.problems()
+    if problems:
+        raise EvalInputError("; ".join(problems))
+    qa_rows = read_prompt_rows(config.qa_data) if config.qa_data else None
+    agent_rows = read_prompt_rows(config.agent_data) if config.agent_data else None
+    agent_refs = _agent_references(agent_rows) if agent_rows else None
+
+    results = {}
+    for name, model_dir in config.models.items() or [(PREDICTIONS_ONLY, None)]:
+        result, generate = {}, None
+        if model_dir is not None:
+            tokenizer = load_tokenizer(model_dir)
+            samples = None
+            if config.perplexity_data:  # encoded (and so validated) before the model is loaded
+                samples = encode_rows(config.perplexity_data, tokenizer, config.seq_length, config.task)
+            model = load_model(model_dir, config.dtype, config.device) if samples or config.backend == "hf" else None
+            if samples:
+                result["perplexity"] = masked_loss(model, samples, config.batch_size)
+            if qa_rows or agent_rows:
+                if config.backend == "vllm":
+                    model = None  # free the transformers copy before vLLM takes the GPU memory
+                generate = _generator(config, model_dir, model, tokenizer)
+        if qa_rows:
+            predictions = _predictions(generate, qa_rows)
+            _save_predictions(config, name, "qa", qa_rows, predictions)
+            result["qa"] = qa_accuracy(predictions, [row.reference for row in qa_rows])
+        if agent_rows:
+            predictions = _predictions(generate, agent_rows)
+            _save_predictions(config, name, "agent", agent_rows, predictions)
+            result["agent"] = score_agent(predictions, *agent_refs).summary()
+        results[name] = result
+    settings = {k: v for k, v in vars(config).items() if k != "out"}
+    return {"settings": settings, "results": results}
