@@ -1,0 +1,48 @@
+"""Cross entropy over a chunk of logits in pure torch (the `torch` backend), and the unfused reference.
+
+The fused op (autograd.py) walks the tokens in chunks; for each chunk of [tokens, local vocab] fp32
+logits it needs two steps, given here in torch and in triton_impl.py as kernels:
+
+- `chunk_stats`: per row, the max over the real (non-padding) columns, the sum of exp(logit - max)
+  and the target's logit when the target is in this rank's vocabulary shard (else 0);
+- `chunk_grad_`: in place, the logits become the loss gradient (softmax - onehot(target)) * scale,
+  zero on padding columns, given the global log-sum-exp of every row.
+
+`linear_cross_entropy` is the plain single-rank computation (full logits, F.cross_entropy) that the
+fused op is tested and benchmarked against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def chunk_stats(logits: torch.Tensor, target_local: torch.Tensor, n_valid: int):
+    """logits [c, V] fp32 (n_valid >= 1 real columns first); target_local [c], -1 when not on this shard."""
+    valid = logits[:, :n_valid]
+    row_max = valid.max(dim=-1).values
+    sum_exp = torch.exp(valid - row_max[:, None]).sum(dim=-1)
+    hit = target_local >= 0
+    picked = logits.gather(1, target_local.clamp(min=0)[:, None]).squeeze(1)
+    return row_max, sum_exp, torch.where(hit, picked, torch.zeros_like(picked))
+
+
+def chunk_grad_(logits, target_local, lse, scale, n_valid: int) -> torch.Tensor:
+    """In place: logits <- (exp(logits - lse) - onehot(target_local)) * scale, 0 on padding columns."""
+    logits[:, :n_valid].sub_(lse[:, None]).exp_().mul_(scale[:, None])
+    logits[:, n_valid:] = 0.0
+    rows = (target_local >= 0).nonzero().squeeze(1)
+    logits[rows, target_local[rows]] -= scale[rows]
+    return logits
+
+
+def linear_cross_entropy(hidden, weight, target, token_weight=None, ignore_index: int = -100, vocab_size=None):
+    """Sum over tokens of token_weight * CE(hidden @ weight.T, target), full logits (single rank)."""
+    logits = (hidden.to(weight.dtype) @ weight.t()).float()
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits[:, vocab_size:] = float("-inf")
+    losses = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+    if token_weight is not None:
+        losses = losses * token_weight.float()
+    return losses.sum()
