@@ -1,0 +1,91 @@
+"""Acceptance 3: training with the Triton kernels (interpreted on CPU) gives the torch kernels' losses.
+
+Also: the fused linear + cross-entropy loss trains like the logits path, the kernel choice leaves the
+checkpoint layout unchanged, and an unavailable choice is a clear error before anything runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.select import KernelUnavailableError, resolve
+from launch.pretrain_sft import check_job
+from megatron_swift.config import ConfigError
+from tests.train_matrix import job_for, run_cases
+
+DATA = "examples/data/sft_sample.jsonl"
+PRETRAIN_DATA = "examples/data/pretrain_sample.jsonl"  # every token is a loss token, however small the batch
+REL_TOL = 1e-5
+TORCH = {"kernels": "torch"}
+TRITON_FUSED = {"kernels": "triton", "fused_linear_cross_entropy": True}
+TORCH_FUSED = {"kernels": "torch", "fused_linear_cross_entropy": True}
+
+
+def _worst(losses, expected):
+    assert len(losses) == len(expected) == 3
+    return max(abs(a - b) / abs(b) for a, b in zip(losses, expected, strict=True))
+
+
+def _train_like_torch(llama, tmp_path, models: list[dict], train: dict, data: str = DATA) -> None:
+    cases = [(llama, {}, train, None, model) for model in [TORCH, *models]]
+    torch_losses, *others = run_cases(cases, data, tmp_path, world_size=1)
+    for model, losses in zip(models, others, strict=True):
+        assert _worst(losses, torch_losses) <= REL_TOL, (model, losses, torch_losses)
+    assert torch_losses[-1] < torch_losses[0]
+
+
+def test_triton_kernels_and_fused_loss_train_like_torch_kernels(tiny_models, tmp_path):
+    """3 steps of 2 samples: every Triton kernel the model uses, in the interpreter (~1 s per micro-batch)."""
+    train = {"global_batch_size": 2, "task": "pretrain"}
+    _train_like_torch(tiny_models["llama"], tmp_path, [TORCH_FUSED, TRITON_FUSED], train, PRETRAIN_DATA)
+
+
+@pytest.mark.slow
+def test_triton_kernels_train_like_torch_kernels_full_batch(tiny_models, tmp_path):
+    _train_like_torch(tiny_models["llama"], tmp_path, [{"kernels": "triton"}, TORCH_FUSED, TRITON_FUSED], {})
+
+
+@pytest.mark.slow
+def test_triton_kernels_and_fused_loss_at_tp2_and_sequence_parallel(tiny_models, tmp_path):
+    """Vocab-parallel fused loss and the norm's sequence-parallel weight gradient in a real model."""
+    llama = tiny_models["llama"]
+    (reference,) = run_cases([(llama, {}, {}, None, TORCH)], DATA, tmp_path / "ref", world_size=1)
+    layouts = [{"tensor_model_parallel_size": 2}, {"tensor_model_parallel_size": 2, "sequence_parallel": True}]
+    cases = [(llama, layout, {}, None, TRITON_FUSED) for layout in layouts]
+    for layout, losses in zip(layouts, run_cases(cases, DATA, tmp_path / "tp2", world_size=2), strict=True):
+        assert _worst(losses, reference) <= REL_TOL, (layout, losses, reference)
+
+
+def test_state_dict_keys_do_not_depend_on_the_kernels(tiny_models, tmp_path):
+    from converters.hf_io import load_hf_config
+    from megatron_swift.config import ParallelConfig
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.models import build_model_chunks, transformer_config, translate
+    from megatron_swift.models.kernel_modules import KernelMLP, KernelRMSNorm
+
+    args = translate(load_hf_config(tiny_models["qwen3"]))
+    init_distributed(ParallelConfig())
+    try:
+        config = transformer_config(args, ParallelConfig())
+        stock = build_model_chunks(args, config, spec="local")[0]
+        ours = build_model_chunks(args, config, spec="local", kernels="triton", fused_linear_cross_entropy=True)[0]
+        assert list(ours.state_dict()) == list(stock.state_dict())
+        kinds = {type(module) for module in ours.modules()}
+        assert {KernelRMSNorm, KernelMLP} <= kinds  # qwen3: also the q/k norms
+        assert not any("WrappedTorchNorm" in str(type(m)) or type(m) is torch.nn.RMSNorm for m in ours.modules())
+    finally:
+        destroy_distributed()
+
+
+def test_unavailable_choice_is_a_clear_error(tiny_models, tmp_path, monkeypatch):
+    with pytest.raises(KernelUnavailableError, match="Transformer Engine provides no swiglu"):
+        resolve("swiglu", "te")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    if not torch.cuda.is_available():
+        with pytest.raises(KernelUnavailableError, match="TRITON_INTERPRET=1"):
+            resolve("rmsnorm", "triton")
+        assert resolve("rmsnorm", "auto") == "torch"
+    job = job_for(str(tiny_models["llama"]), DATA, str(tmp_path), {}, {}, kernels="te", spec="local")
+    with pytest.raises(ConfigError, match=r"model\.kernels=te comes with the Transformer Engine layer spec"):
+        check_job(job, 1)
