@@ -22,9 +22,9 @@ def chunk_stats(logits: torch.Tensor, target_local: torch.Tensor, n_valid: int):
     """logits [c, V] fp32 (n_valid >= 1 real columns first); target_local [c], -1 when not on this shard."""
     valid = logits[:, :n_valid]
     row_max = valid.max(dim=-1).values
-    sum_exp = torch.exp(valid - row_max[:, None]).sum(dim=-1)
     hit = target_local >= 0
     picked = logits.gather(1, target_local.clamp(min=0)[:, None]).squeeze(1)
+    sum_exp = (valid - row_max[:, None]).exp_().sum(dim=-1)  # one chunk-sized temporary (the chunk's memory)
     return row_max, sum_exp, torch.where(hit, picked, torch.zeros_like(picked))
 
 

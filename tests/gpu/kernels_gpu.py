@@ -29,6 +29,7 @@ if "--smoke" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
 
 from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from kernels.fused_linear_cross_entropy.autograd import CHUNK_ELEMENTS
 from kernels.fused_linear_cross_entropy.reference import linear_cross_entropy
 from kernels.rmsnorm import rms_norm
 from kernels.rmsnorm.reference import rms_norm as rms_norm_reference
@@ -144,7 +145,7 @@ def run(shape: dict, device: str, compile_reference: bool) -> list[dict]:
     hid, weight = randn(ce_n, ce_h), randn(vocab, ce_h, scale=0.02)
     labels = torch.randint(0, vocab, (ce_n,), generator=gen, device=device)
     mask = torch.ones(ce_n, device=device)
-    chunk = min(ce_n, max(1, (1 << 24) // vocab))
+    chunk = min(ce_n, max(1, CHUNK_ELEMENTS // vocab))
     logits = torch.randn(chunk, vocab, generator=gen, device=device)
     stats = ce_kernels.chunk_stats(logits, labels[:chunk], vocab)
     lse = stats[0] + stats[1].log()

@@ -15,7 +15,6 @@ from megatron_swift.config import ConfigError
 from tests.train_matrix import job_for, run_cases
 
 DATA = "examples/data/sft_sample.jsonl"
-PRETRAIN_DATA = "examples/data/pretrain_sample.jsonl"  # every token is a loss token, however small the batch
 REL_TOL = 1e-5
 TORCH = {"kernels": "torch"}
 TRITON_FUSED = {"kernels": "triton", "fused_linear_cross_entropy": True}
@@ -27,23 +26,14 @@ def _worst(losses, expected):
     return max(abs(a - b) / abs(b) for a, b in zip(losses, expected, strict=True))
 
 
-def _train_like_torch(llama, tmp_path, models: list[dict], train: dict, data: str = DATA) -> None:
-    cases = [(llama, {}, train, None, model) for model in [TORCH, *models]]
-    torch_losses, *others = run_cases(cases, data, tmp_path, world_size=1)
+def test_triton_kernels_and_fused_loss_train_like_torch_kernels(tiny_models, tmp_path):
+    """3 steps of 4 samples, fp32: every Triton kernel the model uses runs in the interpreter."""
+    models = [{"kernels": "triton"}, TORCH_FUSED, TRITON_FUSED]
+    cases = [(tiny_models["llama"], {}, {}, None, model) for model in [TORCH, *models]]
+    torch_losses, *others = run_cases(cases, DATA, tmp_path, world_size=1)
     for model, losses in zip(models, others, strict=True):
         assert _worst(losses, torch_losses) <= REL_TOL, (model, losses, torch_losses)
     assert torch_losses[-1] < torch_losses[0]
-
-
-def test_triton_kernels_and_fused_loss_train_like_torch_kernels(tiny_models, tmp_path):
-    """3 steps of 2 samples: every Triton kernel the model uses, in the interpreter (~1 s per micro-batch)."""
-    train = {"global_batch_size": 2, "task": "pretrain"}
-    _train_like_torch(tiny_models["llama"], tmp_path, [TORCH_FUSED, TRITON_FUSED], train, PRETRAIN_DATA)
-
-
-@pytest.mark.slow
-def test_triton_kernels_train_like_torch_kernels_full_batch(tiny_models, tmp_path):
-    _train_like_torch(tiny_models["llama"], tmp_path, [{"kernels": "triton"}, TORCH_FUSED, TRITON_FUSED], {})
 
 
 @pytest.mark.slow

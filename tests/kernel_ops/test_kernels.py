@@ -51,8 +51,10 @@ def reference_grads(fn, inputs, grad_out):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,hidden,programs", [(1, 8, 1), (7, 96, 2), (33, 100, 4), (5, 257, 3)])
-def test_rmsnorm(rows, hidden, programs, dtype):
+# programs / tile_rows (a power of two): the backward's split into programs walking several row tiles.
+@pytest.mark.parametrize("rows,hidden,programs,tile_rows", [(1, 8, 1, None), (7, 96, 2, 1), (33, 100, 4, 2),
+                                                             (5, 257, 3, None)])  # fmt: skip
+def test_rmsnorm(rows, hidden, programs, tile_rows, dtype):
     from kernels.rmsnorm.triton_impl import rmsnorm_backward, rmsnorm_forward
 
     gen = torch.Generator().manual_seed(rows * hidden)
@@ -64,7 +66,7 @@ def test_rmsnorm(rows, hidden, programs, dtype):
 
     y, rstd = rmsnorm_forward(x, weight, eps, out=poisoned(x), rstd=poisoned(x, (rows,), torch.float32))
     assert_close(y, ref_y, dtype, "forward")
-    dx, dw = rmsnorm_backward(dy, x, weight, rstd, dx=poisoned(x), programs=programs)
+    dx, dw = rmsnorm_backward(dy, x, weight, rstd, dx=poisoned(x), programs=programs, rows_per_tile=tile_rows)
     assert_close(dx, ref_dx, dtype, "input gradient")
     assert_close(dw, ref_dw, dtype, "weight gradient")
 
