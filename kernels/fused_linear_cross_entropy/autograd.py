@@ -1,24 +1,34 @@
-"""Fused output projection + cross entropy: the loss and its gradients, chunk by chunk over the tokens.
+"""Fused output projection + cross entropy: the loss and its gradients, never holding [tokens, vocab] logits.
 
 `fused_linear_cross_entropy(hidden, weight, target, token_weight)` returns
-sum_t token_weight[t] * CE(hidden[t] @ weight.T, target[t]) without ever holding the [tokens, vocab]
-logits: each chunk of tokens gets its logits (fp32), their statistics, and is turned in place into
-its logit gradient, which is immediately contracted into the gradients of the hidden states and the
-weight. Both gradients are therefore computed during the forward and only scaled by the incoming
-gradient in the backward (the loss is a scalar), so the logits are never recomputed.
+sum_t token_weight[t] * CE(hidden[t] @ weight.T, target[t]). The tokens are taken in blocks (all of a
+micro-batch's tokens, up to `block_tokens`) and the vocabulary in column chunks of about
+`CHUNK_ELEMENTS` logits:
 
-Vocab-parallel (tensor parallel) like megatron-core's `vocab_parallel_cross_entropy`: `weight` is
-this rank's vocabulary shard starting at `vocab_start`; per chunk the row maxima are all-reduced
-(MAX) over `tp_group`, then each rank's sum of exponentials (rescaled to the global max) and the
-target logit (non-zero only on the owning rank) are all-reduced (SUM) in one call. The hidden-state
-gradient returned is this rank's partial sum: the caller's tensor-parallel input region (megatron's
-copy-to / gather-from region before the output layer) reduces it in its backward, as for the
-unfused ColumnParallelLinear.
+1. pass 1, chunk by chunk: logits (fp32), merged into each token's running max, sum of exponentials
+   and target logit (an online softmax over the chunks);
+2. the statistics are combined over tensor-parallel ranks (below), giving each token's log-sum-exp
+   and loss;
+3. pass 2, chunk by chunk: the logits again, turned in place into their gradient
+   (softmax - onehot) * token_weight, contracted at once into the hidden-state gradient (accumulated
+   over chunks) and into that chunk's rows of the weight gradient (written once per token block).
+
+Chunking the vocabulary rather than the tokens costs one extra logits GEMM (four instead of three) but
+touches the weight-sized gradient once per token block instead of once per token chunk, which at a
+151k vocabulary is the larger cost on both CPU and GPU. Both gradients are formed during the forward
+and only scaled by the incoming gradient in the backward (the loss is a scalar).
+
+Vocab-parallel (tensor parallel) like megatron-core's `vocab_parallel_cross_entropy`: `weight` is this
+rank's vocabulary shard starting at global column `vocab_start`; per token block the maxima are
+all-reduced (MAX) over `tp_group`, then each rank's sum of exponentials (rescaled to the global max)
+and target logit (non-zero only on the owning rank) in one SUM all-reduce. The hidden-state gradient
+returned is this rank's partial sum: the caller's tensor-parallel input region (megatron's copy-to /
+gather-from region before the output layer) reduces it in its backward, as for ColumnParallelLinear.
 
 Tokens whose target is `ignore_index` or whose weight is 0 add nothing to the loss or the gradients.
-Columns at or past `vocab_size` (megatron's TP padding of the vocabulary) are excluded from the
-softmax. Precision follows the unfused path: matmuls in the weight's dtype, softmax in fp32, the
-weight gradient accumulated in fp32.
+Columns at or past `vocab_size` (megatron's TP padding of the vocabulary) are left out entirely (their
+weight gradient is 0). Precision follows the unfused path: GEMMs in the weight's dtype, softmax in
+fp32, the logit gradient rounded to the weight's dtype; gradients accumulated in fp32.
 """
 
 from __future__ import annotations
@@ -26,9 +36,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# Logit elements per chunk (fp32: 32 MiB): the chunk's tokens are this divided by the local vocabulary
-# (55 tokens at a 151,936 vocabulary on one rank, each chunk still a 55 x hidden x vocab GEMM).
-CHUNK_ELEMENTS = 1 << 23
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk (fp32: 32 MiB); 2048 columns for 4096 tokens
+BLOCK_TOKENS = 8192  # beyond this many tokens, blocks (each adds one pass over the weight gradient)
+MIN_CHUNK_COLUMNS = 256  # keeps chunks reasonable GEMMs for very long blocks
 
 
 def _chunk_steps(backend: str):
@@ -41,44 +51,59 @@ def _chunk_steps(backend: str):
     return steps.chunk_stats, steps.chunk_grad_
 
 
+def _column_chunks(n_valid: int, width: int) -> list[tuple[int, int]]:
+    return [(start, min(start + width, n_valid)) for start in range(0, n_valid, width)]
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, token_weight, ignore_index, vocab_start, vocab_size, tp_group,
-                chunk_tokens, backend):  # fmt: skip
+                block_tokens, chunk_columns, backend):  # fmt: skip
         chunk_stats, chunk_grad_ = _chunk_steps(backend)
-        tokens, local_vocab = hidden.shape[0], weight.shape[0]
-        n_valid = max(0, min(local_vocab, vocab_size - vocab_start))
-        on_shard = (target >= vocab_start) & (target < vocab_start + n_valid) & (target != ignore_index)
-        target_local = torch.where(on_shard, target - vocab_start, -1).to(torch.int64)
+        tokens = hidden.shape[0]
+        n_valid = max(0, min(weight.shape[0], vocab_size - vocab_start))  # this shard's real columns
+        local_target = torch.where(target != ignore_index, target - vocab_start, -1)
         scale = torch.where(target != ignore_index, token_weight.float(), 0.0)
         inputs = hidden.to(weight.dtype)
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for first in range(0, tokens, chunk_tokens):
-            rows = slice(first, min(first + chunk_tokens, tokens))
-            chunk = inputs[rows]
-            logits = (chunk @ weight.t()).float()
-            if n_valid:
-                row_max, sum_exp, target_logit = chunk_stats(logits, target_local[rows], n_valid)
-            else:  # a rank holding only padding columns contributes nothing but joins the all-reduces
-                row_max = torch.full((logits.shape[0],), float("-inf"), device=logits.device)
-                sum_exp, target_logit = torch.zeros_like(row_max), torch.zeros_like(row_max)
+        width = chunk_columns or max(MIN_CHUNK_COLUMNS, CHUNK_ELEMENTS // min(tokens, block_tokens))
+        chunks = _column_chunks(n_valid, width)
+
+        def chunk_logits(block, start, stop, block_target):
+            logits = (block @ weight[start:stop].t()).float()
+            hit = (block_target >= start) & (block_target < stop)
+            return logits, torch.where(hit, block_target - start, -1)
+
+        for first in range(0, tokens, block_tokens):
+            rows = slice(first, min(first + block_tokens, tokens))
+            block, block_target, block_scale = inputs[rows], local_target[rows], scale[rows]
+            row_max = torch.full(block_target.shape, float("-inf"), device=hidden.device)
+            sum_exp, target_logit = torch.zeros_like(row_max), torch.zeros_like(row_max)
+            for start, stop in chunks:  # pass 1: online softmax statistics over this shard
+                logits, hit = chunk_logits(block, start, stop, block_target)
+                chunk_max, chunk_sum, chunk_target = chunk_stats(logits, hit, stop - start)
+                new_max = torch.maximum(row_max, chunk_max)
+                sum_exp = sum_exp * torch.exp(row_max - new_max) + chunk_sum * torch.exp(chunk_max - new_max)
+                row_max, target_logit = new_max, target_logit + chunk_target
             if tp_group is not None and dist.get_world_size(tp_group) > 1:
                 global_max = row_max.clone()
                 dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
+                # A shard of padding only has max -inf and sum 0: exp(-inf) keeps it out.
                 sums = torch.stack([sum_exp * torch.exp(row_max - global_max), target_logit])
                 dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=tp_group)
                 row_max, (sum_exp, target_logit) = global_max, sums
             lse = row_max + torch.log(sum_exp)
-            weights = scale[rows]
-            loss_sum += torch.where(weights != 0, (lse - target_logit) * weights, 0.0).sum()
-            grad_logits = chunk_grad_(logits, target_local[rows], lse, weights, n_valid).to(weight.dtype)
-            grad_hidden[rows] = grad_logits @ weight
-            if grad_logits.dtype == torch.float32:
-                grad_weight.addmm_(grad_logits.t(), chunk)
-            else:
-                grad_weight += (grad_logits.t() @ chunk).float()
+            loss_sum += torch.where(block_scale != 0, (lse - target_logit) * block_scale, 0.0).sum()
+            grad_block = torch.zeros(block.shape, dtype=torch.float32, device=hidden.device)
+            for start, stop in chunks:  # pass 2: gradients
+                logits, hit = chunk_logits(block, start, stop, block_target)
+                # Rounded to the weight's dtype like the unfused path's logit gradient; fp32 accumulation.
+                grad = chunk_grad_(logits, hit, lse, block_scale, stop - start).to(weight.dtype).float()
+                grad_block.addmm_(grad, weight[start:stop].float())
+                grad_weight[start:stop].addmm_(grad.t(), block.float())
+            grad_hidden[rows] = grad_block
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss_sum
@@ -90,7 +115,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             # In place: the saved gradients are used once (the loss is not backpropagated twice).
             grad_hidden.mul_(grad_loss)
             grad_weight.mul_(grad_loss)
-        return grad_hidden, grad_weight.to(ctx.weight_dtype), None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight.to(ctx.weight_dtype), *([None] * 9)
 
 
 def fused_linear_cross_entropy(
@@ -103,7 +128,8 @@ def fused_linear_cross_entropy(
     vocab_start: int = 0,
     vocab_size: int | None = None,
     tp_group=None,
-    chunk_tokens: int | None = None,
+    block_tokens: int = BLOCK_TOKENS,
+    chunk_columns: int | None = None,
     backend: str = "torch",
 ) -> torch.Tensor:
     """Scalar fp32 sum over tokens of token_weight * cross entropy of hidden @ weight.T.
@@ -122,6 +148,5 @@ def fused_linear_cross_entropy(
     if vocab_size is None:
         world = dist.get_world_size(tp_group) if tp_group is not None else 1
         vocab_size = weight.shape[0] * world
-    chunk_tokens = chunk_tokens or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return FusedLinearCrossEntropy.apply(hidden, weight, target, token_weight.reshape(-1), ignore_index,
-                                         vocab_start, vocab_size, tp_group, chunk_tokens, backend)  # fmt: skip
+    return FusedLinearCrossEntropy.apply(hidden, weight, target, token_weight.reshape(-1), ignore_index, vocab_start,
+                                         vocab_size, tp_group, block_tokens, chunk_columns, backend)  # fmt: skip

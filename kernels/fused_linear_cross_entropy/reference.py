@@ -1,10 +1,11 @@
 """Cross entropy over a chunk of logits in pure torch (the `torch` backend), and the unfused reference.
 
-The fused op (autograd.py) walks the tokens in chunks; for each chunk of [tokens, local vocab] fp32
-logits it needs two steps, given here in torch and in triton_impl.py as kernels:
+The fused op (autograd.py) walks the vocabulary in column chunks; for each chunk of [tokens, columns]
+fp32 logits it needs two steps, given here in torch and in triton_impl.py as kernels:
 
-- `chunk_stats`: per row, the max over the real (non-padding) columns, the sum of exp(logit - max)
-  and the target's logit when the target is in this rank's vocabulary shard (else 0);
+- `chunk_stats`: per row, the max over the first `n_valid` columns (the rest are padding), the sum of
+  exp(logit - max) and the target's logit when the target is in the chunk (else 0); the logits may be
+  overwritten (the op computes them again for the gradient);
 - `chunk_grad_`: in place, the logits become the loss gradient (softmax - onehot(target)) * scale,
   zero on padding columns, given the global log-sum-exp of every row.
 
@@ -19,12 +20,12 @@ import torch.nn.functional as F
 
 
 def chunk_stats(logits: torch.Tensor, target_local: torch.Tensor, n_valid: int):
-    """logits [c, V] fp32 (n_valid >= 1 real columns first); target_local [c], -1 when not on this shard."""
+    """logits [c, V] fp32 (n_valid >= 1 real columns first), overwritten; target_local [c], -1 when not in it."""
     valid = logits[:, :n_valid]
     row_max = valid.max(dim=-1).values
     hit = target_local >= 0
     picked = logits.gather(1, target_local.clamp(min=0)[:, None]).squeeze(1)
-    sum_exp = (valid - row_max[:, None]).exp_().sum(dim=-1)  # one chunk-sized temporary (the chunk's memory)
+    sum_exp = valid.sub_(row_max[:, None]).exp_().sum(dim=-1)  # in place: no chunk-sized temporary
     return row_max, sum_exp, torch.where(hit, picked, torch.zeros_like(picked))
 
 

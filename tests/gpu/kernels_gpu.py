@@ -145,9 +145,10 @@ def run(shape: dict, device: str, compile_reference: bool) -> list[dict]:
     hid, weight = randn(ce_n, ce_h), randn(vocab, ce_h, scale=0.02)
     labels = torch.randint(0, vocab, (ce_n,), generator=gen, device=device)
     mask = torch.ones(ce_n, device=device)
-    chunk = min(ce_n, max(1, CHUNK_ELEMENTS // vocab))
-    logits = torch.randn(chunk, vocab, generator=gen, device=device)
-    stats = ce_kernels.chunk_stats(logits, labels[:chunk], vocab)
+    columns = min(vocab, max(1, CHUNK_ELEMENTS // ce_n))  # one vocabulary chunk: [tokens, columns] logits
+    logits = torch.randn(ce_n, columns, generator=gen, device=device)
+    hit = labels % columns
+    stats = ce_kernels.chunk_stats(logits, hit, columns)
     lse = stats[0] + stats[1].log()
 
     def fused(a, b):
@@ -158,9 +159,8 @@ def run(shape: dict, device: str, compile_reference: bool) -> list[dict]:
 
     row = check_and_time(
         "fused_linear_cross_entropy", fused, unfused, [hid, weight], torch.tensor(1.0, device=device),
-        [("ce_stats", lambda: ce_kernels.chunk_stats(logits, labels[:chunk], vocab), chunk * vocab * 4),
-         ("ce_grad", lambda: ce_kernels.chunk_grad_(logits, labels[:chunk], lse, mask[:chunk], vocab),
-          2 * chunk * vocab * 4)],
+        [("ce_stats", lambda: ce_kernels.chunk_stats(logits, hit, columns), ce_n * columns * 4),
+         ("ce_grad", lambda: ce_kernels.chunk_grad_(logits, hit, lse, mask, columns), 2 * ce_n * columns * 4)],
         device, compile_reference)  # fmt: skip
     if device == "cuda":
         for label, fn in (("fused", fused), ("unfused", unfused)):

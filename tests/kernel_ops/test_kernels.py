@@ -177,7 +177,7 @@ def test_cross_entropy_chunk_steps(rows, n_cols, n_valid, block, monkeypatch):
     target = torch.randint(0, n_valid, (rows,), generator=gen)
     target[0] = -1  # not on this shard
     stats = triton_impl.chunk_stats(logits, target, n_valid, out=tuple(poisoned(logits, (rows,)) for _ in range(3)))
-    ref_stats = ce_reference.chunk_stats(logits, target, n_valid)
+    ref_stats = ce_reference.chunk_stats(logits.clone(), target, n_valid)  # the torch version works in place
     for name, got, want in zip(("max", "sum_exp", "target_logit"), stats, ref_stats, strict=True):
         assert_close(got, want, torch.float32, name)
     lse = ref_stats[0] + ref_stats[1].log()
@@ -188,8 +188,10 @@ def test_cross_entropy_chunk_steps(rows, n_cols, n_valid, block, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,hidden,vocab,real_vocab,chunk", [(37, 24, 203, 200, 10), (16, 8, 64, 64, 16)])
-def test_fused_linear_cross_entropy(tokens, hidden, vocab, real_vocab, chunk, dtype, backend):
+# block_tokens / chunk_columns: several token blocks and vocabulary chunks, with partial last ones.
+@pytest.mark.parametrize("tokens,hidden,vocab,real_vocab,block_tokens,chunk_columns",
+                         [(37, 24, 203, 200, 10, 48), (16, 8, 64, 64, 16, 64)])  # fmt: skip
+def test_fused_linear_cross_entropy(tokens, hidden, vocab, real_vocab, block_tokens, chunk_columns, dtype, backend):
     """The whole op (chunked, with ignore_index, a loss mask and vocabulary padding) against full logits."""
     gen = torch.Generator().manual_seed(tokens * vocab)
     h = torch.randn(tokens, hidden, generator=gen).to(dtype)
@@ -199,8 +201,8 @@ def test_fused_linear_cross_entropy(tokens, hidden, vocab, real_vocab, chunk, dt
     mask = (torch.rand(tokens, generator=gen) > 0.25).float()
 
     def fused(a, w):
-        return fused_linear_cross_entropy(a, w, target, mask, vocab_size=real_vocab, chunk_tokens=chunk,
-                                          backend=backend)  # fmt: skip
+        return fused_linear_cross_entropy(a, w, target, mask, vocab_size=real_vocab, block_tokens=block_tokens,
+                                          chunk_columns=chunk_columns, backend=backend)  # fmt: skip
 
     def unfused(a, w):
         return ce_reference.linear_cross_entropy(a, w, target, mask, vocab_size=real_vocab)
