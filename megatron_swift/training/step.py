@@ -85,6 +85,8 @@ def packed_seq_params(cu_seqlens: torch.Tensor):
 def _forward_step(data_iterator, model, vocab_size: int):
     from megatron.core.utils import get_batch_on_this_cp_rank, unwrap_model
 
+    from megatron_swift.models.kernel_modules import FusedLossGPTModel
+
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in next(data_iterator).items()}
     packed = None
@@ -98,10 +100,11 @@ def _forward_step(data_iterator, model, vocab_size: int):
         batch["position_ids"] = torch.arange(seq, device=device).unsqueeze(0).expand_as(batch["tokens"])
     if packed is None:
         batch = get_batch_on_this_cp_rank(batch)  # CP: this rank's two load-balanced sequence chunks
-    # Without labels the last stage returns vocab-parallel logits [b, s, v/tp]; the loss is ours.
+    # Without labels the last stage returns vocab-parallel logits [b, s, v/tp] (or, with the fused loss,
+    # the output layer's input [b, s, h]); the loss is ours.
     output = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed)
     core_model = unwrap_model(model)
-    if getattr(core_model, "returns_hidden_states", lambda: False)():
+    if isinstance(core_model, FusedLossGPTModel) and core_model.returns_hidden_states():
         return output, partial(_fused_loss_func, batch["loss_mask"], batch["labels"], vocab_size, core_model)
     return output, partial(_loss_func, batch["loss_mask"], batch["labels"], vocab_size)
 
