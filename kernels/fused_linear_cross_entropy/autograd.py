@@ -83,7 +83,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             sum_exp, target_logit = torch.zeros_like(row_max), torch.zeros_like(row_max)
             for start, stop in chunks:  # pass 1: online softmax statistics over this shard
                 logits, hit = chunk_logits(block, start, stop, block_target)
-                chunk_max, chunk_sum, chunk_target = chunk_stats(logits, hit, stop - start)
+                chunk_max, chunk_sum, chunk_target = chunk_stats(logits, hit)
                 new_max = torch.maximum(row_max, chunk_max)
                 sum_exp = sum_exp * torch.exp(row_max - new_max) + chunk_sum * torch.exp(chunk_max - new_max)
                 row_max, target_logit = new_max, target_logit + chunk_target
@@ -100,7 +100,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             for start, stop in chunks:  # pass 2: gradients
                 logits, hit = chunk_logits(block, start, stop, block_target)
                 # Rounded to the weight's dtype like the unfused path's logit gradient; fp32 accumulation.
-                grad = chunk_grad_(logits, hit, lse, block_scale, stop - start).to(weight.dtype).float()
+                grad = chunk_grad_(logits, hit, lse, block_scale).to(weight.dtype).float()
                 grad_block.addmm_(grad, weight[start:stop].float())
                 grad_weight[start:stop].addmm_(grad.t(), block.float())
             grad_hidden[rows] = grad_block

@@ -3,11 +3,12 @@
 The fused op (autograd.py) walks the vocabulary in column chunks; for each chunk of [tokens, columns]
 fp32 logits it needs two steps, given here in torch and in triton_impl.py as kernels:
 
-- `chunk_stats`: per row, the max over the first `n_valid` columns (the rest are padding), the sum of
-  exp(logit - max) and the target's logit when the target is in the chunk (else 0); the logits may be
-  overwritten (the op computes them again for the gradient);
+- `chunk_stats`: per row, the max, the sum of exp(logit - max) and the target's logit when the target
+  is in the chunk (else 0); the logits may be overwritten (the op computes them again for the gradient);
 - `chunk_grad_`: in place, the logits become the loss gradient (softmax - onehot(target)) * scale,
-  zero on padding columns, given the global log-sum-exp of every row.
+  given the global log-sum-exp of every row.
+
+Vocabulary padding never reaches them: the op leaves the padding columns out of its chunks.
 
 `linear_cross_entropy` is the plain single-rank computation (full logits, F.cross_entropy) that the
 fused op is tested and benchmarked against.
@@ -19,20 +20,18 @@ import torch
 import torch.nn.functional as F
 
 
-def chunk_stats(logits: torch.Tensor, target_local: torch.Tensor, n_valid: int):
-    """logits [c, V] fp32 (n_valid >= 1 real columns first), overwritten; target_local [c], -1 when not in it."""
-    valid = logits[:, :n_valid]
-    row_max = valid.max(dim=-1).values
+def chunk_stats(logits: torch.Tensor, target_local: torch.Tensor):
+    """logits [c, columns] fp32 (overwritten); target_local [c]: column of the target, -1 when not in the chunk."""
+    row_max = logits.max(dim=-1).values
     hit = target_local >= 0
     picked = logits.gather(1, target_local.clamp(min=0)[:, None]).squeeze(1)
-    sum_exp = valid.sub_(row_max[:, None]).exp_().sum(dim=-1)  # in place: no chunk-sized temporary
+    sum_exp = logits.sub_(row_max[:, None]).exp_().sum(dim=-1)  # in place: no chunk-sized temporary
     return row_max, sum_exp, torch.where(hit, picked, torch.zeros_like(picked))
 
 
-def chunk_grad_(logits, target_local, lse, scale, n_valid: int) -> torch.Tensor:
-    """In place: logits <- (exp(logits - lse) - onehot(target_local)) * scale, 0 on padding columns."""
-    logits[:, :n_valid].sub_(lse[:, None]).exp_().mul_(scale[:, None])
-    logits[:, n_valid:] = 0.0
+def chunk_grad_(logits, target_local, lse, scale) -> torch.Tensor:
+    """In place: logits <- (exp(logits - lse) - onehot(target_local)) * scale."""
+    logits.sub_(lse[:, None]).exp_().mul_(scale[:, None])
     rows = (target_local >= 0).nonzero().squeeze(1)
     logits[rows, target_local[rows]] -= scale[rows]
     return logits

@@ -18,18 +18,17 @@ TILE = 4096  # elements per program step: several rows at once only for small vo
 
 
 @triton.jit
-def _ce_stats(LOGITS, TARGET, MAX, SUM_EXP, TARGET_LOGIT, n_rows, n_cols, n_valid,
-              ROWS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _ce_stats(LOGITS, TARGET, MAX, SUM_EXP, TARGET_LOGIT, n_rows, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     row_ids = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     rows = row_ids[:, None]
-    valid_cols = tl.where(rows < n_rows, n_valid, 0)  # rows past the end read nothing
+    row_cols = tl.where(rows < n_rows, n_cols, 0)  # rows past the end read nothing
     running_max = tl.full([ROWS, BLOCK], float("-inf"), tl.float32)
     running_sum = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    for start in range(0, n_valid, BLOCK):
+    for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)[None, :]
-        x = tl.load(LOGITS + rows * n_cols + cols, mask=cols < valid_cols, other=float("-inf")).to(tl.float32)
+        x = tl.load(LOGITS + rows * n_cols + cols, mask=cols < row_cols, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(running_max, x)
-        # Lanes that have seen only padding stay at -inf; keep their exp() argument finite.
+        # Lanes that have seen only masked elements stay at -inf; keep their exp() argument finite.
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
         running_sum = running_sum * tl.exp(running_max - safe_max) + tl.exp(x - safe_max)
         running_max = new_max
@@ -46,7 +45,7 @@ def _ce_stats(LOGITS, TARGET, MAX, SUM_EXP, TARGET_LOGIT, n_rows, n_cols, n_vali
 
 
 @triton.jit
-def _ce_grad(LOGITS, TARGET, LSE, SCALE, n_rows, n_cols, n_valid, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _ce_grad(LOGITS, TARGET, LSE, SCALE, n_rows, n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     row_ids = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     safe_rows = tl.minimum(row_ids, n_rows - 1)
     rows = row_ids[:, None]
@@ -59,7 +58,7 @@ def _ce_grad(LOGITS, TARGET, LSE, SCALE, n_rows, n_cols, n_valid, ROWS: tl.const
         mask = cols < row_cols
         x = tl.load(LOGITS + rows * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
         grad = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
-        tl.store(LOGITS + rows * n_cols + cols, tl.where(cols < n_valid, grad, 0.0), mask=mask)
+        tl.store(LOGITS + rows * n_cols + cols, grad, mask=mask)
 
 
 def _tile(n: int) -> tuple[int, int]:
@@ -67,20 +66,19 @@ def _tile(n: int) -> tuple[int, int]:
     return max(1, TILE // block), block
 
 
-def chunk_stats(logits, target_local, n_valid: int, out=None):
-    """Same contract as reference.chunk_stats; `out` = (max, sum_exp, target_logit) buffers."""
+def chunk_stats(logits, target_local, out=None):
+    """Same contract as reference.chunk_stats (the logits are left unchanged here); `out` = (max, sum_exp,
+    target_logit) buffers."""
     n_rows, n_cols = logits.shape
     if out is None:
         out = tuple(torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(3))
-    rows, block = _tile(n_valid)
-    _ce_stats[(triton.cdiv(n_rows, rows),)](logits, target_local, *out, n_rows, n_cols, n_valid, ROWS=rows,
-                                            BLOCK=block)  # fmt: skip
+    rows, block = _tile(n_cols)
+    _ce_stats[(triton.cdiv(n_rows, rows),)](logits, target_local, *out, n_rows, n_cols, ROWS=rows, BLOCK=block)
     return out
 
 
-def chunk_grad_(logits, target_local, lse, scale, n_valid: int):
+def chunk_grad_(logits, target_local, lse, scale):
     n_rows, n_cols = logits.shape
     rows, block = _tile(n_cols)
-    _ce_grad[(triton.cdiv(n_rows, rows),)](logits, target_local, lse, scale, n_rows, n_cols, n_valid, ROWS=rows,
-                                           BLOCK=block)  # fmt: skip
+    _ce_grad[(triton.cdiv(n_rows, rows),)](logits, target_local, lse, scale, n_rows, n_cols, ROWS=rows, BLOCK=block)
     return logits
