@@ -28,14 +28,17 @@ setup(
     ],
     extras_require={
         # GPU clusters only: never install these on a CPU machine (a half-built TE breaks megatron-core imports).
-        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        # triton: compiles kernels/ for model.kernels=triton|auto (CUDA torch wheels usually bring a matching one).
+        "gpu": ["transformer-engine[pytorch]>=2.0", "triton>=3.2"],
         "serve": ["vllm>=0.8"],
         # Weight-only int8 quantization that runs on CPU (mswift-quantize --method int8); transformers
         # saves and loads it through TorchAoConfig.
         "quant": ["torchao>=0.14"],
         # GPU quantization paths (mswift-quantize --method gptq/awq/fp8); need CUDA.
         "quant-gpu": ["optimum>=1.20", "gptqmodel>=2.0", "llmcompressor>=0.6"],
-        "dev": ["pytest>=8", "ruff>=0.6", "accelerate>=1.0", "torchao>=0.14"],
+        # triton: the kernel tests run the Triton kernels on CPU through its interpreter (TRITON_INTERPRET=1);
+        # tested with 3.9 (the interpreter's bf16 handling differs between versions, see tests/kernel_ops).
+        "dev": ["pytest>=8", "ruff>=0.6", "accelerate>=1.0", "torchao>=0.14", "triton>=3.9"],
     },
     entry_points={
         "console_scripts": [

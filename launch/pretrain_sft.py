@@ -57,7 +57,9 @@ def build_model(job: JobConfig, args, load_weights: bool = True) -> list:
     # Initialisation stays on although every weight is then loaded: megatron-core marks tensor-parallel
     # weights (`tensor_model_parallel`, read by grad-norm clipping and the optimizers) only while initialising.
     config = transformer_config(args, job.parallel, params_dtype=dtype, **transformer_overrides(job))
-    chunks = build_model_chunks(args, config, spec=job.model.spec, attention=job.model.attention)
+    model = job.model
+    chunks = build_model_chunks(args, config, spec=model.spec, attention=model.attention, kernels=model.kernels,
+                                fused_linear_cross_entropy=model.fused_linear_cross_entropy)  # fmt: skip
     lora = job.train.train_type == "lora"
     if (load_weights or lora) and job.model.hf:
         load_hf_into_chunks(chunks, HFCheckpoint(job.model.hf), args)

@@ -31,15 +31,17 @@ def job_for(
 
 
 def losses_for_cases(cases: list[tuple[str, dict, dict]], data_path: str, output_dir: str) -> dict[int, list[float]]:
-    """case index -> per-step losses (reported by global rank 0) for (hf_dir, parallel, train[, lora]) cases."""
+    """case index -> per-step losses (reported by global rank 0) for (hf_dir, parallel, train[, lora[, model]])
+    cases; `model` holds ModelSection options (e.g. kernels)."""
     import os
 
     from launch.pretrain_sft import check_job, run_job
 
     found = {}
     try:
-        for index, (hf_dir, parallel, train, *lora) in enumerate(cases):
-            job = job_for(hf_dir, data_path, f"{output_dir}/case{index}", parallel, train, *lora)
+        for index, (hf_dir, parallel, train, *rest) in enumerate(cases):
+            lora, model = (rest[0] if rest else None), (rest[1] if len(rest) > 1 else {})
+            job = job_for(hf_dir, data_path, f"{output_dir}/case{index}", parallel, train, lora, **model)
             args = check_job(job, int(os.environ.get("WORLD_SIZE", 1)))
             ctx = init_distributed(job.parallel, seed=job.train.seed)
             results = run_job(job, ctx, args)

@@ -78,11 +78,23 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
-def build_model_chunks(args: GPTModelArgs, config, *, spec: str = "auto", attention: str = "sdpa") -> list:
+def build_model_chunks(
+    args: GPTModelArgs,
+    config,
+    *,
+    spec: str = "auto",
+    attention: str = "sdpa",
+    kernels: str | None = None,
+    fused_linear_cross_entropy: bool = False,
+) -> list:
     """GPTModel chunks for this rank (parallel state must be initialised).
 
     `attention` picks the core attention of the local spec: `sdpa` (PyTorch's fused kernel, see
     models/attention.py) or `local` (megatron-core's DotProductAttention). The TE spec ignores it.
+    `kernels` (auto | torch | triton | te, see models/kernel_modules.py) puts our RMSNorm and SwiGLU
+    modules into the local spec; None keeps megatron-core's own modules (as the converters do).
+    `fused_linear_cross_entropy` builds FusedLossGPTModel chunks, whose last stage hands the training
+    loss hidden states instead of logits (training/step.py).
     """
     if attention not in ("sdpa", "local"):
         raise ConfigError(f"model.attention={attention!r}: choose sdpa or local")
@@ -91,6 +103,16 @@ def build_model_chunks(args: GPTModelArgs, config, *, spec: str = "auto", attent
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     te = use_transformer_engine(spec)
+    backends = {}
+    if kernels is not None or fused_linear_cross_entropy:
+        from megatron_swift.models.kernel_modules import kernel_backends
+
+        backends = kernel_backends(kernels or "auto", te, fused_linear_cross_entropy)
+    model_cls, model_kwargs = GPTModel, {}
+    if fused_linear_cross_entropy:
+        from megatron_swift.models.kernel_modules import FusedLossGPTModel
+
+        model_cls, model_kwargs = FusedLossGPTModel, {"loss_backend": backends["fused_linear_cross_entropy"]}
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -102,8 +124,12 @@ def build_model_chunks(args: GPTModelArgs, config, *, spec: str = "auto", attent
             from megatron_swift.models.attention import use_sdpa_core_attention
 
             use_sdpa_core_attention(block_spec)
+        if kernels is not None and not te:
+            from megatron_swift.models.kernel_modules import use_kernel_modules
+
+            use_kernel_modules(block_spec, backends)
         chunks.append(
-            GPTModel(
+            model_cls(
                 config=config,
                 transformer_layer_spec=block_spec,
                 vocab_size=args.padded_vocab_size,
@@ -117,6 +143,7 @@ def build_model_chunks(args: GPTModelArgs, config, *, spec: str = "auto", attent
                 rope_scaling_factor=args.rope_scaling_factor,
                 seq_len_interpolation_factor=args.seq_len_interpolation_factor,
                 vp_stage=stage,
+                **model_kwargs,
             )
         )
     return chunks

@@ -21,6 +21,11 @@ class ModelSection:
     load: str | None = None  # or a megatron-swift checkpoint (from hf-to-mcore or training)
     spec: Literal["auto", "local", "te"] = "auto"
     attention: Literal["sdpa", "local"] = "sdpa"  # core attention of the local spec
+    # Our kernels (kernels/) for the local spec's norms and SwiGLU and for the fused loss: auto = triton on a
+    # CUDA GPU with Triton installed, else torch; te = the TE spec's own fused modules.
+    kernels: Literal["auto", "torch", "triton", "te"] = "auto"
+    # Loss from hidden states chunk by chunk, never materialising [tokens, vocab] logits (kernels choose how).
+    fused_linear_cross_entropy: bool = False
     make_vocab_size_divisible_by: int = 128
 
 
@@ -179,13 +184,21 @@ def precision(job: JobConfig) -> str:
 
 def environment_problems(job: JobConfig) -> list[str]:
     """What this machine cannot run: FP8 needs Transformer Engine on a GPU; context parallelism needs
-    TE's attention or our SDPA core attention (models/attention.py) in the local spec."""
+    TE's attention or our SDPA core attention (models/attention.py) in the local spec; `model.kernels`
+    must be available for the layer spec in use (models/kernel_modules.py)."""
     import torch
 
     from megatron_swift._optional import has_transformer_engine
+    from megatron_swift.config import ConfigError
+    from megatron_swift.models.builder import use_transformer_engine
+    from megatron_swift.models.kernel_modules import kernel_backends
 
     te_usable = torch.cuda.is_available() and has_transformer_engine() and job.model.spec != "local"
     found = []
+    try:
+        kernel_backends(job.model.kernels, use_transformer_engine(job.model.spec), job.model.fused_linear_cross_entropy)
+    except ConfigError as exc:
+        found.append(str(exc))
     if job.train.fp8_format and not te_usable:
         found.append("train.fp8_format: FP8 needs a CUDA GPU and transformer-engine (pip install '.[gpu]')")
     if job.parallel.context_parallel_size > 1 and not te_usable and job.model.attention != "sdpa":

@@ -4,6 +4,11 @@ The loss is the sum of per-token cross entropy over loss-masked tokens; megatron
 `calculate_per_token_loss` divides gradients by the global token count in `finalize_model_grads`,
 so the step is the exact token mean over the whole global batch whatever the split into data-parallel
 ranks, micro-batches, pipeline or context-parallel chunks.
+
+With `model.fused_linear_cross_entropy` the chunks are FusedLossGPTModel (models/kernel_modules.py):
+in training their last stage returns the output layer's input instead of logits, and the same loss is
+computed by the fused linear + cross-entropy op from those hidden states and the output weight,
+vocab-parallel over the TP group, without the [tokens, vocab] logits.
 """
 
 from __future__ import annotations
@@ -46,6 +51,27 @@ def _loss_func(loss_mask: torch.Tensor, labels: torch.Tensor, vocab_size: int, l
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
 
+def _fused_loss_func(loss_mask: torch.Tensor, labels: torch.Tensor, vocab_size: int, core_model, hidden):
+    """`_loss_func` from hidden states [b, s, h]: the output projection is fused into the loss."""
+    from megatron.core import parallel_state as ps
+
+    from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    weight = core_model.output_weight()
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = fused_linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        labels.reshape(-1),
+        mask,
+        vocab_start=ps.get_tensor_model_parallel_rank() * weight.shape[0],
+        vocab_size=vocab_size,
+        tp_group=ps.get_tensor_model_parallel_group(),
+        backend=core_model.loss_backend,
+    )
+    return loss_sum, mask.sum().to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
 def packed_seq_params(cu_seqlens: torch.Tensor):
     """megatron-core's THD description of one packed micro-batch (document offsets into its tokens)."""
     from megatron.core.packed_seq_params import PackedSeqParams
@@ -57,7 +83,9 @@ def packed_seq_params(cu_seqlens: torch.Tensor):
 
 
 def _forward_step(data_iterator, model, vocab_size: int):
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    from megatron.core.utils import get_batch_on_this_cp_rank, unwrap_model
+
+    from megatron_swift.models.kernel_modules import FusedLossGPTModel
 
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in next(data_iterator).items()}
@@ -72,8 +100,12 @@ def _forward_step(data_iterator, model, vocab_size: int):
         batch["position_ids"] = torch.arange(seq, device=device).unsqueeze(0).expand_as(batch["tokens"])
     if packed is None:
         batch = get_batch_on_this_cp_rank(batch)  # CP: this rank's two load-balanced sequence chunks
-    # Without labels the last stage returns vocab-parallel logits [b, s, v/tp]; the loss is ours.
+    # Without labels the last stage returns vocab-parallel logits [b, s, v/tp] (or, with the fused loss,
+    # the output layer's input [b, s, h]); the loss is ours.
     output = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed)
+    core_model = unwrap_model(model)
+    if isinstance(core_model, FusedLossGPTModel) and core_model.returns_hidden_states():
+        return output, partial(_fused_loss_func, batch["loss_mask"], batch["labels"], vocab_size, core_model)
     return output, partial(_loss_func, batch["loss_mask"], batch["labels"], vocab_size)
 
 
