@@ -61,6 +61,21 @@ def test_packed_micro_batch_layout():
         assert not flat["loss_mask"][start:end].any()
 
 
+def test_training_step_on_packed_rows_has_the_unpacked_loss(tiny_models, tmp_path):
+    """Through the launcher and train step: a global batch of every document, packed or not, has the same loss."""
+    from launch.pretrain_sft import train
+
+    losses = {}
+    for packing in (False, True):
+        job = job_for(str(tiny_models["llama"]), SFT, str(tmp_path / str(packing)), {}, {"train_iters": 1})
+        job.data = DataSection(dataset=[SFT], seq_length=SEQ, packing=packing, shuffle=False)
+        job.train.global_batch_size = 16 if packing else 20  # every packed row / every sample: all 20 documents
+        job.logging.tensorboard = False
+        (losses[packing],) = train(job)
+    assert losses[True].tokens == losses[False].tokens
+    assert abs(losses[True].loss - losses[False].loss) / losses[False].loss < 1e-5, losses
+
+
 @pytest.fixture(scope="module")
 def llama_world(tiny_models, tmp_path_factory):
     from launch.pretrain_sft import build_model, check_job
