@@ -119,10 +119,10 @@ def test_skip_bad_rows_counts_them_and_the_cache_survives_bad_input(tokenizer, t
 
 
 def test_workers_give_exactly_the_output_of_one(tokenizer):
-    rows = [Row(f"t:{i}", row) for i, row in enumerate(chat_conversations() * 120)]  # several chunks
+    rows = [Row(f"t:{i}", row) for i, row in enumerate(chat_conversations() * 30)]
     encoder = Encoder(tokenizer, make_template("chatml", tokenizer), LossPolicy())
-    one = [s for _, s in encode_rows(encoder, rows, workers=1)]
-    two = [s for _, s in encode_rows(encoder, rows, workers=2)]
+    one = [s for _, s in encode_rows(encoder, rows, workers=1, chunk_rows=50)]
+    two = [s for _, s in encode_rows(encoder, rows, workers=2, chunk_rows=50)]
     assert len(one) == len(two) == len(rows)
     assert all(
         np.array_equal(a.ids, b.ids) and np.array_equal(a.weights, b.weights) for a, b in zip(one, two, strict=True)

@@ -23,7 +23,7 @@ from megatron_swift.data.formats import Conversation, normalise
 from megatron_swift.data.labels import LossPolicy
 from megatron_swift.data.sources import Row
 
-CHUNK_ROWS = 512
+CHUNK_ROWS = 2048  # rows per encode_batch call (the Rust tokenizer parallelises inside a call)
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class Encoder:
         starts, position = [], 0  # first token of each segment: the token where its first character starts
         for segment in segments:
             token = encoding.char_to_token(position)
-            if token is not None and encoding.offsets[token][0] < position:
+            if token is not None and encoding.token_to_chars(token)[0] < position:
                 token += 1  # a token spanning the boundary belongs to the segment it starts in
             starts.append(len(ids) if token is None else token)
             position += len(segment.text)
@@ -104,26 +104,32 @@ def _encode_in_worker(rows: list[Row]) -> list[Sample | str]:
     return _worker_encoder.encode(rows)
 
 
-def _chunks(rows: Iterable[Row]) -> Iterator[list[Row]]:
+def _chunks(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
     chunk: list[Row] = []
     for row in rows:
         chunk.append(row)
-        if len(chunk) == CHUNK_ROWS:
+        if len(chunk) == size:
             yield chunk
             chunk = []
     if chunk:
         yield chunk
 
 
-def encode_rows(encoder: Encoder, rows: Iterable[Row], workers: int = 1, progress: bool = False,
-                total: int | None = None) -> Iterator[tuple[Row, Sample | str]]:  # fmt: skip
+def encode_rows(
+    encoder: Encoder,
+    rows: Iterable[Row],
+    workers: int = 1,
+    progress: bool = False,
+    total: int | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Iterator[tuple[Row, Sample | str]]:
     """(row, sample or problem) for every row, in row order, with `workers` processes (1: in this process)."""
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(tqdm(total=total, desc="tokenize", unit="rows", disable=not progress))
         sent: collections.deque[list[Row]] = collections.deque()  # chunks in the order they were handed out
 
         def feed() -> Iterator[list[Row]]:  # the pool's feeder thread pulls from this
-            for chunk in _chunks(rows):
+            for chunk in _chunks(rows, chunk_rows):
                 sent.append(chunk)
                 yield chunk
 
