@@ -14,6 +14,8 @@ from typing import Protocol
 
 import torch
 
+from megatron_swift.data.errors import DataError
+
 
 class Batches(Protocol):
     consumed_samples: int
@@ -26,7 +28,7 @@ class GlobalBatches:
 
     def __init__(self, items: Sequence, global_batch_size: int, seed: int, shuffle: bool, collate: Callable):
         if not len(items):
-            raise ValueError("no training samples")
+            raise DataError("no training samples")
         self.items, self.global_batch_size, self.seed, self.shuffle = items, global_batch_size, seed, shuffle
         self.collate = collate
         self.consumed_samples = 0

@@ -24,7 +24,7 @@ class BadRows:
     def report(self, where: str, problem: str) -> None:
         message = f"{where}: {problem}"
         if not self.skip:
-            raise DataError(message + " (or set data.skip_bad_rows to skip and count such rows)")
+            raise DataError(message + " (or skip and count such rows with skip_bad_rows)")
         self.count += 1
         if len(self.examples) < 3:
             self.examples.append(message)

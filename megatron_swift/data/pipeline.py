@@ -47,7 +47,7 @@ def encode_dataset(data, encoder: Encoder, seed: int, progress: bool) -> tuple[l
     """Every row tokenized (from the cache when it holds them); bad rows raise or are skipped and counted."""
     cache = None
     if data.cache_dir:
-        options = {name: getattr(data, name) for name in ("format", "loss_scale", "role_loss_scale")}
+        options = {name: getattr(data, name) for name in ("format", "loss_scale", "role_loss_scale", "skip_bad_rows")}
         template = encoder.template.name if encoder.template else None
         cache = SampleCache(data.cache_dir, cache_key(data.dataset, encoder.tokenizer, template,
                                                       {**options, "task": encoder.task, "seed": seed}))  # fmt: skip
@@ -70,53 +70,56 @@ def encode_dataset(data, encoder: Encoder, seed: int, progress: bool) -> tuple[l
     return samples, info
 
 
+def fit_samples(samples: list[Sample], max_length: int, strategy: str, stats: dict) -> list[Sample]:
+    """Samples cut to max_length by the truncation strategy; those left with nothing to train on are dropped."""
+    counts, fitted = TruncationCounts(), []
+    for sample in samples:
+        kept = truncate(sample.ids, sample.weights, max_length, strategy, counts)
+        if kept is not None and kept[1][1:].any():
+            fitted.append(Sample(*kept))
+    stats |= {"truncated": counts.truncated, "deleted_too_long": counts.deleted,
+              "no_target_after_truncation": counts.no_target, "trained_samples": len(fitted)}  # fmt: skip
+    if not fitted:
+        raise DataError(f"no sample left to train on after truncation to {max_length} tokens; raise "
+                        "data.seq_length or change data.truncation_strategy")  # fmt: skip
+    return fitted
+
+
 def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: int,
                      progress: bool = False) -> TrainData:  # fmt: skip
     """`data` is a training.config.DataSection; `task` is "pretrain" or "sft"."""
-    seq_length, pad_id = data.seq_length, tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id
+    seq_length = data.seq_length
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     max_length = data.max_length or seq_length + 1
     padded = PaddedCollate(seq_length, pad_id)
+
+    def batches(items, collate=padded) -> GlobalBatches:
+        return GlobalBatches(items, global_batch_size, seed, data.shuffle, collate)
+
     if len(data.dataset) == 1 and is_indexed_prefix(data.dataset[0]):
         windows = TokenWindows.from_indexed(data.dataset[0], seq_length, seed, data.shuffle)
-        return TrainData(GlobalBatches(windows, global_batch_size, seed, data.shuffle, padded), len(windows),
-                         stats={"indexed_windows": len(windows)})  # fmt: skip
+        return TrainData(batches(windows), len(windows), stats={"indexed_windows": len(windows)})
     encoder = make_encoder(data, tokenizer, task)
     if data.streaming:
-        collate = PaddedCollate(seq_length, pad_id)
         stream = StreamingBatches(data.dataset, encoder, max_length, data.truncation_strategy, global_batch_size,
-                                  collate, seed, data.shuffle_buffer if data.shuffle else 0,
+                                  padded, seed, data.shuffle_buffer if data.shuffle else 0,
                                   BadRows(skip=data.skip_bad_rows))  # fmt: skip
         return TrainData(stream, None, stats={"streaming": True})
     samples, stats = encode_dataset(data, encoder, seed, progress)
+    if not stats["bad_examples"]:
+        del stats["bad_examples"]
     samples, validation = split_rows(samples, data.split_dataset_ratio, seed)
-    stats = {key: value for key, value in stats.items() if key != "bad_examples"}
     stats |= {"samples": len(samples), "validation": len(validation)}
     if task == "pretrain" and not data.packing:
         windows = TokenWindows.from_samples(samples, seq_length, seed, data.shuffle)
         stats["windows"] = len(windows)
-        return TrainData(GlobalBatches(windows, global_batch_size, seed, data.shuffle, padded), len(windows),
-                         validation, stats)  # fmt: skip
-    counts, fitted = TruncationCounts(), []
-    for sample in samples:
-        kept = truncate(sample.ids, sample.weights, max_length, data.truncation_strategy, counts)
-        if kept is not None and kept[1][1:].any():
-            fitted.append(Sample(*kept))
-    stats |= {"truncated": counts.truncated, "deleted_too_long": counts.deleted, "no_target_after_truncation":
-              counts.no_target, "trained_samples": len(fitted)}  # fmt: skip
-    if not fitted:
-        raise DataError(f"{', '.join(data.dataset)}: no sample left to train on after truncation to {max_length} "
-                        "tokens; raise data.seq_length or change data.truncation_strategy")  # fmt: skip
+        return TrainData(batches(windows), len(windows), validation, stats)
+    fitted = fit_samples(samples, max_length, data.truncation_strategy, stats)
     lengths = [len(s.ids) for s in fitted]
     stats["padding_fraction_unpacked"] = round(padding_fraction(lengths, len(fitted), seq_length), 4)
     if not data.packing:
-        return TrainData(GlobalBatches(fitted, global_batch_size, seed, data.shuffle, padded), len(fitted),
-                         validation, stats)  # fmt: skip
+        return TrainData(batches(fitted), len(fitted), validation, stats)
     rows = [[fitted[i] for i in row] for row in pack(lengths, seq_length)]
-    stats |= {
-        "packed_rows": len(rows),
-        "padding_fraction_packed": round(padding_fraction(lengths, len(rows), seq_length), 4),
-    }
-    return TrainData(GlobalBatches(rows, global_batch_size, seed, data.shuffle, PackedCollate(seq_length, pad_id)),
-                     len(rows), validation, stats)  # fmt: skip
+    stats |= {"packed_rows": len(rows),
+              "padding_fraction_packed": round(padding_fraction(lengths, len(rows), seq_length), 4)}  # fmt: skip
+    return TrainData(batches(rows, PackedCollate(seq_length, pad_id)), len(rows), validation, stats)

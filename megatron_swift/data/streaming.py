@@ -21,18 +21,16 @@ from megatron_swift.data.sources import DatasetSpec, Row, check_exists, iter_row
 
 
 class StreamingBatches:
+    """The `Batches` protocol over a stream of rows; `consumed_samples` is the position in the stream."""
+
     def __init__(self, specs: list[str], encoder: Encoder, max_length: int, truncation: str, global_batch_size: int,
                  collate: Callable, seed: int, shuffle_buffer: int, bad: BadRows):  # fmt: skip
         self.paths = [DatasetSpec.parse(spec).path for spec in specs]
         for path in self.paths:
             check_exists(path)
         self.encoder, self.max_length, self.truncation = encoder, max_length, truncation
-        self.global_batch_size, self.collate, self.seed, self.shuffle_buffer = (
-            global_batch_size,
-            collate,
-            seed,
-            shuffle_buffer,
-        )
+        self.global_batch_size, self.collate = global_batch_size, collate
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.bad, self.counts = bad, TruncationCounts()
         self.consumed_samples = 0
 

@@ -43,7 +43,7 @@ class DataSection:
     max_length: int | None = None  # tokens per sample (default and maximum: seq_length + 1)
     truncation_strategy: Literal["delete", "left", "right"] = "right"
     loss_scale: Literal["default", "last_round", "all"] = "default"
-    role_loss_scale: list[str] = field(default_factory=lambda: ["tool=0"])  # role=scale multipliers
+    role_loss_scale: list[str] = field(default_factory=list)  # role=scale multipliers; tool=0 unless given here
     packing: bool = False  # several samples per row, attention kept within each (THD, cu_seqlens)
     streaming: bool = False
     shuffle: bool = True
