@@ -74,6 +74,9 @@ def fit_samples(samples: list[Sample], max_length: int, strategy: str, stats: di
     """Samples cut to max_length by the truncation strategy; those left with nothing to train on are dropped."""
     counts, fitted = TruncationCounts(), []
     for sample in samples:
+        if len(sample.ids) <= max_length:
+            fitted.append(sample)  # the common case; its trainable tokens were checked when it was encoded
+            continue
         kept = truncate(sample.ids, sample.weights, max_length, strategy, counts)
         if kept is not None and kept[1][1:].any():
             fitted.append(Sample(*kept))
