@@ -81,15 +81,30 @@ class Encoder:
         if plan is None:
             return Sample(np.append(ids, np.int32(self.eos_id)), np.ones(len(ids) + 1, dtype=np.float32))
         segments, segment_weights = plan
-        starts, position = [], 0  # first token of each segment: the token where its first character starts
+        starts, position = [], 0
         for segment in segments:
-            token = encoding.char_to_token(position)
-            if token is not None and encoding.token_to_chars(token)[0] < position:
-                token += 1  # a token spanning the boundary belongs to the segment it starts in
-            starts.append(len(ids) if token is None else token)
+            starts.append(_first_token(encoding, position, len(segment.text)))
             position += len(segment.text)
+        following = len(ids)
+        for index in reversed(range(len(starts))):  # a segment without a token of its own starts where the next does
+            if starts[index] is None:
+                starts[index] = following
+            following = starts[index]
         counts = np.diff(np.asarray([*starts, len(ids)]))
         return Sample(ids, np.repeat(np.asarray(segment_weights, dtype=np.float32), counts))
+
+
+def _first_token(encoding, start: int, length: int) -> int | None:
+    """The first token that starts inside characters [start, start + length), or None.
+
+    A token spanning the boundary belongs to the segment it starts in; characters no token covers
+    (a normalizer may drop some) are skipped.
+    """
+    for position in range(start, start + length):
+        token = encoding.char_to_token(position)
+        if token is not None:
+            return token + 1 if encoding.token_to_chars(token)[0] < start else token
+    return None
 
 
 _worker_encoder: Encoder | None = None
