@@ -123,3 +123,13 @@ def test_packed_batch_gives_each_documents_unpacked_loss(llama_world):
     leaky = forward_logits(chunks, flat["tokens"], args.vocab_size)[0]
     leaked = _document_losses(leaky, flat["labels"][0], flat["loss_mask"][0], bounds)
     assert max(abs(p - u) for p, u in zip(leaked[1:], unpacked[1:], strict=True)) > 1e-3
+
+
+def test_preflight_refuses_packing_with_context_parallelism():
+    from megatron_swift.config import ParallelConfig
+    from megatron_swift.training.config import TrainSection, data_problems
+
+    problems = data_problems(
+        DataSection(dataset=[SFT], packing=True), TrainSection(), ParallelConfig(context_parallel_size=2)
+    )
+    assert any(p.startswith("data.packing: packed rows are not split over context-parallel ranks") for p in problems)

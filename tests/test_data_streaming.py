@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from megatron_swift.config import ParallelConfig
 from megatron_swift.data import build_train_data
 from megatron_swift.models.tiny import make_tiny_tokenizer
 from megatron_swift.training.config import DataSection, TrainSection, data_problems
@@ -59,6 +60,6 @@ def test_data_parallel_ranks_take_their_slice_of_the_stream(tokenizer, corpus):
 
 def test_streaming_preflight_refuses_what_a_stream_cannot_do():
     data = DataSection(dataset=["a.jsonl#3"], streaming=True, truncation_strategy="delete", packing=True)
-    problems = "\n".join(data_problems(data, TrainSection(epochs=1.0)))
+    problems = "\n".join(data_problems(data, TrainSection(epochs=1.0), ParallelConfig()))
     for field in ("data.truncation_strategy=delete", "data.packing", "data.dataset", "data.streaming"):
         assert field in problems

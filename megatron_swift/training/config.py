@@ -33,9 +33,8 @@ class ModelSection:
 class DataSection:
     """Field names follow ms-swift where it has one (see megatron_swift/data/ and the README's data section)."""
 
-    dataset: list[str] = field(
-        default_factory=list
-    )  # files / datasets dirs, `path#N` = N rows of it; or a .bin/.idx prefix
+    # files or datasets dirs (`path#N`: N rows of it), or the prefix of indexed data (.bin/.idx)
+    dataset: list[str] = field(default_factory=list)
     format: Literal["auto", "messages", "sharegpt", "alpaca", "query_response", "text"] = "auto"
     # auto: the tokenizer's chat_template when it has one, else chatml
     template: Literal["auto", "tokenizer", "chatml", "qwen", "agent", "llama3", "mistral", "plain"] = "auto"
@@ -115,7 +114,7 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
     found = list(p.problems(world_size))
     if (job.model.hf is None) == (job.model.load is None):
         found.append("model.hf or model.load: set exactly one (an HF directory or a megatron-swift checkpoint)")
-    found += data_problems(job.data, t)
+    found += data_problems(job.data, t, p)
     for name in ("micro_batch_size", "global_batch_size", "train_iters"):
         if getattr(t, name) < 1:
             found.append(f"train.{name} must be >= 1, got {getattr(t, name)}")
@@ -164,8 +163,10 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
     return found
 
 
-def data_problems(d: DataSection, t: TrainSection) -> list[str]:
+def data_problems(d: DataSection, t: TrainSection, p: ParallelConfig) -> list[str]:
     found = []
+    if d.packing and p.context_parallel_size > 1:
+        found.append("data.packing: packed rows are not split over context-parallel ranks; use context_parallel_size 1")
     if not d.dataset:
         found.append("data.dataset: at least one dataset (file, datasets dir or indexed prefix) is required")
     if d.seq_length < 2:
