@@ -102,6 +102,14 @@ def iter_rows(path: Path, bad: BadRows) -> Iterator[Row]:
                 yield Row(f"{path}:{number}", data)
 
 
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """(line or record number, row) for every row of one file, all read first; a bad row raises DataError."""
+    rows = [(int(row.where.rsplit(":", 1)[1]), row.data) for row in iter_rows(Path(path), BadRows())]
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
 def _take(rows: list[Row], count: int, seed: int) -> list[Row]:
     """`count` rows: whole copies of the dataset, then a seeded random subset for the remainder."""
     repeats, remainder = divmod(count, len(rows))
