@@ -151,7 +151,10 @@ def encode_rows(
         if workers <= 1:
             results = map(encoder.encode, feed())
         else:
-            pool = stack.enter_context(multiprocessing.get_context().Pool(workers, _init_worker, (encoder,)))
+            # spawn, not fork: forking a process that already runs threads (the Rust tokenizer's pool, torch,
+            # process groups) can deadlock the child on a lock some other thread held at fork time.
+            context = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(context.Pool(workers, _init_worker, (encoder,)))
             results = pool.imap(_encode_in_worker, feed())
         for result in results:
             chunk = sent.popleft()
