@@ -10,7 +10,7 @@ class DataError(ValueError):
 
 
 class RowProblem(ValueError):
-    """What is wrong with one row, before its location is known."""
+    """What is wrong with one row; whoever knows the row's file:line turns it into a DataError (or counts it)."""
 
 
 @dataclass
