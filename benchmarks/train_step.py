@@ -45,7 +45,7 @@ def make_batch(vocab: int, batch: int, seq: int) -> dict[str, torch.Tensor]:
 class Ours:
     def __init__(self, hf_dir: Path, data: Path, batch: int, seq: int, lr: float):
         self.job = JobConfig()
-        self.job.model.hf, self.job.data.path, self.job.data.seq_length = str(hf_dir), str(data), seq
+        self.job.model.hf, self.job.data.dataset, self.job.data.seq_length = str(hf_dir), [str(data)], seq
         self.job.train = TrainSection(micro_batch_size=batch, global_batch_size=batch, lr=lr, weight_decay=0.0,
                                       lr_decay_style="constant", clip_grad=1.0, train_iters=10**6)  # fmt: skip
         self.configure(self.job)

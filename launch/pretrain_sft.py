@@ -76,7 +76,7 @@ def run_job(job: JobConfig, ctx, args) -> list:
     """Build, load (or resume) and train in an initialised world; returns the step results."""
     from transformers import AutoTokenizer
 
-    from megatron_swift.data.simple import GlobalBatches, build_samples
+    from megatron_swift.data import build_train_data
     from megatron_swift.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from megatron_swift.training.flops import flops_per_token
     from megatron_swift.training.loop import run_training
@@ -89,12 +89,14 @@ def run_job(job: JobConfig, ctx, args) -> list:
         describe_model(Path(ckpt.save), args, model_source(job), precision(job), job.parallel,
                        job.model.make_vocab_size_divisible_by, lora=lora_export_meta(job))  # fmt: skip
     # Data first: a bad row fails before the model is built.
-    samples = build_samples(job.data.path, AutoTokenizer.from_pretrained(model_source(job)), job.data.seq_length,
-                            job.train.task)  # fmt: skip
+    data = build_train_data(job.data, AutoTokenizer.from_pretrained(model_source(job)), job.train.task,
+                            job.train.global_batch_size, job.train.seed, progress=ctx.is_main)  # fmt: skip
+    if ctx.is_main:
+        print(data.summary())
     if job.train.epochs is not None:
-        iters = math.ceil(job.train.epochs * len(samples) / job.train.global_batch_size)
+        iters = math.ceil(job.train.epochs * data.num_samples / job.train.global_batch_size)
         job = dataclasses.replace(job, train=dataclasses.replace(job.train, train_iters=iters))
-    batches = GlobalBatches(samples, job.train.global_batch_size, job.train.seed, job.data.shuffle)
+    batches = data.batches
     resume_from = latest_checkpoint(ckpt.load or ckpt.save) if (ckpt.load or ckpt.save) else None
     chunks, optimizer, scheduler = wrap_for_training(build_model(job, args, load_weights=resume_from is None), job)
     start = 0
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML job file; --section.field value pairs override it")
     known, overrides = parser.parse_known_args(argv)
     from converters.hf_io import CheckpointError
-    from megatron_swift.data.simple import DataError
+    from megatron_swift.data import DataError
     from megatron_swift.models import UnsupportedModelError
     from megatron_swift.tuners.lora.layers import LoraError
 

@@ -90,7 +90,7 @@ def test_gated_method_fails_before_any_work(tuned, tmp_path, monkeypatch, capsys
 
 
 def test_calibration_texts_from_training_rows(tmp_path):
-    from megatron_swift.data.simple import DataError
+    from megatron_swift.data import DataError
     from megatron_swift.models.tiny import make_tiny_tokenizer
 
     tokenizer = make_tiny_tokenizer()

@@ -16,7 +16,7 @@ DATA = ROOT / "examples" / "data" / "sft_sample.jsonl"
 
 def _launch(hf: Path, out: Path, iters: int, interval: int) -> subprocess.Popen:
     args = [
-        sys.executable, str(ROOT / "launch" / "pretrain_sft.py"), "--model.hf", str(hf), "--data.path", str(DATA),
+        sys.executable, str(ROOT / "launch" / "pretrain_sft.py"), "--model.hf", str(hf), "--data.dataset", str(DATA),
         "--data.seq_length", "32", "--train.global_batch_size", "4", "--train.train_iters", str(iters),
         "--train.lr", "1e-3", "--checkpoint.output_dir", str(out), "--checkpoint.save", str(out / "ckpt"),
         "--checkpoint.save_interval", str(interval),

@@ -98,14 +98,16 @@ def test_first_step_loss_equals_hf_loss_with_padded_vocab(tiny_models, tmp_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from launch.pretrain_sft import train
-    from megatron_swift.data.simple import GlobalBatches, build_samples
+    from megatron_swift.data import build_train_data
 
     hf = tiny_models["qwen2"]  # tied embeddings; vocab 384 padded to 512 below
     job = job_for(str(hf), DATA, str(tmp_path), {}, {"train_iters": 1}, make_vocab_size_divisible_by=256)
     (result,) = train(job)
 
-    samples = build_samples(DATA, AutoTokenizer.from_pretrained(hf), job.data.seq_length, "sft")
-    batch = GlobalBatches(samples, job.train.global_batch_size, job.train.seed).next_microbatches(0, 1, 4)[0]
+    data = build_train_data(
+        job.data, AutoTokenizer.from_pretrained(hf), "sft", job.train.global_batch_size, job.train.seed
+    )
+    batch = data.batches.next_microbatches(0, 1, 4)[0]
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         logits = model(batch["tokens"]).logits

@@ -15,18 +15,18 @@ def fine_tune(base_dir: Path, out_dir: Path, steps: int = 12, lr: float = 1e-2) 
     """Full-batch Adam on the sample chats with the assistant-only loss; saves an HF directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_swift.data.simple import build_samples
+    from megatron_swift.data.packing import PaddedCollate
+    from megatron_swift.eval.perplexity import encode_rows
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    samples = build_samples(SFT_DATA, tokenizer, 64, "sft")
-    tokens = torch.stack([s.tokens for s in samples])
-    mask = torch.stack([s.loss_mask for s in samples])[:, 1:]
+    batch = PaddedCollate(64, tokenizer.pad_token_id)(encode_rows(SFT_DATA, tokenizer, 64, "sft"))
+    mask = batch["loss_mask"]
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
-        logits = model(input_ids=tokens[:, :-1]).logits
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+        logits = model(input_ids=batch["tokens"]).logits
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")
         loss = (nll * mask).sum() / mask.sum()
         optimizer.zero_grad()
         loss.backward()

@@ -20,7 +20,7 @@ def job_for(
         job.lora = LoraConfig(**lora)
         train = {**train, "train_type": "lora"}
     job.model = dataclasses.replace(job.model, hf=hf_dir, **model)
-    job.data.path, job.data.seq_length = data_path, 32
+    job.data.dataset, job.data.seq_length = [data_path], 32
     job.parallel = ParallelConfig(**parallel)
     job.train = dataclasses.replace(
         TrainSection(global_batch_size=4, micro_batch_size=1, train_iters=3, lr=1e-3, lr_decay_style="constant"),

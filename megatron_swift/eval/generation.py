@@ -61,7 +61,7 @@ def _row(where: str, row: dict) -> PromptRow:
 
 def read_prompt_rows(path: str | Path) -> list[PromptRow]:
     """Every row of a JSONL file, validated before any model work; errors name file:line."""
-    from megatron_swift.data.simple import DataError, read_jsonl
+    from megatron_swift.data import DataError, read_jsonl
 
     try:
         rows = read_jsonl(path)

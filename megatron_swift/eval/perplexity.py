@@ -13,14 +13,18 @@ from pathlib import Path
 
 import torch
 
-from megatron_swift.data.simple import Sample
+from megatron_swift.data.encode import Sample
+from megatron_swift.data.packing import PaddedCollate
 
 
 def encode_rows(path: str | Path, tokenizer, seq_length: int, task: str = "sft") -> list[Sample]:
-    """Rows of a JSONL file -> samples of token ids and loss mask, exactly as training builds them."""
-    from megatron_swift.data.simple import build_samples
+    """Rows of a dataset -> samples of token ids and loss weights, exactly as training builds them (unshuffled)."""
+    from megatron_swift.data import build_train_data
+    from megatron_swift.training.config import DataSection
 
-    return build_samples(path, tokenizer, seq_length, task)
+    data = DataSection(dataset=[str(path)], seq_length=seq_length, shuffle=False)
+    items = build_train_data(data, tokenizer, task, 1, 0).batches.items
+    return [items[i] for i in range(len(items))]
 
 
 @torch.no_grad()
@@ -31,8 +35,8 @@ def masked_loss(model, samples: list[Sample], batch_size: int = 8) -> dict:
     tokens_counted = 0
     for start in range(0, len(samples), batch_size):
         group = samples[start : start + batch_size]
-        tokens = torch.stack([s.tokens for s in group])
-        inputs, labels, mask = tokens[:, :-1], tokens[:, 1:], torch.stack([s.loss_mask for s in group])[:, 1:]
+        batch = PaddedCollate(max(len(s.ids) for s in group) - 1, pad_id=0)(group)
+        inputs, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
         # Samples are right-padded with mask 0; causal attention makes every position independent of
         # what follows it, so dropping the columns after the last target changes no loss term.
         targets = mask.any(dim=0).nonzero()

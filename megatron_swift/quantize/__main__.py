@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_swift.data.simple import DataError
+    from megatron_swift.data import DataError
     from megatron_swift.eval.loading import EvalInputError
     from megatron_swift.quantize.run import QuantizeError, quantize_model
 

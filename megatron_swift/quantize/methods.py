@@ -66,7 +66,7 @@ def unavailable_reason(name: str, calibration: str | None = None) -> str | None:
 
 def calibration_texts(path: str | Path, tokenizer, limit: int = 128) -> list[str]:
     """Up to `limit` texts from training-format rows: `text`, or `messages` rendered with the chat template."""
-    from megatron_swift.data.simple import DataError, read_jsonl
+    from megatron_swift.data import DataError, read_jsonl
 
     texts = []
     for _, row in read_jsonl(path)[:limit]:

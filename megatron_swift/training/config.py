@@ -31,9 +31,26 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    path: str | None = None  # JSONL: {"text": ...} for pretrain, {"messages": [...]} for sft
+    """Field names follow ms-swift where it has one (see megatron_swift/data/ and the README's data section)."""
+
+    # files or datasets dirs (`path#N`: N rows of it), or the prefix of indexed data (.bin/.idx)
+    dataset: list[str] = field(default_factory=list)
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "query_response", "text"] = "auto"
+    # auto: the tokenizer's chat_template when it has one, else chatml
+    template: Literal["auto", "tokenizer", "chatml", "qwen", "agent", "llama3", "mistral", "plain"] = "auto"
     seq_length: int = 512
+    max_length: int | None = None  # tokens per sample (default and maximum: seq_length + 1)
+    truncation_strategy: Literal["delete", "left", "right"] = "right"
+    loss_scale: Literal["default", "last_round", "all"] = "default"
+    role_loss_scale: list[str] = field(default_factory=list)  # role=scale multipliers; tool=0 unless given here
+    packing: bool = False  # several samples per row, attention kept within each (THD, cu_seqlens)
+    streaming: bool = False
     shuffle: bool = True
+    shuffle_buffer: int = 10000  # streaming only
+    split_dataset_ratio: float = 0.0  # held out for validation
+    dataset_num_proc: int = 1  # tokenization worker processes
+    skip_bad_rows: bool = False  # skip and count malformed rows instead of stopping at the first
+    cache_dir: str | None = None  # tokenized samples cached here, keyed by (files, tokenizer, template, options)
 
 
 @dataclass
@@ -97,10 +114,7 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
     found = list(p.problems(world_size))
     if (job.model.hf is None) == (job.model.load is None):
         found.append("model.hf or model.load: set exactly one (an HF directory or a megatron-swift checkpoint)")
-    if job.data.path is None:
-        found.append("data.path: a JSONL dataset is required")
-    if job.data.seq_length < 2:
-        found.append(f"data.seq_length={job.data.seq_length} must be >= 2")
+    found += data_problems(job.data, t, p)
     for name in ("micro_batch_size", "global_batch_size", "train_iters"):
         if getattr(t, name) < 1:
             found.append(f"train.{name} must be >= 1, got {getattr(t, name)}")
@@ -146,6 +160,37 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
             )
     if model_args is not None:
         found += [f"model: {problem}" for problem in model_layout_problems(model_args, p) if problem not in found]
+    return found
+
+
+def data_problems(d: DataSection, t: TrainSection, p: ParallelConfig) -> list[str]:
+    found = []
+    if d.packing and p.context_parallel_size > 1:
+        found.append("data.packing: packed rows are not split over context-parallel ranks; use context_parallel_size 1")
+    if not d.dataset:
+        found.append("data.dataset: at least one dataset (file, datasets dir or indexed prefix) is required")
+    if d.seq_length < 2:
+        found.append(f"data.seq_length={d.seq_length} must be >= 2")
+    if d.max_length is not None and not 2 <= d.max_length <= d.seq_length + 1:
+        found.append(f"data.max_length={d.max_length} must be in [2, seq_length + 1 = {d.seq_length + 1}]")
+    if not 0 <= d.split_dataset_ratio < 1:
+        found.append(f"data.split_dataset_ratio={d.split_dataset_ratio} must be in [0, 1)")
+    if d.dataset_num_proc < 1:
+        found.append(f"data.dataset_num_proc={d.dataset_num_proc} must be >= 1")
+    if d.streaming:
+        for option, bad, why in (
+            (
+                "truncation_strategy",
+                d.truncation_strategy == "delete",
+                "=delete: use left or right (sample positions in a stream must not depend on tokenization)",
+            ),
+            ("packing", d.packing, ": packing needs the whole dataset tokenized (streaming=false)"),
+            ("split_dataset_ratio", d.split_dataset_ratio > 0, ": no validation split of a stream"),
+            ("dataset", any("#" in spec for spec in d.dataset), ": path#N mixing needs streaming=false"),
+            ("streaming", t.epochs is not None, ": a stream has no length; set train.train_iters, not train.epochs"),
+        ):
+            if bad:
+                found.append(f"data.{option}{why}")
     return found
 
 

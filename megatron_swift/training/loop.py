@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_swift.data.simple import GlobalBatches
+from megatron_swift.data.batches import Batches
 from megatron_swift.training.config import JobConfig
 from megatron_swift.training.flops import peak_flops
 from megatron_swift.training.metrics import MetricsLogger
@@ -57,7 +57,7 @@ def run_training(
     chunks,
     optimizer,
     scheduler,
-    batches: GlobalBatches,
+    batches: Batches,
     vocab_size: int,
     *,
     start_iteration: int = 0,

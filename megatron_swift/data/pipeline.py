@@ -1,0 +1,128 @@
+"""The training data interface: a `DataSection` and a tokenizer in, resumable global batches out.
+
+    data = build_train_data(job.data, tokenizer, task, global_batch_size, seed)
+    data.batches.next_microbatches(dp_rank, dp_size, micro_batch_size)  # each step
+    data.batches.consumed_samples                                       # checkpointed, restored on resume
+
+Paths: an indexed prefix (.bin/.idx) gives GPT-style windows; text rows (task=pretrain) give the
+same windows over the tokenized documents; conversations give one padded sample per row, or packed
+rows (packing=true, also for pretraining documents); streaming=true reads and tokenizes lazily.
+Every rank builds the same data (from the cache when one is set), so all ranks agree on the order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_swift.data.batches import Batches, GlobalBatches
+from megatron_swift.data.cache import SampleCache, cache_key
+from megatron_swift.data.encode import Encoder, Sample, encode_rows
+from megatron_swift.data.errors import BadRows, DataError
+from megatron_swift.data.indexed import TokenWindows, is_indexed_prefix
+from megatron_swift.data.labels import LossPolicy, TruncationCounts, parse_role_scales, truncate
+from megatron_swift.data.packing import PackedCollate, PaddedCollate, pack, padding_fraction
+from megatron_swift.data.sources import load_rows, split_rows
+from megatron_swift.data.streaming import StreamingBatches
+from megatron_swift.data.templates import make_template
+
+
+@dataclass
+class TrainData:
+    batches: Batches
+    num_samples: int | None  # items in one epoch (packed rows when packing); None for a stream
+    validation: list[Sample] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return "data: " + ", ".join(f"{key}={value}" for key, value in self.stats.items())
+
+
+def make_encoder(data, tokenizer, task: str) -> Encoder:
+    template = make_template(data.template, tokenizer) if task == "sft" else None
+    policy = LossPolicy(data.loss_scale, {"tool": 0.0, **parse_role_scales(data.role_loss_scale)})
+    return Encoder(tokenizer, template, policy, data.format, task)
+
+
+def encode_dataset(data, encoder: Encoder, seed: int, progress: bool) -> tuple[list[Sample], dict]:
+    """Every row tokenized (from the cache when it holds them); bad rows raise or are skipped and counted."""
+    cache = None
+    if data.cache_dir:
+        options = {name: getattr(data, name) for name in ("format", "loss_scale", "role_loss_scale", "skip_bad_rows")}
+        template = encoder.template.name if encoder.template else None
+        cache = SampleCache(data.cache_dir, cache_key(data.dataset, encoder.tokenizer, template,
+                                                      {**options, "task": encoder.task, "seed": seed}))  # fmt: skip
+        cached = cache.load()
+        if cached is not None:
+            return cached
+    bad = BadRows(skip=data.skip_bad_rows)
+    rows = load_rows(data.dataset, seed, bad)
+    samples = []
+    for row, result in encode_rows(encoder, rows, data.dataset_num_proc, progress, len(rows)):
+        if isinstance(result, str):
+            bad.report(row.where, result)
+        else:
+            samples.append(result)
+    if not samples:
+        raise DataError(f"{', '.join(data.dataset)}: no usable rows ({bad.count} bad)")
+    info = {"rows": len(rows), "bad_rows": bad.count, "bad_examples": bad.examples}
+    if cache is not None:
+        cache.save(samples, info)
+    return samples, info
+
+
+def fit_samples(samples: list[Sample], max_length: int, strategy: str, stats: dict) -> list[Sample]:
+    """Samples cut to max_length by the truncation strategy; those left with nothing to train on are dropped."""
+    counts, fitted = TruncationCounts(), []
+    for sample in samples:
+        if len(sample.ids) <= max_length:
+            fitted.append(sample)  # the common case; its trainable tokens were checked when it was encoded
+            continue
+        kept = truncate(sample.ids, sample.weights, max_length, strategy, counts)
+        if kept is not None and kept[1][1:].any():
+            fitted.append(Sample(*kept))
+    stats |= {"truncated": counts.truncated, "deleted_too_long": counts.deleted,
+              "no_target_after_truncation": counts.no_target, "trained_samples": len(fitted)}  # fmt: skip
+    if not fitted:
+        raise DataError(f"no sample left to train on after truncation to {max_length} tokens; raise "
+                        "data.seq_length or change data.truncation_strategy")  # fmt: skip
+    return fitted
+
+
+def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: int,
+                     progress: bool = False) -> TrainData:  # fmt: skip
+    """`data` is a training.config.DataSection; `task` is "pretrain" or "sft"."""
+    seq_length = data.seq_length
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    max_length = data.max_length or seq_length + 1
+    padded = PaddedCollate(seq_length, pad_id)
+
+    def batches(items, collate=padded) -> GlobalBatches:
+        return GlobalBatches(items, global_batch_size, seed, data.shuffle, collate)
+
+    if len(data.dataset) == 1 and is_indexed_prefix(data.dataset[0]):
+        windows = TokenWindows.from_indexed(data.dataset[0], seq_length, seed, data.shuffle)
+        return TrainData(batches(windows), len(windows), stats={"indexed_windows": len(windows)})
+    encoder = make_encoder(data, tokenizer, task)
+    if data.streaming:
+        stream = StreamingBatches(data.dataset, encoder, max_length, data.truncation_strategy, global_batch_size,
+                                  padded, seed, data.shuffle_buffer if data.shuffle else 0,
+                                  BadRows(skip=data.skip_bad_rows))  # fmt: skip
+        return TrainData(stream, None, stats={"streaming": True})
+    samples, stats = encode_dataset(data, encoder, seed, progress)
+    if not stats["bad_examples"]:
+        del stats["bad_examples"]
+    samples, validation = split_rows(samples, data.split_dataset_ratio, seed)
+    stats |= {"samples": len(samples), "validation": len(validation)}
+    if task == "pretrain" and not data.packing:
+        windows = TokenWindows.from_samples(samples, seq_length, seed, data.shuffle)
+        stats["windows"] = len(windows)
+        return TrainData(batches(windows), len(windows), validation, stats)
+    fitted = fit_samples(samples, max_length, data.truncation_strategy, stats)
+    lengths = [len(s.ids) for s in fitted]
+    stats["padding_fraction_unpacked"] = round(padding_fraction(lengths, len(fitted), seq_length), 4)
+    if not data.packing:
+        return TrainData(batches(fitted), len(fitted), validation, stats)
+    rows = [[fitted[i] for i in row] for row in pack(lengths, seq_length)]
+    stats |= {"packed_rows": len(rows),
+              "padding_fraction_packed": round(padding_fraction(lengths, len(rows), seq_length), 4)}  # fmt: skip
+    return TrainData(batches(rows, PackedCollate(seq_length, pad_id)), len(rows), validation, stats)
