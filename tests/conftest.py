@@ -27,3 +27,19 @@ def converted(tiny_models, tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("mcore")
     return {name: hf_to_mcore(path, root / name) for name, path in tiny_models.items()}
+
+
+@pytest.fixture(scope="module")
+def llama_world(tiny_models, tmp_path_factory):
+    """(model chunks, model args) of the tiny Llama built as training builds it, in a world of size 1."""
+    from launch.pretrain_sft import build_model, check_job
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from tests.train_matrix import job_for
+
+    job = job_for(str(tiny_models["llama"]), "unused.jsonl", str(tmp_path_factory.mktemp("out")), {}, {})
+    args = check_job(job, 1)
+    init_distributed(job.parallel, seed=job.train.seed)
+    try:
+        yield build_model(job, args), args
+    finally:
+        destroy_distributed()

@@ -99,3 +99,17 @@ def test_parallel_problems_against_world_size():
     assert "world size 4 is not divisible" in problem
     (problem,) = ParallelConfig(expert_model_parallel_size=4).problems(2)
     assert "expert_model_parallel_size=4" in problem
+
+
+def test_every_example_job_file_loads():
+    """Field renames must reach the shipped examples (they are what users copy)."""
+    from pathlib import Path
+
+    from megatron_swift.config import load_config
+    from megatron_swift.training.config import JobConfig
+
+    files = sorted(Path("examples").glob("*.yaml"))
+    assert len(files) >= 2
+    for path in files:
+        job = load_config(JobConfig, path)
+        assert job.data.dataset, path

@@ -76,20 +76,6 @@ def test_training_step_on_packed_rows_has_the_unpacked_loss(tiny_models, tmp_pat
     assert abs(losses[True].loss - losses[False].loss) / losses[False].loss < 1e-5, losses
 
 
-@pytest.fixture(scope="module")
-def llama_world(tiny_models, tmp_path_factory):
-    from launch.pretrain_sft import build_model, check_job
-    from megatron_swift.distributed import destroy_distributed, init_distributed
-
-    job = job_for(str(tiny_models["llama"]), SFT, str(tmp_path_factory.mktemp("out")), {}, {})
-    args = check_job(job, 1)
-    init_distributed(job.parallel, seed=job.train.seed)
-    try:
-        yield build_model(job, args), args
-    finally:
-        destroy_distributed()
-
-
 def _document_losses(logits, labels, loss_mask, bounds) -> list[float]:
     per_token = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     return [float((per_token[a:b] * loss_mask[a:b]).sum() / loss_mask[a:b].sum()) for a, b in bounds]

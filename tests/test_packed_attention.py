@@ -3,11 +3,9 @@
 The HF model run on each document alone is the reference for the packed forward's logits.
 """
 
-import pytest
 import torch
 
 from megatron_swift.models.attention import cp_positions, packed_causal_keep
-from tests.train_matrix import job_for
 
 DOC_LENGTHS = (9, 13, 7)
 PAD = 3  # a padding tail is its own final segment
@@ -32,20 +30,6 @@ def test_cp_positions_are_megatrons_load_balanced_chunks():
     # seq 16, CP 2: 4 chunks of 4; rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2.
     assert cp_positions(8, 0, 2).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
     assert cp_positions(8, 1, 2).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
-
-
-@pytest.fixture(scope="module")
-def llama_world(tiny_models, tmp_path_factory):
-    from launch.pretrain_sft import build_model, check_job
-    from megatron_swift.distributed import destroy_distributed, init_distributed
-
-    job = job_for(str(tiny_models["llama"]), "unused.jsonl", str(tmp_path_factory.mktemp("out")), {}, {})
-    args = check_job(job, 1)
-    init_distributed(job.parallel, seed=job.train.seed)
-    try:
-        yield build_model(job, args), args
-    finally:
-        destroy_distributed()
 
 
 def test_packed_logits_equal_each_document_alone_in_hf(tiny_models, llama_world):
