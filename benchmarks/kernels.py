@@ -33,17 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from results_io import write_results  # benchmarks/ is on sys.path when a benchmark runs as a script
+from memory import peak_rss, reset_peak_rss  # benchmarks/ is on sys.path when a benchmark runs as a script
+from results_io import write_results
 
 TARGET = 0.25  # fused peak / unfused (megatron) peak
 SHAPE = {"tokens": 4096, "hidden": 1024, "vocab": 151936}
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _inputs(device: str, tokens: int, hidden: int, vocab: int):
@@ -92,15 +86,14 @@ def measure(variant: str, tokens: int, hidden: int, vocab: int) -> dict:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark to the current RSS
-        base = _status_kib("VmRSS") * 1024
+        base = reset_peak_rss()
     start = time.perf_counter()
     loss = _loss(variant, h, weight, labels, mask)
     loss.backward()
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _status_kib("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss()
     return {
         "variant": variant,
         "device": device,

@@ -4,7 +4,8 @@ Both sides: the same HF checkpoint (fp32, random weights), LoRA rank 8 / alpha 1
 layers (attention and MLP projections, not the output layer), the same fixed batch, Adam with the
 same hyper-parameters and gradient clipping, one process on this machine's CPU. Rounds alternate the
 two sides; the median step of each is reported. Peak RSS is measured per side in a fresh process
-(building the model, then the same number of steps), since both sides share the timing process.
+(building the model, then the same number of steps; memory above the imports), since both sides
+share the timing process.
 Trainable parameters differ by design: one lora_A serves megatron's fused q/k/v and gate/up linears
 where PEFT has one per projection.
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from results_io import write_results  # benchmarks/ is on sys.path when a benchmark runs as a script
+from memory import peak_rss, reset_peak_rss  # benchmarks/ is on sys.path when a benchmark runs as a script
+from results_io import write_results
 from train_step import HF, SHAPE, Ours, make_batch, timed
 
 from megatron_swift.distributed import destroy_distributed
@@ -70,19 +71,21 @@ def build(side: str, work: Path, batch: int, seq: int):
 
 
 def peak_rss_mb(side: str, work: Path, batch: int, seq: int, steps: int) -> float:
-    """Peak resident memory of a fresh process that builds `side` and runs `steps` steps."""
+    """Peak resident memory above the imports of a fresh process that builds `side` (model, optimizer)
+    and runs `steps` steps."""
     command = [sys.executable, __file__, "--rss-side", side, "--work", str(work), "--batch", str(batch),
                "--seq", str(seq), "--steps", str(steps)]  # fmt: skip
     return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
 
 def _rss_child(side: str, work: Path, batch: int, seq: int, steps: int) -> None:
-    model = build(side, work, batch, seq)
     fixed = make_batch(SHAPE["vocab_size"], batch, seq)
+    base = reset_peak_rss()
+    model = build(side, work, batch, seq)
     for _ in range(steps):
         model.step(fixed)
+    print((peak_rss() - base) / 2**20)
     destroy_distributed()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
 
 
 def run(work: Path, batch: int, seq: int, steps: int, warmup: int) -> dict:
@@ -129,7 +132,7 @@ def markdown(results: dict) -> str:
         f"{RANK}, alpha {ALPHA:g}, all linear layers; batch {b['micro_batch_size']} x {b['seq_length']} tokens, "
         f"{b['dtype']}, CPU with {results['threads']} threads; median of {results['steps']} steps.",
         "",
-        "| engine | median step (s) | trainable params | peak RSS (MB) | first loss |",
+        "| engine | median step (s) | trainable params | peak RSS above imports (MB) | first loss |",
         "|---|---:|---:|---:|---:|",
     ]
     for name, seconds in results["median_step_seconds"].items():
