@@ -195,6 +195,7 @@ class PeftAdapterSource:
         if mismatched:
             raise CheckpointError(f"{self.dir}: " + "; ".join(mismatched))
         tensors = load_file(str(weights))
+        peft_config.base_model_name_or_path = None  # only the layer names matter here; PEFT warns on a mismatch
         self.linear: dict[str, tuple] = {}  # HF module -> (A, B)
         self.params: dict[tuple[str, str], tuple] = {}  # (experts module, parameter) -> (A, B, experts)
         self.unread_experts: set[tuple[str, str, int]] = set()
