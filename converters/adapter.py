@@ -29,6 +29,7 @@ from converters.hf_io import CheckpointError
 from megatron_swift.models.hf_config import GPTModelArgs
 from megatron_swift.models.naming import canonical_name, unwrap_model
 from megatron_swift.tuners.lora import LoraConfig, LoraLinear
+from megatron_swift.tuners.lora.layers import ADAPTER_KEYS
 
 PEFT_PREFIX = "base_model.model."
 _EXPERT = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])$")
@@ -152,7 +153,7 @@ def _modules_to_save(chunk, args: GPTModelArgs) -> dict[str, torch.Tensor]:
 
     found = {}
     for name, param, _ in canonical_parameters(chunk):
-        if param.requires_grad and not name.endswith(("lora_A.weight", "lora_B.weight")):
+        if param.requires_grad and not name.endswith(ADAPTER_KEYS):
             rule, bindings = args.family.mapping.resolve(name)
             found.update(zip(rule.hf_names(bindings), rule.to_hf(param.detach(), args.dims), strict=True))
     return found
