@@ -15,8 +15,6 @@ where PEFT has one per projection.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,10 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memory import peak_rss, reset_peak_rss  # benchmarks/ is on sys.path when a benchmark runs as a script
 from results_io import write_results
-from train_step import HF, SHAPE, Ours, make_batch, timed
+from train_step import HF, SHAPE, Ours, add_step_arguments, alternate_steps, make_batch, prepare
 
 from megatron_swift.distributed import destroy_distributed
-from megatron_swift.models.tiny import make_tiny_model
 from megatron_swift.tuners.lora import LoraConfig
 from megatron_swift.tuners.lora.apply import parameter_counts
 
@@ -89,23 +86,14 @@ def _rss_child(side: str, work: Path, batch: int, seq: int, steps: int) -> None:
 
 
 def run(work: Path, batch: int, seq: int, steps: int, warmup: int) -> dict:
-    make_tiny_model("llama", work / "hf", **SHAPE)
-    (work / "data.jsonl").write_text(json.dumps({"text": "unused: the benchmark feeds a fixed batch"}) + "\n")
-    fixed = make_batch(SHAPE["vocab_size"], batch, seq)
+    prepare(work)
     sides = {name: build(name, work, batch, seq) for name in ("megatron-swift", "hf-transformers+peft")}
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    first_losses, trainable = {}, {name: side.trainable() for name, side in sides.items()}
+    trainable = {name: side.trainable() for name, side in sides.items()}
     try:
-        for i in range(warmup + steps):
-            for name, side in sides.items():
-                seconds, loss = timed(side.step, fixed)
-                first_losses.setdefault(name, loss)
-                if i >= warmup:
-                    times[name].append(seconds)
+        median, first_losses = alternate_steps(sides, make_batch(SHAPE["vocab_size"], batch, seq), steps, warmup)
     finally:
         destroy_distributed()
     rss = {name: round(peak_rss_mb(name, work, batch, seq, warmup + 2), 1) for name in sides}
-    median = {name: statistics.median(values) for name, values in times.items()}
     ratio = median["megatron-swift"] / median["hf-transformers+peft"]
     return {
         "model": {"family": "llama", **SHAPE},
@@ -147,11 +135,7 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
+    add_step_arguments(parser)
     parser.add_argument("--rss-side", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

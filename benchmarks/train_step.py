@@ -80,30 +80,45 @@ class HF:
         return float(loss)
 
 
-def timed(step, batch) -> tuple[float, float]:
-    start = time.perf_counter()
-    loss = step(batch)
-    return time.perf_counter() - start, loss
-
-
-def run(work: Path, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def prepare(work: Path) -> tuple[Path, Path]:
+    """The benchmark model (random HF checkpoint) and a placeholder data file the job config requires."""
     hf_dir = make_tiny_model("llama", work / "hf", **SHAPE)
     data = work / "data.jsonl"
     data.write_text(json.dumps({"text": "unused: the benchmark feeds a fixed batch"}) + "\n")
-    fixed = make_batch(SHAPE["vocab_size"], batch, seq)
-    ours, hf = Ours(hf_dir, data, batch, seq, lr=1e-4), HF(hf_dir, lr=1e-4)
-    times: dict[str, list[float]] = {"megatron-swift": [], "hf-transformers": []}
+    return hf_dir, data
+
+
+def alternate_steps(sides: dict, batch: dict, steps: int, warmup: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(median step seconds, first loss) per side; rounds alternate the sides so both see the same machine state."""
+    times: dict[str, list[float]] = {name: [] for name in sides}
     first_losses = {}
+    for i in range(warmup + steps):
+        for name, side in sides.items():
+            start = time.perf_counter()
+            loss = side.step(batch)
+            seconds = time.perf_counter() - start
+            first_losses.setdefault(name, loss)
+            if i >= warmup:
+                times[name].append(seconds)
+    return {name: statistics.median(values) for name, values in times.items()}, first_losses
+
+
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+
+
+def run(work: Path, batch: int, seq: int, steps: int, warmup: int) -> dict:
+    hf_dir, data = prepare(work)
+    ours, hf = Ours(hf_dir, data, batch, seq, lr=1e-4), HF(hf_dir, lr=1e-4)
+    fixed = make_batch(SHAPE["vocab_size"], batch, seq)
     try:
-        for i in range(warmup + steps):
-            for name, side in (("megatron-swift", ours), ("hf-transformers", hf)):
-                seconds, loss = timed(side.step, fixed)
-                first_losses.setdefault(name, loss)
-                if i >= warmup:
-                    times[name].append(seconds)
+        median, first_losses = alternate_steps({"megatron-swift": ours, "hf-transformers": hf}, fixed, steps, warmup)
     finally:
         destroy_distributed()
-    median = {name: statistics.median(values) for name, values in times.items()}
     ratio = median["megatron-swift"] / median["hf-transformers"]
     return {
         "model": {"family": "llama", **SHAPE, "parameters": sum(p.numel() for p in hf.model.parameters())},
@@ -142,11 +157,7 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
+    add_step_arguments(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mswift-train-bench-") as tmp:
         results = run(Path(tmp), args.batch, args.seq, args.steps, args.warmup)
