@@ -52,6 +52,31 @@ def _hf_skeleton(hf_config):
         return AutoModelForCausalLM.from_config(hf_config)
 
 
+def _peft_lora_layers(skeleton, peft_config):
+    """(PEFT module name, HF path of what it adapts, layer) for every LoRA layer PEFT puts on `skeleton`."""
+    from peft import get_peft_model
+    from peft.tuners.lora.layer import LoraLayer
+
+    for peft_name, layer in get_peft_model(skeleton, peft_config).named_modules():
+        if isinstance(layer, LoraLayer) and "default" in layer.lora_A:
+            yield peft_name, peft_name.removeprefix(PEFT_PREFIX).replace(".base_layer", ""), layer
+
+
+def _fused_expert_params(args: GPTModelArgs) -> dict[str, str]:
+    return dict(args.family.moe.fused_expert_params) if args.family.moe else {}
+
+
+def _to_peft_experts(per_expert: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert (A [r, in], B [out, r]) -> PEFT's 3-D parameter layout (see the module docstring)."""
+    return torch.cat([a for a, _ in per_expert]), torch.stack([b for _, b in per_expert], dim=-1).flatten(1)
+
+
+def _from_peft_experts(lora_a, lora_b, experts: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert `index`'s (A, B) from PEFT's 3-D parameter layout: the inverse of `_to_peft_experts`."""
+    rank = lora_a.shape[0] // experts
+    return lora_a.reshape(experts, rank, -1)[index], lora_b.reshape(lora_b.shape[0], rank, experts)[..., index]
+
+
 def _short_or_full(adapted: set[str], all_names: set[str], leaf) -> list[str]:
     """PEFT target names: the short leaf names when every such module is adapted, else full paths."""
     targets = []
@@ -64,14 +89,13 @@ def _short_or_full(adapted: set[str], all_names: set[str], leaf) -> list[str]:
 def peft_adapter_tensors(chunk, args: GPTModelArgs, lora: LoraConfig, hf_config, dtype: torch.dtype | None = None):
     """(PEFT LoraConfig, {key: tensor}) for the adapters of an unsharded model chunk."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+    from peft.tuners.lora.layer import ParamWrapper
 
     skeleton = _hf_skeleton(hf_config)
     modules = dict(skeleton.named_modules())
     linear_sources: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # HF module -> (A, B)
     param_sources: dict[tuple[str, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-    fused = dict(args.family.moe.fused_expert_params) if args.family.moe else {}
+    fused = _fused_expert_params(args)
     for name, wrapper in _adapters(chunk):
         lora_a, lora_b = wrapper.lora_A.weight.detach(), wrapper.lora_B.weight.detach()
         rule, bindings = args.family.mapping.resolve(f"{name}.weight")
@@ -111,19 +135,14 @@ def peft_adapter_tensors(chunk, args: GPTModelArgs, lora: LoraConfig, hf_config,
         alpha_pattern=alpha_pattern,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(skeleton, config)
     tensors = {}
-    for peft_name, layer in peft_model.named_modules():
-        if not isinstance(layer, LoraLayer) or "default" not in layer.lora_A:
-            continue
-        path = peft_name.removeprefix(PEFT_PREFIX).replace(".base_layer", "")
+    for peft_name, path, layer in _peft_lora_layers(skeleton, config):
         if isinstance(layer, ParamWrapper):
             per_expert = param_sources.pop((path, layer.parameter_name), None)
             if per_expert is None or sorted(per_expert) != list(range(layer.num_experts)):
                 raise CheckpointError(f"{path}.{layer.parameter_name}: PEFT adapts all experts; ours has "
                                       f"{sorted(per_expert or {})}")  # fmt: skip
-            lora_a = torch.cat([per_expert[e][0] for e in range(layer.num_experts)])
-            lora_b = torch.stack([per_expert[e][1] for e in range(layer.num_experts)], dim=-1).flatten(1)
+            lora_a, lora_b = _to_peft_experts([per_expert[e] for e in range(layer.num_experts)])
         else:
             lora_a, lora_b = linear_sources.pop(path)
         tensors[f"{peft_name}.lora_A.weight"] = lora_a
@@ -177,8 +196,7 @@ class PeftAdapterSource:
 
     def __init__(self, adapter_dir: str | Path, args: GPTModelArgs, lora: LoraConfig, hf_config):
         from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
-        from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+        from peft.tuners.lora.layer import ParamWrapper
         from safetensors.torch import load_file
 
         self.dir, self.args = Path(adapter_dir), args
@@ -200,16 +218,14 @@ class PeftAdapterSource:
         self.linear: dict[str, tuple] = {}  # HF module -> (A, B)
         self.params: dict[tuple[str, str], tuple] = {}  # (experts module, parameter) -> (A, B, experts)
         self.unread_experts: set[tuple[str, str, int]] = set()
-        for peft_name, layer in get_peft_model(_hf_skeleton(hf_config), peft_config).named_modules():
-            if isinstance(layer, LoraLayer) and "default" in layer.lora_A:
-                pair = tensors[f"{peft_name}.lora_A.weight"], tensors[f"{peft_name}.lora_B.weight"]
-                path = peft_name.removeprefix(PEFT_PREFIX).replace(".base_layer", "")
-                if isinstance(layer, ParamWrapper):
-                    self.params[(path, layer.parameter_name)] = (*pair, layer.num_experts)
-                    self.unread_experts.update((path, layer.parameter_name, e) for e in range(layer.num_experts))
-                else:
-                    self.linear[path] = pair
-        self.fused = dict(args.family.moe.fused_expert_params) if args.family.moe else {}
+        for peft_name, path, layer in _peft_lora_layers(_hf_skeleton(hf_config), peft_config):
+            pair = tensors[f"{peft_name}.lora_A.weight"], tensors[f"{peft_name}.lora_B.weight"]
+            if isinstance(layer, ParamWrapper):
+                self.params[(path, layer.parameter_name)] = (*pair, layer.num_experts)
+                self.unread_experts.update((path, layer.parameter_name, e) for e in range(layer.num_experts))
+            else:
+                self.linear[path] = pair
+        self.fused = _fused_expert_params(args)
 
     def __call__(self, name: str, rule, bindings) -> tuple[torch.Tensor, torch.Tensor]:
         hf_modules = [n.removesuffix(".weight") for n in rule.hf_names(bindings)]
@@ -231,9 +247,9 @@ class PeftAdapterSource:
             raise CheckpointError(f"{self.dir}: no adapter for {name} ({', '.join(hf_modules)}); make "
                                   "lora.target_modules match the adapter's target_modules")  # fmt: skip
         lora_a, lora_b, experts = self.params[key]
-        index, rank = int(expert.group(2)), lora_a.shape[0] // experts
+        index = int(expert.group(2))
         self.unread_experts.discard((*key, index))
-        return lora_a.reshape(experts, rank, -1)[index], lora_b.reshape(lora_b.shape[0], rank, experts)[..., index]
+        return _from_peft_experts(lora_a, lora_b, experts, index)
 
     def check_all_used(self) -> None:
         """Collective when distributed: what no rank read (each rank holds some layers / experts)."""
