@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,20 @@ def packed_causal_keep(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     index = torch.arange(total, device=cu_seqlens.device)
     document = torch.searchsorted(cu_seqlens[1:].to(index.dtype), index, right=True)
     return (document[:, None] == document[None, :]) & (index[:, None] >= index[None, :])
+
+
+# Every layer of a forward asks for the same mask; these build each one once (masks are never mutated).
+@functools.lru_cache(maxsize=8)
+def _packed_keep_cached(offsets: tuple[int, ...], total: int, device: torch.device) -> torch.Tensor:
+    return packed_causal_keep(torch.tensor(offsets, device=device), total)
+
+
+@functools.lru_cache(maxsize=8)
+def _cp_keep_cached(local_len: int, cp_rank: int, cp_size: int, device: torch.device) -> torch.Tensor:
+    """[local, cp * local] bool: causal by global position, query chunks of `cp_rank` vs every rank's keys."""
+    query_pos = cp_positions(local_len, cp_rank, cp_size, device)
+    key_pos = torch.cat([cp_positions(local_len, r, cp_size, device) for r in range(cp_size)])
+    return query_pos[:, None] >= key_pos[None, :]
 
 
 class SDPACoreAttention(DotProductAttention):
@@ -78,17 +93,14 @@ class SDPACoreAttention(DotProductAttention):
         seq_q, batch = query.shape[0], query.shape[1]
         keep = None
         if packed:
-            keep = packed_causal_keep(packed_seq_params.cu_seqlens_q, seq_q)
+            keep = _packed_keep_cached(tuple(packed_seq_params.cu_seqlens_q.tolist()), seq_q, query.device)
         elif cp_size > 1:
             group = parallel_state.get_context_parallel_group()
             key, value = (
                 tensor_parallel.gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=True, group=group)
                 for t in (key, value)
             )
-            rank = parallel_state.get_context_parallel_rank()
-            query_pos = cp_positions(seq_q, rank, cp_size, query.device)
-            key_pos = torch.cat([cp_positions(seq_q, r, cp_size, query.device) for r in range(cp_size)])
-            keep = query_pos[:, None] >= key_pos[None, :]
+            keep = _cp_keep_cached(seq_q, parallel_state.get_context_parallel_rank(), cp_size, query.device)
         elif attention_mask is not None:
             # megatron's masks are True where attention is NOT allowed; SDPA's boolean masks the opposite.
             keep = ~attention_mask
