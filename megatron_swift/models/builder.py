@@ -99,8 +99,9 @@ def build_model_chunks(
     if attention not in ("sdpa", "local"):
         raise ConfigError(f"model.attention={attention!r}: choose sdpa or local")
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from megatron_swift.models.gpt import GPTModel
 
     te = use_transformer_engine(spec)
     backends = {}
@@ -133,6 +134,7 @@ def build_model_chunks(
                 config=config,
                 transformer_layer_spec=block_spec,
                 vocab_size=args.padded_vocab_size,
+                real_vocab_size=args.vocab_size,
                 max_sequence_length=args.max_sequence_length,
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),

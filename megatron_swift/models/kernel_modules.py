@@ -27,12 +27,12 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from kernels.select import KernelUnavailableError, resolve
 from megatron_swift.config import ConfigError
+from megatron_swift.models.gpt import GPTModel
 
 
 def kernel_backends(kernels: str, te_spec: bool, fused_loss: bool) -> dict[str, str]:

@@ -29,24 +29,14 @@ class StepResult:
     skipped: bool
 
 
-def _loss_func(loss_mask: torch.Tensor, labels: torch.Tensor, vocab_size: int, logits: torch.Tensor):
-    """Masked token-sum cross entropy over the real vocabulary.
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Masked token-sum of the per-token cross entropy [b, s] the model computed from the labels.
 
-    Megatron pads the vocabulary for TP; the padding columns' logits are excluded (-inf) so the loss
-    is the HF model's loss exactly, not a softmax over extra zero logits.
+    The model (models/gpt.py) excludes megatron's vocabulary padding from the softmax, so this is
+    the HF model's loss exactly.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    local_vocab = logits.shape[-1]
-    first = ps.get_tensor_model_parallel_rank() * local_vocab
-    padding = torch.arange(first, first + local_vocab, device=logits.device) >= vocab_size
-    logits = logits.float()
-    if padding.any():
-        logits = logits.masked_fill(padding, float("-inf"))
-    per_token = vocab_parallel_cross_entropy(logits, labels).reshape(-1)
     mask = loss_mask.reshape(-1).float()
-    loss_sum = (per_token * mask).sum()
+    loss_sum = (per_token_loss.reshape(-1).float() * mask).sum()
     num_tokens = mask.sum().to(torch.int)
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
@@ -100,13 +90,14 @@ def _forward_step(data_iterator, model, vocab_size: int):
         batch["position_ids"] = torch.arange(seq, device=device).unsqueeze(0).expand_as(batch["tokens"])
     if packed is None:
         batch = get_batch_on_this_cp_rank(batch)  # CP: this rank's two load-balanced sequence chunks
-    # Without labels the last stage returns vocab-parallel logits [b, s, v/tp] (or, with the fused loss,
-    # the output layer's input [b, s, h]); the loss is ours.
-    output = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed)
     core_model = unwrap_model(model)
     if isinstance(core_model, FusedLossGPTModel) and core_model.returns_hidden_states():
+        # Without labels its last stage returns the output layer's input [b, s, h]; the fused loss is ours.
+        output = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed)
         return output, partial(_fused_loss_func, batch["loss_mask"], batch["labels"], vocab_size, core_model)
-    return output, partial(_loss_func, batch["loss_mask"], batch["labels"], vocab_size)
+    # With labels the last stage returns the per-token loss [b, s] (models/gpt.py).
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
+    return output, partial(_loss_func, batch["loss_mask"])
 
 
 def _global_loss(losses: list[dict]) -> tuple[float, int]:

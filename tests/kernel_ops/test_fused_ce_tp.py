@@ -1,8 +1,9 @@
 """Acceptance 2: the fused linear + cross-entropy at TP2 (gloo) equals the unfused vocab-parallel loss.
 
-Both sides are training/step.py's own loss functions on the same inputs in one two-rank launch: the
-unfused one gets this rank's logits shard (megatron-core's vocab_parallel_cross_entropy), the fused one
-the hidden states and this rank's weight shard. The hidden states enter through megatron's
+Both sides are the training loss on the same inputs in one two-rank launch: the unfused one as
+GPTModel computes it from this rank's logits shard (models/gpt.py: padding masked, then megatron-core's
+vocab_parallel_cross_entropy; training/step.py's `_loss_func`), the fused one (`_fused_loss_func`) from the
+hidden states and this rank's weight shard. The hidden states enter through megatron's
 copy-to-tensor-parallel region, as the output layer's input does, so the hidden-state gradient
 compared is the TP-reduced one. Cases: padding columns in the last shard, and a shard of padding only.
 """
@@ -29,10 +30,11 @@ def _inputs(tokens: int, hidden: int, vocab: int, real_vocab: int):
 
 def _compare_on_tp2(cases: list[tuple[int, int, int, int]], backends: list[str]) -> list[dict]:
     from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
 
     from megatron_swift.config import ParallelConfig
     from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.models.gpt import mask_vocab_padding
     from megatron_swift.training.step import _fused_loss_func, _loss_func
 
     init_distributed(ParallelConfig(tensor_model_parallel_size=2))
@@ -45,19 +47,25 @@ def _compare_on_tp2(cases: list[tuple[int, int, int, int]], backends: list[str])
 
             def run(loss_of, h_full=h_full, shard=shard):
                 h, weight = h_full.clone().requires_grad_(), shard.clone().requires_grad_()
-                loss_sum, tokens_counted, _ = loss_of(copy_to_tensor_model_parallel_region(h), weight)
+                loss_sum, tokens_counted, _ = loss_of(h, weight)
                 (loss_sum * 0.5).backward()
                 return loss_sum.detach(), int(tokens_counted), h.grad, weight.grad
 
             def unfused(h, weight, labels=labels, mask=mask, real_vocab=real_vocab):
-                return _loss_func(mask, labels, real_vocab, h @ weight.t())  # [b, s, vocab / tp] logits
+                # [s, b, h] -> [s, b, vocab / tp], as the output layer makes them. The TP region's gradient
+                # must arrive contiguous: megatron-core's `_reduce` all-reduces `grad.contiguous()` but
+                # returns `grad`, so a non-contiguous one would come back unreduced.
+                logits = copy_to_tensor_model_parallel_region(h.transpose(0, 1).contiguous()) @ weight.t()
+                logits = mask_vocab_padding(logits, real_vocab)
+                per_token = vocab_parallel_cross_entropy(logits, labels.t().contiguous())
+                return _loss_func(mask, per_token.t())
 
             expected = run(unfused)
             for backend in backends:
 
                 def fused(h, weight, backend=backend, labels=labels, mask=mask, real_vocab=real_vocab):
                     model = SimpleNamespace(output_weight=lambda: weight, loss_backend=backend)
-                    return _fused_loss_func(mask, labels, real_vocab, model, h)
+                    return _fused_loss_func(mask, labels, real_vocab, model, copy_to_tensor_model_parallel_region(h))
 
                 got = run(fused)
                 assert got[1] == expected[1]
