@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from results_io import write_results  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 from launch.pretrain_sft import build_model, check_job
+from megatron_swift.compat import device_redirect_suspended
 from megatron_swift.distributed import destroy_distributed, init_distributed
 from megatron_swift.models.tiny import make_tiny_model
 from megatron_swift.training.config import JobConfig, TrainSection
@@ -71,13 +72,15 @@ class HF:
                                            weight_decay=0.0)  # fmt: skip
 
     def step(self, batch: dict) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(batch["tokens"]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        return float(loss)
+        # As an HF user runs it: without the CPU shims' device-redirect mode, which our side needs.
+        with device_redirect_suspended():
+            self.optimizer.zero_grad(set_to_none=True)
+            logits = self.model(batch["tokens"]).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            return float(loss)
 
 
 def prepare(work: Path) -> tuple[Path, Path]:

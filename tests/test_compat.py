@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from megatron_swift.compat import DEFINED_SYMBOLS, PATCHED_SYMBOLS, apply_cpu_shims
+from megatron_swift.compat import DEFINED_SYMBOLS, PATCHED_SYMBOLS, apply_cpu_shims, device_redirect_suspended
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU shims are never applied with CUDA")
 
@@ -46,6 +46,15 @@ def test_device_redirect_and_type_strings():
     assert tensor.to("cuda").device.type == "cpu"
     assert tensor.type() == "torch.cuda.FloatTensor"  # megatron's clip_grads / distributed optimizer check this
     assert torch.cuda.current_device() == "cpu"
+
+
+def test_device_redirect_can_be_suspended_for_code_outside_megatron():
+    apply_cpu_shims()
+    with device_redirect_suspended():
+        with pytest.raises((RuntimeError, AssertionError)):  # no CUDA on this machine, and nothing redirects
+            torch.empty(3, device="cuda")
+        assert torch.empty(3).type() == "torch.FloatTensor"
+    assert torch.empty(3, device="cuda").device.type == "cpu"  # the mode is back
 
 
 def test_rng_tracker_forks_the_cpu_generator():

@@ -1,5 +1,11 @@
 """Compatibility layer: every patch of a third-party symbol lives here and nowhere else."""
 
-from megatron_swift.compat.cpu import DEFINED_SYMBOLS, PATCHED_SYMBOLS, apply_cpu_shims, cuda_redirects
+from megatron_swift.compat.cpu import (
+    DEFINED_SYMBOLS,
+    PATCHED_SYMBOLS,
+    apply_cpu_shims,
+    cuda_redirects,
+    device_redirect_suspended,
+)
 
-__all__ = ["DEFINED_SYMBOLS", "PATCHED_SYMBOLS", "apply_cpu_shims", "cuda_redirects"]
+__all__ = ["DEFINED_SYMBOLS", "PATCHED_SYMBOLS", "apply_cpu_shims", "cuda_redirects", "device_redirect_suspended"]

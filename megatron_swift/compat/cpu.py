@@ -13,6 +13,7 @@ rewrote, so a new CUDA-only call in an upgrade shows up in logs (`MSWIFT_LOG_CUD
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import logging
@@ -172,6 +173,20 @@ def apply_cpu_shims() -> None:
     _mode = CudaToCpuMode()
     _mode.__enter__()
     _applied = True
+
+
+@contextlib.contextmanager
+def device_redirect_suspended():
+    """Runs the body without the device-redirect mode (the other shims only replace CUDA-only symbols).
+
+    For code that never calls megatron-core timed next to code that does, e.g. the HF reference step of
+    benchmarks/: under the mode each of its torch calls would also pay the mode's Python dispatch.
+    """
+    if _mode is None or torch.overrides._get_current_function_mode() is not _mode:
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily():
+        yield
 
 
 def cuda_redirects() -> set[str]:
