@@ -63,7 +63,7 @@ def transformer_config(
         # gloo pairs batched isend/irecv wrongly when the previous and next stage are the same rank
         # (silently wrong losses with VPP); unbatched p2p is correct everywhere.
         batch_p2p_comm=not on_cpu,
-        # Fused kernels need Apex / TE / CUDA; the plain paths are exact.
+        # Off unless asked: the plain paths are exact. Training turns them on per training/fusions.py.
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,

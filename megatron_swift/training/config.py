@@ -27,6 +27,13 @@ class ModelSection:
     # Loss from hidden states chunk by chunk, never materialising [tokens, vocab] logits (kernels choose how).
     fused_linear_cross_entropy: bool = False
     make_vocab_size_divisible_by: int = 128
+    # megatron-core fusions (training/fusions.py): null = on when this machine has what each needs
+    apply_rope_fusion: bool | None = None
+    bias_dropout_fusion: bool | None = None
+    bias_activation_fusion: bool | None = None
+    gradient_accumulation_fusion: bool | None = None
+    cross_entropy_loss_fusion: bool = False
+    cross_entropy_fusion_impl: Literal["native", "te"] = "native"
 
 
 @dataclass
@@ -195,7 +202,10 @@ def data_problems(d: DataSection, t: TrainSection, p: ParallelConfig) -> list[st
 
 
 def transformer_overrides(job: JobConfig) -> dict:
-    """TransformerConfig fields that come from the training section."""
+    """TransformerConfig fields that come from the training job: loss scaling, recompute, FP8, fusions."""
+    from megatron_swift.models.builder import use_transformer_engine
+    from megatron_swift.training.fusions import Machine, resolve_fusions
+
     t = job.train
     overrides = dict(
         # Gradients are divided by the global loss-token count (see training/step.py).
@@ -206,7 +216,7 @@ def transformer_overrides(job: JobConfig) -> dict:
     )
     if t.fp8_format:
         overrides.update(fp8=t.fp8_format, fp8_recipe=t.fp8_recipe)
-    return overrides
+    return overrides | resolve_fusions(job.model, use_transformer_engine(job.model.spec), Machine.detect())
 
 
 def lora_export_meta(job: JobConfig) -> dict | None:
@@ -230,18 +240,22 @@ def precision(job: JobConfig) -> str:
 def environment_problems(job: JobConfig) -> list[str]:
     """What this machine cannot run: FP8 needs Transformer Engine on a GPU; context parallelism needs
     TE's attention or our SDPA core attention (models/attention.py) in the local spec; `model.kernels`
-    must be available for the layer spec in use (models/kernel_modules.py)."""
+    must be available for the layer spec in use (models/kernel_modules.py); fusions forced on need what
+    training/fusions.py lists."""
     import torch
 
     from megatron_swift._optional import has_transformer_engine
     from megatron_swift.config import ConfigError
     from megatron_swift.models.builder import use_transformer_engine
     from megatron_swift.models.kernel_modules import kernel_backends
+    from megatron_swift.training.fusions import Machine, fusion_problems
 
     te_usable = torch.cuda.is_available() and has_transformer_engine() and job.model.spec != "local"
     found = []
     try:
-        kernel_backends(job.model.kernels, use_transformer_engine(job.model.spec), job.model.fused_linear_cross_entropy)
+        te_spec = use_transformer_engine(job.model.spec)
+        kernel_backends(job.model.kernels, te_spec, job.model.fused_linear_cross_entropy)
+        found += fusion_problems(job.model, te_spec, Machine.detect(), bf16=job.train.bf16)
     except ConfigError as exc:
         found.append(str(exc))
     if job.train.fp8_format and not te_usable:

@@ -5,7 +5,8 @@
 On one GPU: a ~1.2B-parameter Llama-shaped model (hidden 2048, 16 layers, GQA 16/8, vocab 32k,
 random weights), bf16, sequence 2048, micro batch 4: step time, tokens/s and MFU (convention in
 megatron_swift/training/flops.py) with the local spec (SDPA core attention), with the Transformer
-Engine spec when TE is installed, and an FP8 (hybrid, delayed scaling) step when TE is installed.
+Engine spec when TE is installed, and an FP8 (hybrid, delayed scaling) step when TE is installed. Each
+run lists the megatron-core fusions the machine turned on (training/fusions.py).
 Prints a table and writes gpu_train.json to --out.
 """
 
@@ -45,7 +46,8 @@ def run_variant(name: str, spec: str, fp8: bool, steps: int) -> dict:
                              fp8_format="hybrid" if fp8 else None, fp8_recipe="delayed" if fp8 else None)  # fmt: skip
     init_distributed(job.parallel)
     try:
-        config = transformer_config(args, ParallelConfig(), params_dtype=torch.bfloat16, **transformer_overrides(job))
+        overrides = transformer_overrides(job)  # includes the fusions this machine turns on (training/fusions.py)
+        config = transformer_config(args, ParallelConfig(), params_dtype=torch.bfloat16, **overrides)
         chunks = build_model_chunks(args, config, spec=spec)
         chunks, optimizer, scheduler = wrap_for_training([c.cuda() for c in chunks], job)
         tokens = torch.randint(0, args.vocab_size, (MICRO_BATCH, SEQ + 1), device="cuda")
@@ -70,6 +72,7 @@ def run_variant(name: str, spec: str, fp8: bool, steps: int) -> dict:
             "mfu": round(flops * tokens_per_sec / peak, 4) if peak else None,
             "loss": round(result.loss, 4),
             "max_mem_gb": round(torch.cuda.max_memory_allocated() / 1024**3, 2),
+            "fusions": sorted(name for name, on in overrides.items() if name.endswith("_fusion") and on),
         }
     finally:
         destroy_distributed()
