@@ -23,6 +23,10 @@ seconds, which is why auto leaves them off there.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron_swift.training.config import ModelSection
 
 AUTO_FUSIONS = ("apply_rope_fusion", "bias_dropout_fusion", "bias_activation_fusion", "gradient_accumulation_fusion")
 
@@ -65,7 +69,7 @@ def _requirements(te_spec: bool, machine: Machine) -> dict[str, tuple[bool, bool
     }
 
 
-def fusion_problems(model, te_spec: bool, machine: Machine, bf16: bool) -> list[str]:
+def fusion_problems(model: ModelSection, te_spec: bool, machine: Machine, bf16: bool) -> list[str]:
     """Fusions forced on that this machine or configuration cannot run, each naming its field."""
     found = []
     for name, (_, runnable, needs) in _requirements(te_spec, machine).items():
@@ -85,7 +89,7 @@ def fusion_problems(model, te_spec: bool, machine: Machine, bf16: bool) -> list[
     return found
 
 
-def resolve_fusions(model, te_spec: bool, machine: Machine) -> dict:
+def resolve_fusions(model: ModelSection, te_spec: bool, machine: Machine) -> dict:
     """TransformerConfig fields for the fusions of this run (call after `fusion_problems` found none)."""
     resolved = {}
     for name, (auto, _, _) in _requirements(te_spec, machine).items():
