@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch.pretrain_sft import check_job
 from megatron_swift.config import ConfigError
@@ -17,6 +18,7 @@ LLAMA_LAYOUTS = [
     ({"tensor_model_parallel_size": 2, "sequence_parallel": True}, {}),
     ({"pipeline_model_parallel_size": 2}, {}),
     ({"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}, {}),
+    ({"pipeline_model_parallel_size": 2, "decoder_first_pipeline_num_layers": 1}, {}),  # uneven: 1 + 3 layers
     ({}, {}),  # DP2 against DP1 with 2x gradient accumulation (global batch 4, micro batch 1)
     ({}, {"use_distributed_optimizer": True}),
     (
@@ -57,6 +59,12 @@ def test_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
     [
         ({"tensor_model_parallel_size": 3}, {}, 3, "num_attention_heads=4 is not divisible by tensor parallel 3"),
         ({"pipeline_model_parallel_size": 3}, {}, 3, "num_hidden_layers=4 is not divisible by pipeline stages 3"),
+        (
+            {"pipeline_model_parallel_size": 2, "decoder_first_pipeline_num_layers": 4},
+            {},
+            2,
+            "num_hidden_layers=4: 4 (parallel.decoder_first_pipeline_num_layers) leave 0 layers for 1 middle stages",
+        ),
         ({}, {"global_batch_size": 3}, 2, "train.global_batch_size=3 is not divisible"),
         ({"expert_model_parallel_size": 2}, {}, 2, "expert parallel 2 needs a MoE model"),
         ({"sequence_parallel": True}, {}, 1, "parallel.sequence_parallel needs tensor_model_parallel_size > 1"),
@@ -70,6 +78,62 @@ def test_preflight_names_the_field(tiny_models, tmp_path, parallel, train, world
     with pytest.raises(ConfigError) as error:
         check_job(job, world)
     assert field in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("layers", "parallel", "problem"),
+    [
+        (4, {"pipeline_model_parallel_size": 3, "decoder_first_pipeline_num_layers": 2}, None),  # 2 + 1 + 1
+        (7, {"pipeline_model_parallel_size": 3, "decoder_last_pipeline_num_layers": 1}, None),  # 3 + 3 + 1
+        (
+            28,
+            {
+                "pipeline_model_parallel_size": 8,
+                "decoder_first_pipeline_num_layers": 1,
+                "decoder_last_pipeline_num_layers": 3,
+            },
+            None,
+        ),
+        (8, {"pipeline_model_parallel_size": 3, "decoder_first_pipeline_num_layers": 1}, "not divisible by 2 middle"),
+        (
+            8,
+            {
+                "pipeline_model_parallel_size": 3,
+                "virtual_pipeline_model_parallel_size": 2,
+                "decoder_first_pipeline_num_layers": 2,
+            },
+            "not divisible by 2 middle stages x virtual pipeline 2",
+        ),
+        (
+            4,
+            {
+                "pipeline_model_parallel_size": 2,
+                "decoder_first_pipeline_num_layers": 2,
+                "decoder_last_pipeline_num_layers": 1,
+            },
+            "leave 1 layers for 0 middle stages",
+        ),
+        (6, {"pipeline_model_parallel_size": 4}, "not divisible by pipeline stages 4"),
+    ],
+)
+def test_uneven_pipeline_split_follows_megatron_rules(layers, parallel, problem):
+    """Preflight's arithmetic for the uneven split; each accepted case also builds megatron's TransformerConfig."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_swift.config import ParallelConfig
+    from megatron_swift.models.layout import pipeline_split_problems
+
+    config = ParallelConfig(**parallel)
+    found = pipeline_split_problems(layers, config)
+    if problem is not None:
+        assert len(found) == 1 and problem in found[0], found
+        return
+    assert found == []
+    TransformerConfig(num_layers=layers, hidden_size=8, num_attention_heads=1, pipeline_dtype=torch.float32,
+                      pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+                      virtual_pipeline_model_parallel_size=config.virtual_pipeline_model_parallel_size,
+                      num_layers_in_first_pipeline_stage=config.decoder_first_pipeline_num_layers,
+                      num_layers_in_last_pipeline_stage=config.decoder_last_pipeline_num_layers)  # fmt: skip
 
 
 def test_preflight_refuses_context_parallel_without_a_cp_attention(tiny_models, tmp_path):

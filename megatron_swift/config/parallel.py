@@ -14,6 +14,10 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1
     expert_tensor_parallel_size: int | None = None
     sequence_parallel: bool = False
+    # Uneven pipeline split (Megatron-LM's --decoder-first/last-pipeline-num-layers): layers on the first /
+    # last stage; the other stages share the rest evenly.
+    decoder_first_pipeline_num_layers: int | None = None
+    decoder_last_pipeline_num_layers: int | None = None
 
     @property
     def model_parallel_size(self) -> int:
@@ -42,6 +46,16 @@ class ParallelConfig:
                 found.append(
                     "parallel.virtual_pipeline_model_parallel_size > 1 needs pipeline_model_parallel_size >= 2"
                 )
+        for name in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"):
+            layers = getattr(self, name)
+            if layers is None:
+                continue
+            if layers < 1:
+                found.append(f"parallel.{name} must be >= 1, got {layers}")
+            elif self.pipeline_model_parallel_size < 2:
+                found.append(f"parallel.{name} needs pipeline_model_parallel_size >= 2")
+            elif vpp and layers % vpp:
+                found.append(f"parallel.{name}={layers} is not divisible by virtual_pipeline_model_parallel_size {vpp}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             found.append("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
         etp = self.expert_tensor_parallel_size

@@ -9,22 +9,13 @@ from megatron_swift.models.hf_config import GPTModelArgs
 def model_layout_problems(args: GPTModelArgs, parallel: ParallelConfig) -> list[str]:
     """Whether a model of `args` can be split as `parallel` says (pure; every problem found)."""
     t = args.transformer
-    tp, pp, ep = (
-        parallel.tensor_model_parallel_size,
-        parallel.pipeline_model_parallel_size,
-        parallel.expert_model_parallel_size,
-    )
+    tp, ep = parallel.tensor_model_parallel_size, parallel.expert_model_parallel_size
     found = list(parallel.problems())
     if t["num_attention_heads"] % tp:
         found.append(f"num_attention_heads={t['num_attention_heads']} is not divisible by tensor parallel {tp}")
     if t["num_query_groups"] % tp:
         found.append(f"num_key_value_heads={t['num_query_groups']} is not divisible by tensor parallel {tp}")
-    stages = pp * (parallel.virtual_pipeline_model_parallel_size or 1)
-    if t["num_layers"] % stages:
-        found.append(
-            f"num_hidden_layers={t['num_layers']} is not divisible by pipeline stages {stages} "
-            "(pipeline x virtual pipeline)"
-        )
+    found += pipeline_split_problems(t["num_layers"], parallel)
     if args.padded_vocab_size % tp:
         found.append(f"padded vocabulary {args.padded_vocab_size} is not divisible by tensor parallel {tp}")
     experts = t.get("num_moe_experts")
@@ -33,3 +24,36 @@ def model_layout_problems(args: GPTModelArgs, parallel: ParallelConfig) -> list[
     elif experts and experts % ep:
         found.append(f"num_experts={experts} is not divisible by expert parallel {ep}")
     return found
+
+
+def pipeline_split_problems(num_layers: int, parallel: ParallelConfig) -> list[str]:
+    """Whether `num_layers` split over the pipeline stages as megatron-core requires: evenly over
+    pipeline x virtual pipeline, or with `decoder_first/last_pipeline_num_layers` on the first / last
+    stage and the rest evenly over the middle stages (each a multiple of the virtual pipeline size)."""
+    pp, vpp = parallel.pipeline_model_parallel_size, parallel.virtual_pipeline_model_parallel_size or 1
+    first, last = parallel.decoder_first_pipeline_num_layers, parallel.decoder_last_pipeline_num_layers
+    if first is None and last is None:
+        if num_layers % (pp * vpp):
+            return [
+                f"num_hidden_layers={num_layers} is not divisible by pipeline stages {pp * vpp} (pipeline x virtual "
+                "pipeline); parallel.decoder_first_pipeline_num_layers / decoder_last_pipeline_num_layers split it "
+                "unevenly"
+            ]
+        return []
+    middle_layers = num_layers - (first or 0) - (last or 0)
+    middle_stages = pp - (first is not None) - (last is not None)
+    fields = " + ".join(
+        f"{value} (parallel.{name})"
+        for name, value in (("decoder_first_pipeline_num_layers", first), ("decoder_last_pipeline_num_layers", last))
+        if value is not None
+    )
+    if middle_layers < 0 or bool(middle_layers) != bool(middle_stages):
+        return [
+            f"num_hidden_layers={num_layers}: {fields} leave {middle_layers} layers for {middle_stages} middle stages"
+        ]
+    if middle_stages and middle_layers % (middle_stages * vpp):
+        return [
+            f"num_hidden_layers={num_layers}: {fields} leave {middle_layers} layers, not divisible by "
+            f"{middle_stages} middle stages x virtual pipeline {vpp}"
+        ]
+    return []
