@@ -12,9 +12,16 @@ from tests.dist_matrix import run_case_matrix
 
 
 def job_for(
-    hf_dir: str, data_path: str, output_dir: str, parallel: dict, train: dict, lora: dict | None = None, **model
+    hf_dir: str,
+    data_path: str,
+    output_dir: str,
+    parallel: dict,
+    train: dict,
+    lora: dict | None = None,
+    checkpoint: dict | None = None,
+    **model,
 ) -> JobConfig:
-    """A tiny test job; `lora` options switch it to LoRA training."""
+    """A tiny test job; `lora` options switch it to LoRA training, `checkpoint` sets CheckpointSection fields."""
     job = JobConfig()
     if lora is not None:
         job.lora = LoraConfig(**lora)
@@ -26,13 +33,13 @@ def job_for(
         TrainSection(global_batch_size=4, micro_batch_size=1, train_iters=3, lr=1e-3, lr_decay_style="constant"),
         **train,
     )
-    job.checkpoint.output_dir = output_dir
+    job.checkpoint = dataclasses.replace(job.checkpoint, output_dir=output_dir, **(checkpoint or {}))
     return job
 
 
 def losses_for_cases(cases: list[tuple[str, dict, dict]], data_path: str, output_dir: str) -> dict[int, list[float]]:
-    """case index -> per-step losses (reported by global rank 0) for (hf_dir, parallel, train[, lora[, model]])
-    cases; `model` holds ModelSection options (e.g. kernels)."""
+    """case index -> per-step losses (reported by global rank 0) for (hf_dir, parallel, train[, lora[, model[,
+    checkpoint]]]) cases; `model` holds ModelSection options (e.g. kernels), `checkpoint` CheckpointSection ones."""
     import os
 
     from launch.pretrain_sft import check_job, run_job
@@ -40,8 +47,8 @@ def losses_for_cases(cases: list[tuple[str, dict, dict]], data_path: str, output
     found = {}
     try:
         for index, (hf_dir, parallel, train, *rest) in enumerate(cases):
-            lora, model = (rest[0] if rest else None), (rest[1] if len(rest) > 1 else {})
-            job = job_for(hf_dir, data_path, f"{output_dir}/case{index}", parallel, train, lora, **model)
+            lora, model, checkpoint = (*rest, *(None, {}, None)[len(rest) :])
+            job = job_for(hf_dir, data_path, f"{output_dir}/case{index}", parallel, train, lora, checkpoint, **model)
             args = check_job(job, int(os.environ.get("WORLD_SIZE", 1)))
             ctx = init_distributed(job.parallel, seed=job.train.seed)
             results = run_job(job, ctx, args)

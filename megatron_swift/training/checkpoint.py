@@ -77,10 +77,62 @@ def save_strategy(writer_processes: int = 4):
     return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=writer_processes)
 
 
-def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
+# How the distributed optimizer's state is laid out in a checkpoint (stored with it as content metadata).
+# megatron-core's own default (`fully_sharded_model_space`, flattened ranges) cannot be written by the
+# torch_dist backend; like Megatron-LM's default we write `dp_reshardable`: each rank writes its shard, and
+# the run can resume at another data-parallel size (not at another TP/PP). Other optimizers ignore it.
+OPTIMIZER_LAYOUT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _sharded_state(chunks, optimizer, is_loading: bool, layout: dict) -> dict:
     model = model_sharded_state(chunks)
     merged_model = {k: v for part in model.values() for k, v in part.items()}
-    return {**model, "optimizer": optimizer.sharded_state_dict(merged_model, is_loading=is_loading)}
+    return {**model, "optimizer": optimizer.sharded_state_dict(merged_model, is_loading=is_loading, metadata=layout)}
+
+
+def _create_empty_adam_state(optimizer) -> None:
+    """Give a fresh torch Adam inside megatron's optimizer the state a first step creates, moving nothing.
+
+    Why: building the sharded state to load into, megatron-core's DistributedOptimizer reads the inner
+    optimizer's per-parameter `step`; with Apex's or TE's fused Adam that is in the param groups, but with
+    torch's Adam (no Apex/TE: CPU) it exists only after a first step, and the read fails. One step with
+    zero gradients and a zero learning rate (and weight decay) creates exactly torch's state without
+    changing a parameter; loading then overwrites it.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = inner.optimizer
+        if adam.state or not isinstance(adam, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        saved = [(group["lr"], group["weight_decay"]) for group in adam.param_groups]
+        for group in adam.param_groups:
+            group["lr"], group["weight_decay"] = 0.0, 0.0
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        adam.step()
+        for group, (lr, weight_decay) in zip(adam.param_groups, saved, strict=True):
+            group["lr"], group["weight_decay"] = lr, weight_decay
+            for param in group["params"]:
+                param.grad = None
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Give every parameter of a torch Adam its own `step` tensor, with the step the checkpoint recorded.
+
+    Why: without Apex/TE, megatron-core's DistributedOptimizer keeps the step in its param groups and on
+    load puts ONE step tensor into every parameter's state, which its bucket-wise parameter state then
+    overwrites with the value the state had before loading. torch's Adam increments each parameter's
+    step in place, so a resumed run used wrong bias corrections (its second step's loss was 0.8% off the
+    straight run's). The param group's `step` is the checkpoint's.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = inner.optimizer
+        for group in adam.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = adam.state.get(param)
+                if state and isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
 
 
 def _rng_state() -> dict:
@@ -124,7 +176,10 @@ def save_checkpoint(
         (tmp / "model_optim").mkdir()
     dist.barrier()
     dist_checkpointing.save(
-        _sharded_state(chunks, optimizer, is_loading=False), str(tmp / "model_optim"), sharded_strategy=save_strategy()
+        _sharded_state(chunks, optimizer, is_loading=False, layout=OPTIMIZER_LAYOUT),
+        str(tmp / "model_optim"),
+        sharded_strategy=save_strategy(),
+        content_metadata=OPTIMIZER_LAYOUT,
     )
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
     if rank == 0:
@@ -160,9 +215,14 @@ def load_checkpoint(ckpt_dir: str | Path, chunks, optimizer, scheduler) -> dict:
 
     ckpt_dir = Path(ckpt_dir)
     state = json.loads((ckpt_dir / "train_state.json").read_text())
-    loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, is_loading=True), str(ckpt_dir / "model_optim"))
+    layout = dist_checkpointing.load_content_metadata(str(ckpt_dir / "model_optim")) or OPTIMIZER_LAYOUT
+    _create_empty_adam_state(optimizer)
+    sharded = _sharded_state(chunks, optimizer, is_loading=True, layout=layout)
+    loaded = dist_checkpointing.load(sharded, str(ckpt_dir / "model_optim"))
     restore_model_state(chunks, loaded)
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # the distributed optimizer copies into views of parameters (fp32: its main params)
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     rng_file = ckpt_dir / "rng" / f"rank_{dist.get_rank()}.pt"
     if rng_file.is_file():  # absent when resuming on a different world size

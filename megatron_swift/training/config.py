@@ -84,6 +84,11 @@ class TrainSection:
     fp8_format: Literal["e4m3", "hybrid"] | None = None
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] | None = None
     use_distributed_optimizer: bool = False
+    # Data-parallel communication overlapped with compute (megatron-core DDP): gradient reduction bucket by
+    # bucket during the backward, parameter all-gather (distributed optimizer) during the next forward.
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    ddp_bucket_size: int | None = None  # elements per bucket (megatron default: max(4e7, 1e6 x DP))
     recompute_granularity: Literal["full", "selective"] | None = None
     recompute_method: Literal["uniform", "block"] | None = None
     recompute_num_layers: int | None = None
@@ -141,6 +146,10 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
         found.append(f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}")
     if t.recompute_granularity == "full" and t.recompute_method is None:
         found.append("train.recompute_method: required with recompute_granularity=full (uniform or block)")
+    if t.overlap_param_gather and not (t.use_distributed_optimizer and t.overlap_grad_reduce):
+        found.append("train.overlap_param_gather: needs train.use_distributed_optimizer and train.overlap_grad_reduce")
+    if t.ddp_bucket_size is not None and (t.ddp_bucket_size < 1 or not t.overlap_grad_reduce):
+        found.append("train.ddp_bucket_size: must be >= 1 and needs train.overlap_grad_reduce (one bucket otherwise)")
     if not found:
         dp = p.data_parallel_size(world_size)
         if t.global_batch_size % (t.micro_batch_size * dp):

@@ -20,6 +20,7 @@ from megatron_swift.data.batches import Batches
 from megatron_swift.training.config import JobConfig
 from megatron_swift.training.flops import peak_flops
 from megatron_swift.training.metrics import MetricsLogger
+from megatron_swift.training.optim import parameters_synced
 from megatron_swift.training.step import StepResult, comm_device, train_step
 
 
@@ -117,7 +118,8 @@ def run_training(
             preempted = preemption.agreed()
             due = step == t.train_iters or (interval and step % interval == 0)
             if save_fn is not None and (due or preempted):
-                save_fn(step)
+                with parameters_synced(chunks):
+                    save_fn(step)
             if preempted:
                 break
     return results

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from megatron_swift.training.config import JobConfig
 
 
@@ -18,7 +20,11 @@ def wrap_for_training(chunks: list, job: JobConfig):
         chunks = [Float16Module(config, chunk) for chunk in chunks]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=t.overlap_grad_reduce,
+        overlap_param_gather=t.overlap_param_gather,
+        # As Megatron-LM: every pipeline stage launches its first all-gather from the schedule.
+        align_param_gather=t.overlap_param_gather,
+        bucket_size=t.ddp_bucket_size,
         use_distributed_optimizer=t.use_distributed_optimizer,
     )
     ddp_chunks = [
@@ -59,6 +65,32 @@ def wrap_for_training(chunks: list, job: JobConfig):
     # What megatron-core's schedules call back into (as Megatron-LM's training loop sets them).
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
-    no_sync = [chunk.no_sync for chunk in ddp_chunks]
-    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    config.no_sync_func = _one_or_list([chunk.no_sync for chunk in ddp_chunks])
+    if t.overlap_grad_reduce:
+        # Launch each chunk's gradient reduction from the schedule as its last micro-batch's backward ends.
+        config.grad_sync_func = _one_or_list([chunk.start_grad_sync for chunk in ddp_chunks])
+    if t.overlap_param_gather:
+        config.param_sync_func = _one_or_list([chunk.start_param_sync for chunk in ddp_chunks])
     return ddp_chunks, optimizer, scheduler
+
+
+def _one_or_list(funcs: list):
+    return funcs[0] if len(funcs) == 1 else funcs
+
+
+@contextlib.contextmanager
+def parameters_synced(chunks):
+    """The body sees every data-parallel rank's updated parameters.
+
+    With `overlap_param_gather` the optimizer step updates only this rank's shard; the other shards
+    arrive by all-gathers that the next forward waits for. Saving a checkpoint (or reading weights in
+    any other way) must first finish them: this does, and re-arms the overlap afterwards.
+    """
+    overlapped = [chunk for chunk in chunks if getattr(chunk, "use_forward_hook", False)]
+    for chunk in overlapped:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in overlapped:
+            chunk.enable_forward_pre_hook()
