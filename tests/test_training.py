@@ -120,6 +120,12 @@ def test_distributed_optimizer_checkpoints_with_overlapped_gather_save_updated_w
     # Bucket boundaries differ, so reductions round differently in the last bits (measured <= 1.2e-7).
     worst = max((saved["plain"][k] - saved["overlapped"][k]).abs().max().item() for k in saved["plain"])
     assert worst <= 1e-6, worst
+    # Its optimizer state is stored per DP shard: resuming at another TP is refused, naming the fields.
+    from megatron_swift.distributed.spawn import WorkerError
+
+    at_tp2 = [(llama, {"tensor_model_parallel_size": 2}, {**distopt, "train_iters": 6}, None, {}, save["plain"])]
+    with pytest.raises(WorkerError, match=r"parallel\.tensor_model_parallel_size: saved 1, now 2"):
+        run_cases(at_tp2, DATA, tmp_path / "tp2", world_size=2)
 
 
 @pytest.mark.parametrize(

@@ -84,6 +84,39 @@ def save_strategy(writer_processes: int = 4):
 OPTIMIZER_LAYOUT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
+def _parallel_layout(optimizer) -> dict:
+    """What a distributed-optimizer checkpoint must be resumed with (besides the data-parallel size)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return {
+        "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline_model_parallel_size": ps.get_virtual_pipeline_model_parallel_world_size(),
+        "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
+        "use_distributed_optimizer": any(isinstance(o, DistributedOptimizer) for o in inner),
+    }
+
+
+def _check_resume_layout(ckpt_dir: Path, saved: dict | None, optimizer) -> None:
+    """A distributed-optimizer checkpoint resumes only with its tensor / pipeline / expert layout."""
+    from megatron_swift.config import ConfigError
+
+    if not saved or not saved["use_distributed_optimizer"]:
+        return
+    now = _parallel_layout(optimizer)
+    changed = [f"{'train' if key == 'use_distributed_optimizer' else 'parallel'}.{key}: saved {value}, now {now[key]}"
+               for key, value in saved.items() if now[key] != value]  # fmt: skip
+    if changed:
+        raise ConfigError(
+            f"{ckpt_dir}: its distributed-optimizer state is stored per data-parallel shard and resumes only "
+            f"with the same layout (the data-parallel size may change); {'; '.join(changed)}. Resume with the "
+            f"saved layout, or start a new run from its weights with model.load={ckpt_dir.parent} "
+            "(the optimizer restarts)"
+        )
+
+
 def _sharded_state(chunks, optimizer, is_loading: bool, layout: dict) -> dict:
     model = model_sharded_state(chunks)
     merged_model = {k: v for part in model.values() for k, v in part.items()}
@@ -183,7 +216,8 @@ def save_checkpoint(
     )
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
     if rank == 0:
-        state = {"iteration": iteration, "consumed_samples": consumed_samples, "scheduler": scheduler.state_dict()}
+        state = {"iteration": iteration, "consumed_samples": consumed_samples, "scheduler": scheduler.state_dict(),
+                 "layout": _parallel_layout(optimizer)}  # fmt: skip
         (tmp / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
     dist.barrier()
     if rank == 0:
@@ -215,6 +249,7 @@ def load_checkpoint(ckpt_dir: str | Path, chunks, optimizer, scheduler) -> dict:
 
     ckpt_dir = Path(ckpt_dir)
     state = json.loads((ckpt_dir / "train_state.json").read_text())
+    _check_resume_layout(ckpt_dir, state.get("layout"), optimizer)
     layout = dist_checkpointing.load_content_metadata(str(ckpt_dir / "model_optim")) or OPTIMIZER_LAYOUT
     _create_empty_adam_state(optimizer)
     sharded = _sharded_state(chunks, optimizer, is_loading=True, layout=layout)
