@@ -107,9 +107,8 @@ def run_job(job: JobConfig, ctx, args) -> list:
             print(f"resumed from {resume_from} at iteration {start}")
 
     def save(step: int) -> None:
-        path = save_checkpoint(
-            ckpt.save, step, chunks, optimizer, scheduler, batches.consumed_samples, ckpt.save_total_limit
-        )
+        path = save_checkpoint(ckpt.save, step, chunks, optimizer, scheduler, batches.consumed_samples,
+                               ckpt.save_total_limit, save_optimizer=not ckpt.no_save_optim)  # fmt: skip
         if ctx.is_main:
             print(f"saved checkpoint {path}")
 

@@ -308,3 +308,25 @@ def test_pretraining_task_trains_on_text(tiny_models, tmp_path):
     results = train(job)
     assert len(results) == 4 and results[-1].loss < results[0].loss
     assert all(r.tokens == 4 * 32 for r in results)  # every token of a pretraining window is a target
+
+
+def test_checkpoint_without_optimizer_state_is_smaller_and_refuses_resume(tiny_models, tmp_path):
+    """checkpoint.no_save_optim writes the same model weights without Adam's state; resuming it is refused."""
+    from megatron_swift.distributed.spawn import WorkerError
+    from tests.test_resume import _model_tensors
+
+    llama = tiny_models["llama"]
+    weights_only, full = {"save": str(tmp_path / "weights"), "no_save_optim": True}, {"save": str(tmp_path / "full")}
+    run_cases([(llama, {}, {}, None, {}, weights_only), (llama, {}, {}, None, {}, full)], DATA, tmp_path, world_size=1)
+
+    def size(name: str) -> int:
+        return sum(
+            f.stat().st_size for f in (tmp_path / name / "iter_0000003" / "model_optim").rglob("*") if f.is_file()
+        )
+
+    assert size("weights") < 0.5 * size("full"), (size("weights"), size("full"))
+    saved = {name: _model_tensors(tmp_path / name / "iter_0000003") for name in ("weights", "full")}
+    assert saved["weights"] and sorted(saved["weights"]) == sorted(saved["full"])
+    assert all(torch.equal(saved["weights"][k], saved["full"][k]) for k in saved["full"])
+    with pytest.raises((WorkerError, ConfigError), match=r"saved with checkpoint\.no_save_optim"):
+        run_cases([(llama, {}, {"train_iters": 6}, None, {}, weights_only)], DATA, tmp_path / "again", world_size=1)

@@ -195,8 +195,12 @@ def save_checkpoint(
     scheduler,
     consumed_samples: int,
     save_total_limit: int | None = None,
+    save_optimizer: bool = True,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    Without `save_optimizer` (checkpoint.no_save_optim) only the model is written: a smaller checkpoint
+    to export or start a new run from (`model.load`), which a run cannot resume."""
     from megatron.core import dist_checkpointing
 
     save_dir = Path(save_dir)
@@ -208,8 +212,12 @@ def save_checkpoint(
         (tmp / "rng").mkdir(parents=True)
         (tmp / "model_optim").mkdir()
     dist.barrier()
+    if save_optimizer:
+        sharded = _sharded_state(chunks, optimizer, is_loading=False, layout=OPTIMIZER_LAYOUT)
+    else:
+        sharded = model_sharded_state(chunks)
     dist_checkpointing.save(
-        _sharded_state(chunks, optimizer, is_loading=False, layout=OPTIMIZER_LAYOUT),
+        sharded,
         str(tmp / "model_optim"),
         sharded_strategy=save_strategy(),
         content_metadata=OPTIMIZER_LAYOUT,
@@ -217,7 +225,7 @@ def save_checkpoint(
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
     if rank == 0:
         state = {"iteration": iteration, "consumed_samples": consumed_samples, "scheduler": scheduler.state_dict(),
-                 "layout": _parallel_layout(optimizer)}  # fmt: skip
+                 "layout": _parallel_layout(optimizer), "optimizer": save_optimizer}  # fmt: skip
         (tmp / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
     dist.barrier()
     if rank == 0:
@@ -249,6 +257,13 @@ def load_checkpoint(ckpt_dir: str | Path, chunks, optimizer, scheduler) -> dict:
 
     ckpt_dir = Path(ckpt_dir)
     state = json.loads((ckpt_dir / "train_state.json").read_text())
+    if not state.get("optimizer", True):
+        from megatron_swift.config import ConfigError
+
+        raise ConfigError(
+            f"{ckpt_dir}: saved with checkpoint.no_save_optim, so it holds no optimizer state to resume; start a "
+            f"new run from its weights with model.load={ckpt_dir.parent} and another checkpoint.save directory"
+        )
     _check_resume_layout(ckpt_dir, state.get("layout"), optimizer)
     layout = dist_checkpointing.load_content_metadata(str(ckpt_dir / "model_optim")) or OPTIMIZER_LAYOUT
     _create_empty_adam_state(optimizer)

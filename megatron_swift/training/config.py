@@ -101,6 +101,7 @@ class CheckpointSection:
     save_interval: int | None = None  # also saved at the end and on SIGTERM/SIGUSR1
     save_total_limit: int | None = None
     load: str | None = None  # resume from this checkpoints dir (default: `save`, when it has a `latest`)
+    no_save_optim: bool = False  # model weights only: smaller, exportable, loadable with model.load, not resumable
 
 
 @dataclass
