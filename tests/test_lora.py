@@ -140,6 +140,18 @@ def test_lora_resume_is_bitwise(tiny_models, tmp_path):
     assert size < 0.5 * sum(p.stat().st_size for p in tiny_models["llama"].glob("*.safetensors"))
 
 
+def test_lora_resume_with_distributed_optimizer_and_overlapped_communication(tiny_models, tmp_path):
+    """DP2, adapters sharded by the distributed optimizer, gradient reduction and parameter all-gather
+    overlapped: 3 steps + resume + 3 equal 6 straight, bitwise."""
+    llama = tiny_models["llama"]
+    train = {"use_distributed_optimizer": True, "overlap_grad_reduce": True, "overlap_param_gather": True}
+    resumed, straight = {"save": str(tmp_path / "resumed")}, {"save": str(tmp_path / "straight")}
+    cases = [(llama, {}, train, LORA, {}, resumed), (llama, {}, {**train, "train_iters": 6}, LORA, {}, resumed),
+             (llama, {}, {**train, "train_iters": 6}, LORA, {}, straight)]  # fmt: skip
+    first, second, six = run_cases(cases, DATA, tmp_path / "runs", world_size=2)
+    assert len(first) == len(second) == 3 and first + second == six
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
 def test_peft_adapter_continues_training_and_exports_back_exactly(family, tiny_models, tmp_path):
     """A PEFT adapter trained on HF (its own lora_A per projection) is taken in as is: training with lr 0
