@@ -3,7 +3,8 @@
 The loss is the sum of per-token cross entropy over loss-masked tokens; megatron-core's
 `calculate_per_token_loss` divides gradients by the global token count in `finalize_model_grads`,
 so the step is the exact token mean over the whole global batch whatever the split into data-parallel
-ranks, micro-batches, pipeline or context-parallel chunks.
+ranks, micro-batches, pipeline or context-parallel chunks. The last stage gets the per-token loss from
+the model itself (`labels=`: megatron-core's loss path, padding columns masked by models/gpt.py).
 
 With `model.fused_linear_cross_entropy` the chunks are FusedLossGPTModel (models/kernel_modules.py):
 in training their last stage returns the output layer's input instead of logits, and the same loss is
