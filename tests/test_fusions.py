@@ -9,9 +9,10 @@ import dataclasses
 import pytest
 
 from megatron_swift.training.config import JobConfig, ModelSection, environment_problems, transformer_overrides
-from megatron_swift.training.fusions import AUTO_FUSIONS, Machine, fusion_problems, resolve_fusions
+from megatron_swift.training.fusions import Machine, fusion_problems, resolve_fusions
 from tests.train_matrix import run_cases
 
+AUTO_FUSIONS = ("apply_rope_fusion", "bias_dropout_fusion", "bias_activation_fusion", "gradient_accumulation_fusion")
 CPU = Machine(cuda=False, transformer_engine=False, apex_fused_wgrad=False)
 GPU_TE_APEX = Machine(cuda=True, transformer_engine=True, apex_fused_wgrad=True)
 GPU_BARE = Machine(cuda=True, transformer_engine=False, apex_fused_wgrad=False)

@@ -28,8 +28,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from megatron_swift.training.config import ModelSection
 
-AUTO_FUSIONS = ("apply_rope_fusion", "bias_dropout_fusion", "bias_activation_fusion", "gradient_accumulation_fusion")
-
 
 @dataclass(frozen=True)
 class Machine:
