@@ -2,10 +2,10 @@
 
 Both sides: the same HF checkpoint (fp32, random weights), LoRA rank 8 / alpha 16 on all linear
 layers (attention and MLP projections, not the output layer), the same fixed batch, Adam with the
-same hyper-parameters and gradient clipping, one process on this machine's CPU. Rounds alternate the
-two sides; the median step of each is reported. Peak RSS is measured per side in a fresh process
-(building the model, then the same number of steps; memory above the imports), since both sides
-share the timing process.
+same hyper-parameters and gradient clipping (fused AdamW on both sides, as in train_step.py), one
+process on this machine's CPU. Rounds alternate the two sides; the median step of each is reported.
+Peak RSS is measured per side in a fresh process (building the model, then the same number of steps;
+memory above the imports), since both sides share the timing process.
 Trainable parameters differ by design: one lora_A serves megatron's fused q/k/v and gate/up linears
 where PEFT has one per projection.
 
@@ -20,13 +20,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memory import peak_rss, reset_peak_rss  # benchmarks/ is on sys.path when a benchmark runs as a script
 from results_io import write_results
-from train_step import HF, SHAPE, Ours, add_step_arguments, compare_steps, make_batch, prepare, ratio_lines
+from train_step import (
+    HF,
+    SHAPE,
+    Ours,
+    add_step_arguments,
+    compare_steps,
+    hf_trainer_adamw,
+    make_batch,
+    prepare,
+    ratio_lines,
+)
 
 from megatron_swift.distributed import destroy_distributed
 from megatron_swift.tuners.lora import LoraConfig
@@ -53,7 +61,7 @@ class HFPeft(HF):
         self.model = get_peft_model(self.model, PeftLoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear"))
         self.model.train()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+        self.optimizer = hf_trainer_adamw(trainable, lr)
 
     def trainable(self) -> int:
         return self.model.get_nb_trainable_parameters()[0]

@@ -3,8 +3,10 @@
 Both sides: the same HF checkpoint (fp32, random weights), the same fixed batch (every token a target),
 Adam with the same hyper-parameters and gradient clipping, one process on this machine's CPU. Ours
 goes through megatron-core (DDP wrapper, megatron optimizer, pipeline schedule, vocab-parallel loss);
-HF is `model(...)`, `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW.step()`. Rounds alternate
-the two sides so both see the same machine state; the median step of each is reported.
+HF is `model(...)`, `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW.step()` with the fused kernel
+(HF Trainer's default optimizer, `adamw_torch_fused`, at this torch version; ours runs the same kernel, see
+training/optim.py). Rounds alternate the two sides so both see the same machine state; the median step of
+each is reported.
 
     python benchmarks/train_step.py          # writes benchmarks/results/train_step.{json,md}
 """
@@ -62,14 +64,18 @@ class Ours:
         return result.loss
 
 
+def hf_trainer_adamw(params, lr: float) -> torch.optim.AdamW:
+    """The optimizer HF's Trainer builds by default with torch >= 2.8 (`adamw_torch_fused`), our hyper-parameters."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=True)
+
+
 class HF:
     def __init__(self, hf_dir: Path, lr: float):
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="sdpa")
         self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8,
-                                           weight_decay=0.0)  # fmt: skip
+        self.optimizer = hf_trainer_adamw(self.model.parameters(), lr)
 
     def step(self, batch: dict) -> float:
         # As an HF user runs it: without the CPU shims' device-redirect mode, which our side needs.

@@ -97,6 +97,37 @@ def test_torch_norm_accepts_sequence_parallel_and_tags_params():
     assert config.sequence_parallel  # the caller's config is not mutated
 
 
+def test_multi_tensor_fallbacks_are_replaced_by_bitwise_equal_foreach_ops():
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.optimizer as optimizer_mod
+    from megatron.core import utils
+
+    from megatron_swift.compat.cpu import foreach_l2_norm, foreach_scale
+
+    apply_cpu_shims()
+    assert clip_grads.l2_norm_impl is foreach_l2_norm
+    assert clip_grads.multi_tensor_scale_impl is foreach_scale
+    assert optimizer_mod.multi_tensor_scale_impl is foreach_scale
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(shape, generator=gen) * 3 for shape in [(7, 5), (300,), (2, 3, 4), (1,)]]
+    theirs, _ = utils.local_multi_tensor_l2_norm(0, None, [grads], False)
+    ours, _ = foreach_l2_norm(0, None, [grads], False)
+    assert ours.shape == (1,) and ours.dtype == torch.float32
+    assert torch.equal(ours, theirs)
+
+    in_place_theirs, in_place_ours = [g.clone() for g in grads], [g.clone() for g in grads]
+    utils.local_multi_tensor_scale(0, None, [in_place_theirs, in_place_theirs], 0.37)
+    foreach_scale(0, None, [in_place_ours, in_place_ours], 0.37)  # how clip_grads calls it
+    assert all(torch.equal(a, b) for a, b in zip(in_place_ours, in_place_theirs, strict=True))
+
+    copies_theirs = [torch.empty_like(g, dtype=torch.bfloat16) for g in grads]  # fp32 -> bf16, as the fp16 optimizer
+    copies_ours = [torch.empty_like(g, dtype=torch.bfloat16) for g in grads]
+    utils.local_multi_tensor_scale(0, None, [grads, copies_theirs], 1.0)
+    foreach_scale(0, None, [grads, copies_ours], 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(copies_ours, copies_theirs, strict=True))
+
+
 _LOG_REDIRECTS = """
 import torch
 from megatron_swift.compat import apply_cpu_shims, cuda_redirects

@@ -330,3 +330,36 @@ def test_checkpoint_without_optimizer_state_is_smaller_and_refuses_resume(tiny_m
     assert all(torch.equal(saved["weights"][k], saved["full"][k]) for k in saved["full"])
     with pytest.raises((WorkerError, ConfigError), match=r"saved with checkpoint\.no_save_optim"):
         run_cases([(llama, {}, {"train_iters": 6}, None, {}, weights_only)], DATA, tmp_path / "again", world_size=1)
+
+
+@pytest.mark.parametrize("train", [{}, {"use_distributed_optimizer": True}])
+def test_torch_adam_runs_its_fused_kernel(tiny_models, tmp_path, train):
+    """Without Apex/TE megatron-core falls back to torch's AdamW; ours then runs torch's fused kernel."""
+    from launch.pretrain_sft import build_model
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.optim import wrap_for_training
+
+    job = job_for(str(tiny_models["llama"]), DATA, str(tmp_path), {}, train)
+    args = check_job(job, 1)
+    init_distributed(job.parallel)
+    try:
+        _, optimizer, _ = wrap_for_training(build_model(job, args), job)
+        inner = [chained.optimizer for chained in getattr(optimizer, "chained_optimizers", [optimizer])]
+        assert inner and all(type(adam) is torch.optim.AdamW for adam in inner)
+        assert all(group["fused"] and not group["foreach"] for adam in inner for group in adam.param_groups)
+    finally:
+        destroy_distributed()
+
+
+def test_ending_a_run_clears_megatron_moe_loss_tracker():
+    """The tracker is process-global and sized by the first MoE model: a later run with more layers
+    in the same process (a test, a benchmark) would index past its end."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker, save_to_aux_losses_tracker
+
+    from megatron_swift.distributed import destroy_distributed
+
+    save_to_aux_losses_tracker("load_balancing_loss", torch.tensor(1.0), layer_number=2, num_layers=2)
+    destroy_distributed()
+    save_to_aux_losses_tracker("load_balancing_loss", torch.tensor(1.0), layer_number=4, num_layers=4)
+    assert get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"].tolist() == [0, 0, 0, 1.0]
+    destroy_distributed()

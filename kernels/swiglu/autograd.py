@@ -1,10 +1,36 @@
-"""`swiglu(fc1_output, backend)`: the op as used by the MLP, with the Triton path's autograd."""
+"""`swiglu(fc1_output, backend)`: the op as used by the MLP, with autograd for both backends."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from kernels.swiglu.reference import swiglu as swiglu_reference
+
+class TorchSwiGLU(torch.autograd.Function):
+    """The reference's arithmetic (reference.py) with a backward that writes [d gate | d up] in place.
+
+    Autograd of the reference ends in `chunk`'s backward, a `cat` of the two half-gradients: one more
+    full pass over the [tokens, 2 * ffn] gradient per layer. Here each half is written straight into
+    its side of one buffer. The ops and their order are the reference's, so results are bitwise equal;
+    the saved tensors are the same as autograd saves for the reference (the input and silu(gate)).
+    """
+
+    @staticmethod
+    def forward(ctx, fc1_output):
+        gate, up = torch.chunk(fc1_output, 2, dim=-1)
+        silu_gate = F.silu(gate)
+        ctx.save_for_backward(fc1_output, silu_gate)
+        return silu_gate * up
+
+    @staticmethod
+    def backward(ctx, dy):
+        fc1_output, silu_gate = ctx.saved_tensors
+        gate, up = torch.chunk(fc1_output, 2, dim=-1)
+        dx = torch.empty_like(fc1_output)
+        dgate, dup = torch.chunk(dx, 2, dim=-1)
+        torch.mul(dy, silu_gate, out=dup)
+        torch.ops.aten.silu_backward(dy * up, gate, grad_input=dgate)
+        return dx
 
 
 class TritonSwiGLU(torch.autograd.Function):
@@ -31,5 +57,5 @@ def swiglu(fc1_output: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     if backend == "triton":
         return TritonSwiGLU.apply(fc1_output)
     if backend == "torch":
-        return swiglu_reference(fc1_output)
+        return TorchSwiGLU.apply(fc1_output)
     raise ValueError(f"swiglu: no {backend!r} implementation")

@@ -1,4 +1,6 @@
-"""SwiGLU on megatron-core's fused linear_fc1 output, in pure torch (reference and `torch` backend).
+"""SwiGLU on megatron-core's fused linear_fc1 output, in pure torch: the reference.
+
+The `torch` backend (autograd.TorchSwiGLU) is this arithmetic with a hand-written, cat-free backward.
 
 linear_fc1 writes [gate | up] along the last dimension (per tensor-parallel rank: each rank holds its
 own gate and up shards side by side), and megatron's MLP computes silu(gate) * up on that local tensor.

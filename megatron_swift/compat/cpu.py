@@ -35,7 +35,11 @@ PATCHED_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
     ("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__"),
+    ("megatron.core.optimizer.clip_grads", "l2_norm_impl"),
+    ("megatron.core.optimizer.clip_grads", "multi_tensor_scale_impl"),
+    ("megatron.core.optimizer.optimizer", "multi_tensor_scale_impl"),
 )
+
 
 # (module path, attribute) that megatron-core reads but never defines when Transformer Engine is
 # missing; apply_cpu_shims() defines them. A test checks the reading code still names them.
@@ -131,6 +135,33 @@ def _allow_sequence_parallel(original_new):
     return staticmethod(__new__)
 
 
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron's `local_multi_tensor_l2_norm`, bitwise: the norm of the per-tensor L2 norms as a [1] fp32 tensor.
+
+    One foreach call instead of a Python loop and a host round trip.
+    """
+    per_tensor_norms = torch._foreach_norm(tensor_lists[0])
+    return torch.linalg.vector_norm(torch.stack(per_tensor_norms).float()).reshape(1), None
+
+
+def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """megatron's `local_multi_tensor_scale` (dst = src * scale) as foreach calls; bitwise the same result."""
+    src, dst = tensor_lists
+    if all(a is b for a, b in zip(src, dst, strict=True)):  # clip_grads scales the gradients in place
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+# Where megatron-core binds its no-Apex/TE multi-tensor fallback (named in megatron.core.utils), and
+# what replaces it (shim 3c).
+_MULTI_TENSOR_SITES = (
+    ("megatron.core.optimizer.clip_grads", "l2_norm_impl", "local_multi_tensor_l2_norm", foreach_l2_norm),
+    ("megatron.core.optimizer.clip_grads", "multi_tensor_scale_impl", "local_multi_tensor_scale", foreach_scale),
+    ("megatron.core.optimizer.optimizer", "multi_tensor_scale_impl", "local_multi_tensor_scale", foreach_scale),
+)
+
+
 def apply_cpu_shims() -> None:
     """Install every CPU shim (idempotent). Raises if CUDA is available."""
     global _applied, _mode
@@ -168,6 +199,16 @@ def apply_cpu_shims() -> None:
         module = importlib.import_module(module_path)
         if not hasattr(module, name):
             setattr(module, name, None)
+
+    # 3c. Without Apex/TE, megatron-core's gradient clipping (every step) computes the gradient norm and
+    #    scales the gradients with Python loops: one op, a temporary and a host round trip per tensor
+    #    (utils.local_multi_tensor_l2_norm / local_multi_tensor_scale). torch's foreach ops do the same
+    #    arithmetic in one call each. Replaced only where megatron bound its own fallback.
+    utils_mod = importlib.import_module("megatron.core.utils")
+    for module_path, name, fallback, replacement in _MULTI_TENSOR_SITES:
+        module = importlib.import_module(module_path)
+        if getattr(module, name) is getattr(utils_mod, fallback):
+            setattr(module, name, replacement)
 
     # 4. + 5. Hard-coded CUDA placement and `.type()` string checks: one TorchFunctionMode.
     _mode = CudaToCpuMode()

@@ -93,7 +93,11 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234, timeout_minu
 
 def destroy_distributed() -> None:
     from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
+    # megatron-core's MoE routers log their auxiliary losses into a process-global tracker sized by the
+    # first model's layer count; the next run in this process (tests, benchmarks) may have more layers.
+    get_moe_layer_wise_logging_tracker().clear()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from megatron_swift.fs import fsync_tree
 from megatron_swift.models.naming import unwrap_model
+from megatron_swift.training.optim import use_fused_torch_adam
 
 LATEST = "latest"
 
@@ -165,7 +166,8 @@ def _restore_adam_steps(optimizer) -> None:
             for param in group["params"]:
                 state = adam.state.get(param)
                 if state and isinstance(state.get("step"), torch.Tensor):
-                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
+                    step = state["step"]
+                    state["step"] = torch.tensor(float(group["step"]), dtype=step.dtype, device=step.device)
 
 
 def _rng_state() -> dict:
@@ -273,6 +275,7 @@ def load_checkpoint(ckpt_dir: str | Path, chunks, optimizer, scheduler) -> dict:
     with torch.no_grad():  # the distributed optimizer copies into views of parameters (fp32: its main params)
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer)
+    use_fused_torch_adam(optimizer)  # the loaded param groups carry the saving run's options
     scheduler.load_state_dict(state["scheduler"])
     rng_file = ckpt_dir / "rng" / f"rank_{dist.get_rank()}.pt"
     if rng_file.is_file():  # absent when resuming on a different world size

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from megatron_swift.training.config import JobConfig
 
 
@@ -48,6 +50,7 @@ def wrap_for_training(chunks: list, job: JobConfig):
         ),
         ddp_chunks,
     )
+    use_fused_torch_adam(optimizer)
     warmup = int(t.lr_warmup_fraction * t.train_iters) if t.lr_warmup_fraction is not None else t.lr_warmup_iters
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -72,6 +75,28 @@ def wrap_for_training(chunks: list, job: JobConfig):
     if t.overlap_param_gather:
         config.param_sync_func = _one_or_list([chunk.start_param_sync for chunk in ddp_chunks])
     return ddp_chunks, optimizer, scheduler
+
+
+def use_fused_torch_adam(optimizer) -> None:
+    """Run torch's fused Adam kernel wherever megatron-core fell back to torch's Adam.
+
+    Why: without Apex or Transformer Engine (CPU, or a bare GPU install) megatron-core builds
+    `torch.optim.Adam`/`AdamW` without `fused`, and on CPU torch then takes its per-parameter Python loop
+    (about ten ops per parameter per step). The fused kernel does the same update in one call per step;
+    it is also what HF's Trainer uses by default. Options live in the param groups, so setting `fused`
+    there (and again after a checkpoint load restores the saved groups) is all it takes. With Apex's or
+    TE's FusedAdam (the GPU installs) there is nothing to do.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = inner.optimizer
+        if type(adam) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue
+        params = [param for group in adam.param_groups for param in group["params"]]
+        if not all(param.device.type in ("cpu", "cuda") and param.is_floating_point() for param in params):
+            continue
+        adam.defaults.update(fused=True, foreach=False)
+        for group in adam.param_groups:
+            group.update(fused=True, foreach=False)
 
 
 def _one_or_list(funcs: list):

@@ -98,6 +98,18 @@ def test_swiglu(rows, ffn, block, dtype):
     assert_close(dx3, ref_dx.view(rows, 1, -1), dtype, "autograd gradient")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_torch_backend_is_the_reference_bitwise(dtype):
+    """The `torch` backend's hand-written backward does the reference's ops in its order: equal bits."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3, 2 * 37, generator=gen).to(dtype)  # [s, b, 2 * ffn] as megatron's fc1 returns it
+    dy = torch.randn(3, 6, 37, generator=gen).to(dtype).transpose(0, 1)  # a non-contiguous incoming gradient
+    ref_y, (ref_dx,) = reference_grads(swiglu_reference, [x], dy)
+    y, (dx,) = reference_grads(lambda a: swiglu(a, "torch"), [x], dy)
+    torch.testing.assert_close(y, ref_y, rtol=0, atol=0)
+    torch.testing.assert_close(dx, ref_dx, rtol=0, atol=0)
+
+
 class _SingleRankGroup:
     """megatron's THD rotary asks its CP group for size and rank only."""
 
