@@ -40,7 +40,7 @@ LLAMA_LAYOUTS = [
     ({}, {"recompute_granularity": "selective"}),
     ({"context_parallel_size": 2}, {}),  # seq 32 split into 4 chunks of 8, two per rank
 ]
-MOE_LAYOUTS = [({"expert_model_parallel_size": 2}, {})]
+MOE_LAYOUTS = [({"expert_model_parallel_size": 2}, {}), ({"pipeline_model_parallel_size": 2}, {})]
 
 
 def test_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
@@ -64,6 +64,18 @@ def test_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
             failures.append((name, parallel, train, losses, expected, worst))
     assert not failures, failures
     assert reference["llama"][-1] < reference["llama"][0]  # it trains
+
+    # MoE: the router's load-balancing loss in the metrics, reduced over ranks, is the single process's too.
+    def router_loss(run_dir: Path) -> list[float]:
+        records = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+        return [record["load_balancing_loss"] for record in records]
+
+    expected = router_loss(tmp_path / "ref" / "case1")
+    assert len(expected) == 3 and all(value > 0 for value in expected), expected
+    for index, name in enumerate(names):
+        if name == "mixtral":
+            got = router_loss(tmp_path / "par" / f"case{index}")
+            assert got == pytest.approx(expected, rel=REL_TOL), (cases[index][1], got, expected)
 
 
 @pytest.mark.parametrize(
@@ -363,3 +375,57 @@ def test_ending_a_run_clears_megatron_moe_loss_tracker():
     save_to_aux_losses_tracker("load_balancing_loss", torch.tensor(1.0), layer_number=4, num_layers=4)
     assert get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"].tolist() == [0, 0, 0, 1.0]
     destroy_distributed()
+
+
+@pytest.mark.parametrize(
+    ("types", "coeffs", "z_loss", "expected"),
+    [
+        ("aux_loss", 0.01, None, ["load_balancing_loss"]),
+        ("aux_loss", 0.0, None, []),  # the router computes no loss with coefficient 0
+        (
+            ["aux_loss", "seq_aux_loss"],
+            [0.01, 0.001],
+            1e-3,
+            ["load_balancing_loss", "seq_load_balancing_loss", "z_loss"],
+        ),
+        ("sinkhorn", 0.0, None, []),
+    ],
+)
+def test_tracked_router_losses_follow_megatron_config(types, coeffs, z_loss, expected):
+    from types import SimpleNamespace
+
+    from megatron_swift.training.moe_metrics import tracked_losses
+
+    config = SimpleNamespace(num_moe_experts=4, moe_router_load_balancing_type=types, moe_aux_loss_coeff=coeffs,
+                             moe_z_loss_coeff=z_loss)  # fmt: skip
+    assert tracked_losses(config) == expected
+    assert tracked_losses(SimpleNamespace(num_moe_experts=None)) == []
+
+
+def test_router_loss_equals_hf_load_balancing_loss(tmp_path):
+    """One MoE layer, one micro-batch: the logged loss is HF's `aux_loss` (which sums over the top-k slots,
+    so it is top-k times megatron's normalisation)."""
+    from transformers import AutoModelForCausalLM
+
+    from launch.pretrain_sft import build_model
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.models.tiny import make_tiny_model
+    from megatron_swift.training.moe_metrics import router_losses
+
+    hf_dir = make_tiny_model("qwen3_moe", tmp_path / "hf", num_hidden_layers=1, mlp_only_layers=[])
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    tokens = torch.randint(0, hf_model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    hf_aux = float(hf_model(tokens, output_router_logits=True).aux_loss)
+
+    job = job_for(str(hf_dir), DATA, str(tmp_path / "run"), {}, {})
+    args = check_job(job, 1)
+    init_distributed(job.parallel)
+    try:
+        (model,) = build_model(job, args)
+        model.train()
+        position_ids = torch.arange(32).unsqueeze(0).expand_as(tokens)
+        model(tokens, position_ids, None)  # training mode with grad: the router computes its loss
+        logged = router_losses(model.config, num_microbatches=1)
+    finally:
+        destroy_distributed()
+    assert logged["load_balancing_loss"] * hf_model.config.num_experts_per_tok == pytest.approx(hf_aux, rel=1e-5)

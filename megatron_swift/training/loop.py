@@ -105,6 +105,7 @@ def run_training(
                         "tokens_per_sec": round(tokens_per_sec, 1),
                         "mfu": mfu(tokens_per_sec),
                         "skipped": result.skipped,
+                        **result.router_losses,
                     }
                 )
             bar.set_postfix(

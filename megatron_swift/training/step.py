@@ -14,7 +14,7 @@ vocab-parallel over the TP group, without the [tokens, vocab] logits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -28,6 +28,7 @@ class StepResult:
     grad_norm: float
     lr: float
     skipped: bool
+    router_losses: dict[str, float] = field(default_factory=dict)  # MoE: see training/moe_metrics.py
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -127,6 +128,8 @@ def comm_device() -> torch.device:
 def train_step(chunks, optimizer, scheduler, microbatches: list[dict], vocab_size: int) -> StepResult:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_swift.training.moe_metrics import router_losses
+
     micro_batch_size, seq_length = microbatches[0]["tokens"].shape
     if "cu_seqlens" in microbatches[0]:  # packed micro-batches travel as one [1, mbs * seq] row
         micro_batch_size, seq_length = 1, micro_batch_size * seq_length
@@ -148,4 +151,5 @@ def train_step(chunks, optimizer, scheduler, microbatches: list[dict], vocab_siz
     if updated:
         scheduler.step(increment=1)
     loss, tokens = _global_loss(losses)
-    return StepResult(loss, tokens, float(grad_norm or 0.0), lr, not updated)
+    router = router_losses(chunks[0].config, len(microbatches))
+    return StepResult(loss, tokens, float(grad_norm or 0.0), lr, not updated, router)
