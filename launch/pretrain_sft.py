@@ -56,7 +56,7 @@ def build_model(job: JobConfig, args, load_weights: bool = True) -> list:
     dtype = dtype_from_name(precision(job))
     # Initialisation stays on although every weight is then loaded: megatron-core marks tensor-parallel
     # weights (`tensor_model_parallel`, read by grad-norm clipping and the optimizers) only while initialising.
-    config = transformer_config(args, job.parallel, params_dtype=dtype, **transformer_overrides(job))
+    config = transformer_config(args, job.parallel, params_dtype=dtype, **transformer_overrides(job, args.is_moe))
     model = job.model
     chunks = build_model_chunks(args, config, spec=model.spec, attention=model.attention, kernels=model.kernels,
                                 fused_linear_cross_entropy=model.fused_linear_cross_entropy)  # fmt: skip

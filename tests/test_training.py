@@ -67,8 +67,7 @@ def test_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
 
     # MoE: the router's load-balancing loss in the metrics, reduced over ranks, is the single process's too.
     def router_loss(run_dir: Path) -> list[float]:
-        records = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
-        return [record["load_balancing_loss"] for record in records]
+        return [record["load_balancing_loss"] for record in _metrics(run_dir)]
 
     expected = router_loss(tmp_path / "ref" / "case1")
     assert len(expected) == 3 and all(value > 0 for value in expected), expected
@@ -429,3 +428,41 @@ def test_router_loss_equals_hf_load_balancing_loss(tmp_path):
     finally:
         destroy_distributed()
     assert logged["load_balancing_loss"] * hf_model.config.num_experts_per_tok == pytest.approx(hf_aux, rel=1e-5)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_moe_options_train_and_match_across_expert_parallel(tiny_models, tmp_path):
+    """Capacity with token dropping changes the forward and is the same at EP2; the z-loss and a zero
+    load-balancing coefficient change only the gradients, and the metrics say which losses the router had."""
+    mixtral = tiny_models["mixtral"]
+    capacity = {"moe_expert_capacity_factor": 1.0}
+    z_only = {"moe_z_loss_coeff": 1e-3, "moe_aux_loss_coeff": 0.0}
+    cases = [(mixtral, {}, {}), (mixtral, {}, {}, None, {}, None, capacity), (mixtral, {}, {}, None, {}, None, z_only)]
+    dropless, dropping, z_loss = run_cases(cases, DATA, tmp_path / "one", world_size=1)
+    (dropping_ep2,) = run_cases(
+        [(mixtral, {"expert_model_parallel_size": 2}, {}, None, {}, None, capacity)], DATA, tmp_path / "ep2", 2
+    )
+    assert dropping[0] != pytest.approx(dropless[0], rel=1e-4)  # tokens were dropped
+    assert dropping_ep2 == pytest.approx(dropping, rel=REL_TOL)
+    assert z_loss[0] == dropless[0] and z_loss[1] != pytest.approx(dropless[1], rel=1e-6)
+    records = _metrics(tmp_path / "one" / "case2")
+    assert all(r["z_loss"] > 0 and "load_balancing_loss" not in r for r in records), records
+
+
+def test_moe_options_are_validated(tiny_models, tmp_path):
+    from megatron_swift.training.config import environment_problems
+
+    job = job_for(str(tiny_models["llama"]), DATA, str(tmp_path), {}, {}, moe={"moe_aux_loss_coeff": 0.01})
+    with pytest.raises(ConfigError, match=r"moe\.moe_aux_loss_coeff: the model has no experts"):
+        check_job(job, 1)
+    moe = {"moe_pad_expert_input_to_capacity": True, "moe_z_loss_coeff": -1.0, "moe_token_dispatcher_type": "alltoall"}
+    job = job_for(str(tiny_models["mixtral"]), DATA, str(tmp_path), {}, {}, moe=moe)
+    with pytest.raises(ConfigError) as error:
+        check_job(job, 1)
+    assert "moe.moe_pad_expert_input_to_capacity: needs moe.moe_expert_capacity_factor" in str(error.value)
+    assert "moe.moe_z_loss_coeff=-1.0 must be >= 0" in str(error.value)
+    if not torch.cuda.is_available():
+        assert any("moe_token_dispatcher_type=alltoall needs a CUDA GPU" in p for p in environment_problems(job))

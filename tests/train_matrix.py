@@ -19,9 +19,10 @@ def job_for(
     train: dict,
     lora: dict | None = None,
     checkpoint: dict | None = None,
+    moe: dict | None = None,
     **model,
 ) -> JobConfig:
-    """A tiny test job; `lora` options switch it to LoRA training, `checkpoint` sets CheckpointSection fields."""
+    """A tiny test job; `lora` options switch it to LoRA training, `checkpoint` and `moe` set those sections."""
     job = JobConfig()
     if lora is not None:
         job.lora = LoraConfig(**lora)
@@ -34,12 +35,14 @@ def job_for(
         **train,
     )
     job.checkpoint = dataclasses.replace(job.checkpoint, output_dir=output_dir, **(checkpoint or {}))
+    job.moe = dataclasses.replace(job.moe, **(moe or {}))
     return job
 
 
 def losses_for_cases(cases: list[tuple[str, dict, dict]], data_path: str, output_dir: str) -> dict[int, list[float]]:
     """case index -> per-step losses (reported by global rank 0) for (hf_dir, parallel, train[, lora[, model[,
-    checkpoint]]]) cases; `model` holds ModelSection options (e.g. kernels), `checkpoint` CheckpointSection ones."""
+    checkpoint[, moe]]]]) cases; `model` holds ModelSection options (e.g. kernels), `checkpoint` and `moe` the
+    options of those sections."""
     import os
 
     from launch.pretrain_sft import check_job, run_job
@@ -47,8 +50,10 @@ def losses_for_cases(cases: list[tuple[str, dict, dict]], data_path: str, output
     found = {}
     try:
         for index, (hf_dir, parallel, train, *rest) in enumerate(cases):
-            lora, model, checkpoint = (*rest, *(None, {}, None)[len(rest) :])
-            job = job_for(hf_dir, data_path, f"{output_dir}/case{index}", parallel, train, lora, checkpoint, **model)
+            lora, model, checkpoint, moe = (*rest, *(None, {}, None, None)[len(rest) :])
+            job = job_for(
+                hf_dir, data_path, f"{output_dir}/case{index}", parallel, train, lora, checkpoint, moe, **model
+            )
             args = check_job(job, int(os.environ.get("WORLD_SIZE", 1)))
             ctx = init_distributed(job.parallel, seed=job.train.seed)
             results = run_job(job, ctx, args)

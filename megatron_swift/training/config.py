@@ -12,6 +12,7 @@ from typing import Literal
 
 from megatron_swift.config import ParallelConfig
 from megatron_swift.models.layout import model_layout_problems
+from megatron_swift.training.moe import MoeSection, moe_overrides, moe_problems
 from megatron_swift.tuners.lora.config import LoraConfig
 
 
@@ -119,6 +120,7 @@ class JobConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    moe: MoeSection = field(default_factory=MoeSection)
 
 
 def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
@@ -175,6 +177,7 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
                 f"parallel.expert_tensor_parallel_size={etp}: LoRA on expert linears needs 1 (set "
                 "parallel.expert_tensor_parallel_size: 1)"
             )
+    found += moe_problems(job.moe, model_args.is_moe if model_args is not None else None)
     if model_args is not None:
         found += [f"model: {problem}" for problem in model_layout_problems(model_args, p) if problem not in found]
     return found
@@ -211,8 +214,10 @@ def data_problems(d: DataSection, t: TrainSection, p: ParallelConfig) -> list[st
     return found
 
 
-def transformer_overrides(job: JobConfig) -> dict:
-    """TransformerConfig fields that come from the training job: loss scaling, recompute, FP8, fusions."""
+def transformer_overrides(job: JobConfig, is_moe: bool = False) -> dict:
+    """TransformerConfig fields that come from the training job: loss scaling, recompute, FP8, fusions, MoE."""
+    import torch
+
     from megatron_swift.models.builder import use_transformer_engine
     from megatron_swift.training.fusions import Machine, resolve_fusions
 
@@ -226,6 +231,8 @@ def transformer_overrides(job: JobConfig) -> dict:
     )
     if t.fp8_format:
         overrides.update(fp8=t.fp8_format, fp8_recipe=t.fp8_recipe)
+    if is_moe:
+        overrides.update(moe_overrides(job.moe, on_gpu=torch.cuda.is_available()))
     return overrides | resolve_fusions(job.model, use_transformer_engine(job.model.spec), Machine.detect())
 
 
@@ -270,6 +277,9 @@ def environment_problems(job: JobConfig) -> list[str]:
         found.append(str(exc))
     if job.train.fp8_format and not te_usable:
         found.append("train.fp8_format: FP8 needs a CUDA GPU and transformer-engine (pip install '.[gpu]')")
+    if job.moe.moe_token_dispatcher_type == "alltoall" and not torch.cuda.is_available():
+        found.append("moe.moe_token_dispatcher_type=alltoall needs a CUDA GPU (megatron's all-to-all dispatcher "
+                     "creates CUDA streams); use allgather or auto")  # fmt: skip
     if job.parallel.context_parallel_size > 1 and not te_usable and job.model.attention != "sdpa":
         found.append("parallel.context_parallel_size > 1 needs Transformer Engine attention (a CUDA GPU and "
                      "transformer-engine) or model.attention=sdpa")  # fmt: skip
