@@ -114,7 +114,8 @@ def run_job(job: JobConfig, ctx, args) -> list:
 
     flops = flops_per_token(args.transformer, args.vocab_size, job.data.seq_length, job.train.train_type == "lora")
     return run_training(job, chunks, optimizer, scheduler, batches, args.vocab_size, start_iteration=start,
-                        is_main=ctx.is_main, save_fn=save if ckpt.save else None, flops_per_token=flops)  # fmt: skip
+                        is_main=ctx.is_main, save_fn=save if ckpt.save else None, flops_per_token=flops,
+                        eval_items=data.eval_items, eval_collate=data.eval_collate)  # fmt: skip
 
 
 def train(job: JobConfig) -> list:

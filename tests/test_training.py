@@ -95,6 +95,7 @@ def test_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
         ({}, {"fp8_format": "hybrid", "fp8_recipe": "delayed"}, 1, "train.fp8_format: FP8 needs a CUDA GPU"),
         ({}, {"min_lr": 1.0}, 1, "train.min_lr=1.0 exceeds train.lr"),
         ({}, {"lr_warmup_iters": 3}, 1, "train.lr_warmup_iters=3 must be smaller than train.train_iters=3"),
+        ({}, {"eval_interval": 5}, 1, "train.eval_interval: there is no validation split"),
     ],
 )
 def test_preflight_names_the_field(tiny_models, tmp_path, parallel, train, world, field):
@@ -466,3 +467,42 @@ def test_moe_options_are_validated(tiny_models, tmp_path):
     assert "moe.moe_z_loss_coeff=-1.0 must be >= 0" in str(error.value)
     if not torch.cuda.is_available():
         assert any("moe_token_dispatcher_type=alltoall needs a CUDA GPU" in p for p in environment_problems(job))
+
+
+VALIDATION = {"split_dataset_ratio": 0.3, "seq_length": 64}
+
+
+def _with_validation(hf_dir, parallel: dict, train: dict) -> tuple:
+    return (hf_dir, parallel, train, None, {}, None, None, VALIDATION)
+
+
+def test_validation_loss_equals_hf_and_every_layout(tiny_models, tmp_path):
+    """The held-out split's loss: HF's on the same samples while the weights are the checkpoint's (lr 0), and
+    the single process's at PP2 and DP2 after training (the last global batch is part filler: 6 items, batch 4)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_swift.data import build_train_data
+
+    llama = tiny_models["llama"]
+    frozen = _with_validation(llama, {}, {"lr": 0.0, "train_iters": 1})
+    trained = {"eval_interval": 2}  # 3 steps: evaluated after steps 2 and 3
+    run_cases([frozen, _with_validation(llama, {}, trained)], DATA, tmp_path / "one", world_size=1)
+    layouts = [{"pipeline_model_parallel_size": 2}, {}]
+    run_cases([_with_validation(llama, p, trained) for p in layouts], DATA, tmp_path / "two", world_size=2)
+
+    job = job_for(str(llama), DATA, str(tmp_path), {}, {}, data=VALIDATION)
+    items = build_train_data(job.data, AutoTokenizer.from_pretrained(llama), "sft", 4, job.train.seed)
+    assert len(items.eval_items) % 4, "the test wants a partly filled last validation batch"
+    batch = items.eval_collate(list(items.eval_items))
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)(batch["tokens"]).logits
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")
+    hf_loss = float((nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum())
+    assert _metrics(tmp_path / "one" / "case0")[-1]["val_loss"] == pytest.approx(hf_loss, rel=1e-5)
+
+    reference = [(r["step"], r["val_loss"]) for r in _metrics(tmp_path / "one" / "case1") if "val_loss" in r]
+    assert [step for step, _ in reference] == [2, 3]
+    for index in range(len(layouts)):
+        got = [(r["step"], r["val_loss"]) for r in _metrics(tmp_path / "two" / f"case{index}") if "val_loss" in r]
+        assert [s for s, _ in got] == [2, 3]
+        assert [v for _, v in got] == pytest.approx([v for _, v in reference], rel=REL_TOL), layouts[index]

@@ -20,15 +20,17 @@ def job_for(
     lora: dict | None = None,
     checkpoint: dict | None = None,
     moe: dict | None = None,
+    data: dict | None = None,
     **model,
 ) -> JobConfig:
-    """A tiny test job; `lora` options switch it to LoRA training, `checkpoint` and `moe` set those sections."""
+    """A tiny test job; `lora` options switch it to LoRA training; `checkpoint`, `moe` and `data` set fields of
+    those sections."""
     job = JobConfig()
     if lora is not None:
         job.lora = LoraConfig(**lora)
         train = {**train, "train_type": "lora"}
     job.model = dataclasses.replace(job.model, hf=hf_dir, **model)
-    job.data.dataset, job.data.seq_length = [data_path], 32
+    job.data = dataclasses.replace(job.data, **{"dataset": [data_path], "seq_length": 32, **(data or {})})
     job.parallel = ParallelConfig(**parallel)
     job.train = dataclasses.replace(
         TrainSection(global_batch_size=4, micro_batch_size=1, train_iters=3, lr=1e-3, lr_decay_style="constant"),
@@ -41,7 +43,7 @@ def job_for(
 
 def losses_for_cases(cases: list[tuple[str, dict, dict]], data_path: str, output_dir: str) -> dict[int, list[float]]:
     """case index -> per-step losses (reported by global rank 0) for (hf_dir, parallel, train[, lora[, model[,
-    checkpoint[, moe]]]]) cases; `model` holds ModelSection options (e.g. kernels), `checkpoint` and `moe` the
+    checkpoint[, moe[, data]]]]]) cases; `model` holds ModelSection options (e.g. kernels), the others the
     options of those sections."""
     import os
 
@@ -50,9 +52,9 @@ def losses_for_cases(cases: list[tuple[str, dict, dict]], data_path: str, output
     found = {}
     try:
         for index, (hf_dir, parallel, train, *rest) in enumerate(cases):
-            lora, model, checkpoint, moe = (*rest, *(None, {}, None, None)[len(rest) :])
+            lora, model, checkpoint, moe, data = (*rest, *(None, {}, None, None, None)[len(rest) :])
             job = job_for(
-                hf_dir, data_path, f"{output_dir}/case{index}", parallel, train, lora, checkpoint, moe, **model
+                hf_dir, data_path, f"{output_dir}/case{index}", parallel, train, lora, checkpoint, moe, data, **model
             )
             args = check_job(job, int(os.environ.get("WORLD_SIZE", 1)))
             ctx = init_distributed(job.parallel, seed=job.train.seed)

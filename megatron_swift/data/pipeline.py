@@ -12,6 +12,7 @@ Every rank builds the same data (from the cache when one is set), so all ranks a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from megatron_swift.data.batches import Batches, GlobalBatches
@@ -32,6 +33,9 @@ class TrainData:
     num_samples: int | None  # items in one epoch (packed rows when packing); None for a stream
     validation: list[Sample] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    # The validation split as the model sees it (fitted samples or pretraining windows) and their collate.
+    eval_items: Sequence[Sample] | None = None
+    eval_collate: PaddedCollate | None = None
 
     def summary(self) -> str:
         return "data: " + ", ".join(f"{key}={value}" for key, value in self.stats.items())
@@ -88,6 +92,25 @@ def fit_samples(samples: list[Sample], max_length: int, strategy: str, stats: di
     return fitted
 
 
+def validation_items(validation: list[Sample], task: str, data, max_length: int, seed: int) -> Sequence[Sample]:
+    """The held-out samples cut like the training samples (SFT), or as pretraining windows (pretrain)."""
+    if task == "pretrain":
+        windows = TokenWindows.from_samples(validation, data.seq_length, seed, shuffle=False)
+        if not len(windows):
+            raise DataError(
+                f"data.split_dataset_ratio={data.split_dataset_ratio}: the validation documents do not fill one "
+                f"window of seq_length + 1 = {data.seq_length + 1} tokens; hold out more"
+            )
+        return windows
+    try:
+        return fit_samples(validation, max_length, data.truncation_strategy, {})
+    except DataError:
+        raise DataError(
+            f"data.split_dataset_ratio={data.split_dataset_ratio}: no validation sample has a target left after "
+            f"truncation to {max_length} tokens; hold out more"
+        ) from None
+
+
 def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: int,
                      progress: bool = False) -> TrainData:  # fmt: skip
     """`data` is a training.config.DataSection; `task` is "pretrain" or "sft"."""
@@ -113,16 +136,19 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
         del stats["bad_examples"]
     samples, validation = split_rows(samples, data.split_dataset_ratio, seed)
     stats |= {"samples": len(samples), "validation": len(validation)}
+    held_out = {}
+    if validation:
+        held_out = {"eval_items": validation_items(validation, task, data, max_length, seed), "eval_collate": padded}
     if task == "pretrain" and not data.packing:
         windows = TokenWindows.from_samples(samples, seq_length, seed, data.shuffle)
         stats["windows"] = len(windows)
-        return TrainData(batches(windows), len(windows), validation, stats)
+        return TrainData(batches(windows), len(windows), validation, stats, **held_out)
     fitted = fit_samples(samples, max_length, data.truncation_strategy, stats)
     lengths = [len(s.ids) for s in fitted]
     stats["padding_fraction_unpacked"] = round(padding_fraction(lengths, len(fitted), seq_length), 4)
     if not data.packing:
-        return TrainData(batches(fitted), len(fitted), validation, stats)
+        return TrainData(batches(fitted), len(fitted), validation, stats, **held_out)
     rows = [[fitted[i] for i in row] for row in pack(lengths, seq_length)]
     stats |= {"packed_rows": len(rows),
               "padding_fraction_packed": round(padding_fraction(lengths, len(rows), seq_length), 4)}  # fmt: skip
-    return TrainData(batches(rows, PackedCollate(seq_length, pad_id)), len(rows), validation, stats)
+    return TrainData(batches(rows, PackedCollate(seq_length, pad_id)), len(rows), validation, stats, **held_out)

@@ -90,6 +90,10 @@ class TrainSection:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     ddp_bucket_size: int | None = None  # elements per bucket (megatron default: max(4e7, 1e6 x DP))
+    # Validation loss on the held-out split (data.split_dataset_ratio): every eval_interval steps and at the end,
+    # over at most eval_iters global batches of it (null: all of it).
+    eval_interval: int | None = None
+    eval_iters: int | None = None
     recompute_granularity: Literal["full", "selective"] | None = None
     recompute_method: Literal["uniform", "block"] | None = None
     recompute_num_layers: int | None = None
@@ -145,6 +149,12 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
         found.append(
             f"train.lr_warmup_iters={t.lr_warmup_iters} must be smaller than train.train_iters={t.train_iters}"
         )
+    for name in ("eval_interval", "eval_iters"):
+        value = getattr(t, name)
+        if value is not None and value < 1:
+            found.append(f"train.{name}={value} must be >= 1")
+        elif value is not None and not job.data.split_dataset_ratio:
+            found.append(f"train.{name}: there is no validation split; set data.split_dataset_ratio (e.g. 0.05)")
     if t.min_lr > t.lr:
         found.append(f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}")
     if t.recompute_granularity == "full" and t.recompute_method is None:

@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from megatron_swift.data.batches import Batches
 from megatron_swift.training.config import JobConfig
+from megatron_swift.training.evaluate import validation_loss, validation_microbatches
 from megatron_swift.training.flops import peak_flops
 from megatron_swift.training.metrics import MetricsLogger
 from megatron_swift.training.optim import parameters_synced
@@ -65,11 +66,15 @@ def run_training(
     is_main: bool = True,
     save_fn: Callable[[int], None] | None = None,
     flops_per_token: float | None = None,
+    eval_items: Sequence | None = None,
+    eval_collate: Callable | None = None,
 ) -> list[StepResult]:
     """Train from `start_iteration` to `train.train_iters`; returns every step's result.
 
     `save_fn(step)` is called every `checkpoint.save_interval` steps, at the end, and when a
     preemption signal arrives (the current step finishes, a checkpoint is saved, the loop returns).
+    With `eval_items` (the validation split, collated by `eval_collate`) the step record also holds
+    `val_loss` / `val_ppl` every `train.eval_interval` steps and at the end.
     """
     from megatron.core import parallel_state as ps
 
@@ -95,6 +100,15 @@ def run_training(
             results.append(result)
             step = iteration + 1
             tokens_per_sec = t.global_batch_size * job.data.seq_length / elapsed
+            validation = {}
+            if eval_items is not None and (step == t.train_iters or (t.eval_interval and step % t.eval_interval == 0)):
+                groups = validation_microbatches(eval_items, eval_collate, t.global_batch_size, t.micro_batch_size,
+                                                 dp_rank, dp_size, t.eval_iters)  # fmt: skip
+                held_out = validation_loss(chunks, groups, vocab_size)
+                validation = {"val_loss": held_out.loss, "val_ppl": round(held_out.perplexity, 4)}
+                if is_main:
+                    bar.write(f"step {step}: validation loss {held_out.loss:.4f} (ppl {held_out.perplexity:.3f}, "
+                              f"{held_out.tokens} tokens)")  # fmt: skip
             if metrics is not None:
                 metrics.log(
                     {
@@ -106,6 +120,7 @@ def run_training(
                         "mfu": mfu(tokens_per_sec),
                         "skipped": result.skipped,
                         **result.router_losses,
+                        **validation,
                     }
                 )
             bar.set_postfix(

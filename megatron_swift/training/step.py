@@ -102,8 +102,8 @@ def _forward_step(data_iterator, model, vocab_size: int):
     return output, partial(_loss_func, batch["loss_mask"])
 
 
-def _global_loss(losses: list[dict]) -> tuple[float, int]:
-    """Sum over micro-batches and data/context-parallel ranks; sent from the last pipeline stage."""
+def global_loss_sum(losses: list[dict]) -> tuple[float, int]:
+    """(loss sum, loss tokens) over micro-batches and data/context-parallel ranks; sent from the last stage."""
     from megatron.core import parallel_state as ps
 
     report = torch.zeros(2, dtype=torch.float64)
@@ -118,38 +118,43 @@ def _global_loss(losses: list[dict]) -> tuple[float, int]:
         )
         report = device_report.cpu()
     loss_sum, tokens = report.tolist()
-    return loss_sum / max(tokens, 1.0), int(tokens)
+    return loss_sum, int(tokens)
 
 
 def comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def train_step(chunks, optimizer, scheduler, microbatches: list[dict], vocab_size: int) -> StepResult:
+def run_schedule(chunks, microbatches: list[dict], vocab_size: int, forward_only: bool) -> list[dict]:
+    """megatron-core's schedule over this rank's micro-batches: the per-micro-batch loss reports."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_swift.training.moe_metrics import router_losses
 
     micro_batch_size, seq_length = microbatches[0]["tokens"].shape
     if "cu_seqlens" in microbatches[0]:  # packed micro-batches travel as one [1, mbs * seq] row
         micro_batch_size, seq_length = 1, micro_batch_size * seq_length
-    for chunk in chunks:
-        chunk.train()
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    losses = get_forward_backward_func()(
+    return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, vocab_size=vocab_size),
         data_iterator=[iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches),
         model=chunks,
         num_microbatches=len(microbatches),
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
-        forward_only=False,
+        forward_only=forward_only,
     )
+
+
+def train_step(chunks, optimizer, scheduler, microbatches: list[dict], vocab_size: int) -> StepResult:
+    from megatron_swift.training.moe_metrics import router_losses
+
+    for chunk in chunks:
+        chunk.train()
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = run_schedule(chunks, microbatches, vocab_size, forward_only=False)
     lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
     updated, grad_norm, _ = optimizer.step()
     if updated:
         scheduler.step(increment=1)
-    loss, tokens = _global_loss(losses)
+    loss_sum, tokens = global_loss_sum(losses)
     router = router_losses(chunks[0].config, len(microbatches))
-    return StepResult(loss, tokens, float(grad_norm or 0.0), lr, not updated, router)
+    return StepResult(loss_sum / max(tokens, 1), tokens, float(grad_norm or 0.0), lr, not updated, router)
