@@ -127,6 +127,11 @@ def test_multi_tensor_fallbacks_are_replaced_by_bitwise_equal_foreach_ops():
     foreach_scale(0, None, [grads, copies_ours], 1.0)
     assert all(torch.equal(a, b) for a, b in zip(copies_ours, copies_theirs, strict=True))
 
+    # A rank without gradients (a pipeline stage with nothing trainable) calls them with empty lists.
+    foreach_scale(0, None, [[], []], 0.5)
+    empty_norm = utils.local_multi_tensor_l2_norm(0, None, [[]], False)[0]
+    assert torch.equal(foreach_l2_norm(0, None, [[]], False)[0], empty_norm)
+
 
 _LOG_REDIRECTS = """
 import torch

@@ -140,6 +140,8 @@ def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
 
     One foreach call instead of a Python loop and a host round trip.
     """
+    if not tensor_lists[0]:
+        return torch.zeros(1), None
     per_tensor_norms = torch._foreach_norm(tensor_lists[0])
     return torch.linalg.vector_norm(torch.stack(per_tensor_norms).float()).reshape(1), None
 
@@ -147,6 +149,8 @@ def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
 def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
     """megatron's `local_multi_tensor_scale` (dst = src * scale) as foreach calls; bitwise the same result."""
     src, dst = tensor_lists
+    if not src:  # e.g. a pipeline stage without trainable parameters; foreach ops refuse empty lists
+        return
     if all(a is b for a, b in zip(src, dst, strict=True)):  # clip_grads scales the gradients in place
         torch._foreach_mul_(dst, scale)
     else:

@@ -166,8 +166,9 @@ def _restore_adam_steps(optimizer) -> None:
             for param in group["params"]:
                 state = adam.state.get(param)
                 if state and isinstance(state.get("step"), torch.Tensor):
-                    step = state["step"]
-                    state["step"] = torch.tensor(float(group["step"]), dtype=step.dtype, device=step.device)
+                    # torch keeps the step on the parameter's device for its fused kernel, on the CPU otherwise.
+                    device = param.device if group.get("fused") or group.get("capturable") else "cpu"
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype, device=device)
 
 
 def _rng_state() -> dict:
@@ -274,8 +275,8 @@ def load_checkpoint(ckpt_dir: str | Path, chunks, optimizer, scheduler) -> dict:
     restore_model_state(chunks, loaded)
     with torch.no_grad():  # the distributed optimizer copies into views of parameters (fp32: its main params)
         optimizer.load_state_dict(loaded["optimizer"])
-    _restore_adam_steps(optimizer)
     use_fused_torch_adam(optimizer)  # the loaded param groups carry the saving run's options
+    _restore_adam_steps(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     rng_file = ckpt_dir / "rng" / f"rank_{dist.get_rank()}.pt"
     if rng_file.is_file():  # absent when resuming on a different world size
