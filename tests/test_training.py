@@ -506,3 +506,20 @@ def test_validation_loss_equals_hf_and_every_layout(tiny_models, tmp_path):
         got = [(r["step"], r["val_loss"]) for r in _metrics(tmp_path / "two" / f"case{index}") if "val_loss" in r]
         assert [s for s, _ in got] == [2, 3]
         assert [v for _, v in got] == pytest.approx([v for _, v in reference], rel=REL_TOL), layouts[index]
+
+
+def test_validation_batches_cover_every_item_once_per_rank_split():
+    from megatron_swift.training.evaluate import validation_microbatches
+
+    def collate(rows):
+        return {"tokens": torch.tensor([[r] for r in rows]), "loss_mask": torch.ones(len(rows), 1)}
+
+    items = list(range(6))
+    seen = []
+    for rank in range(2):
+        for group in validation_microbatches(items, collate, 4, 1, rank, 2):
+            assert len(group) == 2  # every rank runs the same number of micro-batches
+            seen += [int(b["tokens"][0, 0]) for b in group if b["loss_mask"].sum()]
+    assert sorted(seen) == items  # fillers (masked copies of item 0) count nothing
+    limited = list(validation_microbatches(items, collate, 4, 2, 0, 1, max_batches=1))  # train.eval_iters: 1
+    assert len(limited) == 1 and [b["tokens"].flatten().tolist() for b in limited[0]] == [[0, 1], [2, 3]]
