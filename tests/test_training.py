@@ -96,6 +96,8 @@ def test_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
         ({}, {"min_lr": 1.0}, 1, "train.min_lr=1.0 exceeds train.lr"),
         ({}, {"lr_warmup_iters": 3}, 1, "train.lr_warmup_iters=3 must be smaller than train.train_iters=3"),
         ({}, {"eval_interval": 5}, 1, "train.eval_interval: there is no validation split"),
+        ({}, {"lr_decay_style": "WSD"}, 1, "train.lr_wsd_decay_iters: lr_decay_style=WSD needs"),
+        ({}, {"lr_decay_style": "WSD", "lr_wsd_decay_iters": 5}, 1, "lr_wsd_decay_iters=5 exceeds the decay"),
     ],
 )
 def test_preflight_names_the_field(tiny_models, tmp_path, parallel, train, world, field):
@@ -523,3 +525,20 @@ def test_validation_batches_cover_every_item_once_per_rank_split():
     assert sorted(seen) == items  # fillers (masked copies of item 0) count nothing
     limited = list(validation_microbatches(items, collate, 4, 2, 0, 1, max_batches=1))  # train.eval_iters: 1
     assert len(limited) == 1 and [b["tokens"].flatten().tolist() for b in limited[0]] == [[0, 1], [2, 3]]
+
+
+def test_lr_schedules_wsd_and_shorter_decay(tiny_models, tmp_path):
+    """The lr each step used (metrics), against the closed forms of Megatron-LM's WSD and of a cosine decay
+    over lr_decay_iters < train_iters (min_lr afterwards)."""
+    import math
+
+    llama = tiny_models["llama"]
+    base = {"train_iters": 6, "lr": 1e-3, "min_lr": 1e-4}
+    wsd = {**base, "lr_decay_style": "WSD", "lr_wsd_decay_style": "linear", "lr_wsd_decay_iters": 3}
+    short = {**base, "lr_decay_style": "cosine", "lr_decay_iters": 4}
+    run_cases([(llama, {}, wsd), (llama, {}, short)], DATA, tmp_path, world_size=1)
+    span = 9e-4
+    expected_wsd = [1e-3] * 4 + [1e-4 + span * 2 / 3, 1e-4 + span / 3]  # stable until step 3 of 6, then anneal
+    expected_short = [1e-4 + span * 0.5 * (math.cos(math.pi * k / 4) + 1) for k in range(5)] + [1e-4]
+    assert [r["lr"] for r in _metrics(tmp_path / "case0")] == pytest.approx(expected_wsd, rel=1e-9)
+    assert [r["lr"] for r in _metrics(tmp_path / "case1")] == pytest.approx(expected_short, rel=1e-9)

@@ -73,7 +73,11 @@ class TrainSection:
     min_lr: float = 0.0
     lr_warmup_iters: int = 0
     lr_warmup_fraction: float | None = None
-    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = "cosine"
+    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"] = "cosine"
+    lr_decay_iters: int | None = None  # decay over this many iterations (null: train_iters), min_lr after
+    # WSD (warmup-stable-decay): lr stays at `lr` until the last lr_wsd_decay_iters of the decay, then anneals.
+    lr_wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "exponential"
+    lr_wsd_decay_iters: int | None = None
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -149,12 +153,25 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
         found.append(
             f"train.lr_warmup_iters={t.lr_warmup_iters} must be smaller than train.train_iters={t.train_iters}"
         )
+    elif t.lr_decay_iters is not None and t.lr_warmup_fraction is None and t.lr_warmup_iters >= t.lr_decay_iters:
+        found.append(f"train.lr_warmup_iters={t.lr_warmup_iters} must be smaller than train.lr_decay_iters")
     for name in ("eval_interval", "eval_iters"):
         value = getattr(t, name)
         if value is not None and value < 1:
             found.append(f"train.{name}={value} must be >= 1")
         elif value is not None and not job.data.split_dataset_ratio:
             found.append(f"train.{name}: there is no validation split; set data.split_dataset_ratio (e.g. 0.05)")
+    decay_iters = t.lr_decay_iters or (t.train_iters if t.epochs is None else None)
+    if t.lr_decay_iters is not None and t.lr_decay_iters < 1:
+        found.append(f"train.lr_decay_iters={t.lr_decay_iters} must be >= 1")
+    if t.lr_decay_style == "WSD":
+        wsd = t.lr_wsd_decay_iters
+        if wsd is None or wsd < 1:
+            found.append("train.lr_wsd_decay_iters: lr_decay_style=WSD needs the number of annealing iterations (>= 1)")
+        elif decay_iters is not None and wsd > decay_iters:
+            found.append(f"train.lr_wsd_decay_iters={wsd} exceeds the decay iterations ({decay_iters})")
+    elif t.lr_wsd_decay_iters is not None:
+        found.append("train.lr_wsd_decay_iters: only used with lr_decay_style=WSD")
     if t.min_lr > t.lr:
         found.append(f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}")
     if t.recompute_granularity == "full" and t.recompute_method is None:

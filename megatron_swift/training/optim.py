@@ -51,15 +51,18 @@ def wrap_for_training(chunks: list, job: JobConfig):
         ddp_chunks,
     )
     use_fused_torch_adam(optimizer)
-    warmup = int(t.lr_warmup_fraction * t.train_iters) if t.lr_warmup_fraction is not None else t.lr_warmup_iters
+    decay_iters = t.lr_decay_iters or t.train_iters
+    warmup = int(t.lr_warmup_fraction * decay_iters) if t.lr_warmup_fraction is not None else t.lr_warmup_iters
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if warmup else t.lr,
         max_lr=t.lr,
         min_lr=t.min_lr,
         lr_warmup_steps=warmup,
-        lr_decay_steps=t.train_iters,
+        lr_decay_steps=decay_iters,
         lr_decay_style=t.lr_decay_style,
+        wsd_decay_steps=t.lr_wsd_decay_iters,
+        lr_wsd_decay_style=t.lr_wsd_decay_style,
         start_wd=t.weight_decay,
         end_wd=t.weight_decay,
         wd_incr_steps=t.train_iters,
