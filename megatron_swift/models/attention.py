@@ -105,8 +105,11 @@ class SDPACoreAttention(DotProductAttention):
             # megatron's masks are True where attention is NOT allowed; SDPA's boolean masks the opposite.
             keep = ~attention_mask
         causal = keep is None and mask_type == AttnMaskType.causal
-        # [s, b, heads, d] -> [b, heads, s, d]; SDPA maps query heads onto the k/v groups (GQA) itself.
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        # [s, b, heads, d] -> [b, heads, s, d] over [b, s, heads, d] memory (one copy each), the layout HF
+        # hands SDPA: over megatron's [s, b] memory the CPU flash kernel strides b * heads * d between
+        # positions (forward + backward measured 15% slower at 8 x 512 tokens). SDPA maps query heads onto
+        # the k/v groups (GQA) itself.
+        q, k, v = (t.transpose(0, 1).contiguous().transpose(1, 2) for t in (query, key, value))
         dropout = self.config.attention_dropout if self.training else 0.0
         gqa = k.shape[1] != q.shape[1]
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext():
