@@ -95,7 +95,7 @@ def test_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
         ({}, {"fp8_format": "hybrid", "fp8_recipe": "delayed"}, 1, "train.fp8_format: FP8 needs a CUDA GPU"),
         ({}, {"min_lr": 1.0}, 1, "train.min_lr=1.0 exceeds train.lr"),
         ({}, {"lr_warmup_iters": 3}, 1, "train.lr_warmup_iters=3 must be smaller than train.train_iters=3"),
-        ({}, {"eval_interval": 5}, 1, "train.eval_interval: there is no validation split"),
+        ({}, {"eval_interval": 5}, 1, "train.eval_interval: there is no validation data"),
         ({}, {"lr_decay_style": "WSD"}, 1, "train.lr_wsd_decay_iters: lr_decay_style=WSD needs"),
         ({}, {"lr_decay_style": "WSD", "lr_wsd_decay_iters": 5}, 1, "lr_wsd_decay_iters=5 exceeds the decay"),
     ],
@@ -474,35 +474,49 @@ def test_moe_options_are_validated(tiny_models, tmp_path):
 VALIDATION = {"split_dataset_ratio": 0.3, "seq_length": 64}
 
 
-def _with_validation(hf_dir, parallel: dict, train: dict) -> tuple:
-    return (hf_dir, parallel, train, None, {}, None, None, VALIDATION)
+def _with_validation(hf_dir, parallel: dict, train: dict, data: dict = VALIDATION) -> tuple:
+    return (hf_dir, parallel, train, None, {}, None, None, data)
 
 
-def test_validation_loss_equals_hf_and_every_layout(tiny_models, tmp_path):
-    """The held-out split's loss: HF's on the same samples while the weights are the checkpoint's (lr 0), and
-    the single process's at PP2 and DP2 after training (the last global batch is part filler: 6 items, batch 4)."""
+def _hf_validation_loss(hf_dir, data: dict) -> tuple[float, int]:
+    """HF's token-mean loss on the validation items the job's data pipeline makes, and their count."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_swift.data import build_train_data
 
+    job = job_for(str(hf_dir), DATA, "unused", {}, {}, data=data)
+    built = build_train_data(job.data, AutoTokenizer.from_pretrained(hf_dir), "sft", 4, job.train.seed)
+    batch = built.eval_collate(list(built.eval_items))
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)(batch["tokens"]).logits
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")
+    return float((nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum()), len(built.eval_items)
+
+
+def test_validation_loss_equals_hf_and_every_layout(tiny_models, tmp_path):
+    """The validation loss: HF's on the same samples while the weights are the checkpoint's (lr 0), for a
+    held-out split and for a validation file; and the single process's at PP2 and DP2 after training."""
     llama = tiny_models["llama"]
-    frozen = _with_validation(llama, {}, {"lr": 0.0, "train_iters": 1})
+    val_file = tmp_path / "val.jsonl"  # 5 of the sample chats as a validation file of its own
+    val_file.write_text("".join(Path(DATA).read_text().splitlines(keepends=True)[:5]))
+    validation_file = {"val_dataset": [str(val_file)], "seq_length": 64}
+    frozen = {"lr": 0.0, "train_iters": 1}
     trained = {"eval_interval": 2}  # 3 steps: evaluated after steps 2 and 3
-    run_cases([frozen, _with_validation(llama, {}, trained)], DATA, tmp_path / "one", world_size=1)
+    single = [
+        _with_validation(llama, {}, frozen),
+        _with_validation(llama, {}, frozen, validation_file),
+        _with_validation(llama, {}, trained),
+    ]
+    run_cases(single, DATA, tmp_path / "one", world_size=1)
     layouts = [{"pipeline_model_parallel_size": 2}, {}]
     run_cases([_with_validation(llama, p, trained) for p in layouts], DATA, tmp_path / "two", world_size=2)
 
-    job = job_for(str(llama), DATA, str(tmp_path), {}, {}, data=VALIDATION)
-    items = build_train_data(job.data, AutoTokenizer.from_pretrained(llama), "sft", 4, job.train.seed)
-    assert len(items.eval_items) % 4, "the test wants a partly filled last validation batch"
-    batch = items.eval_collate(list(items.eval_items))
-    with torch.no_grad():
-        logits = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)(batch["tokens"]).logits
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")
-    hf_loss = float((nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum())
-    assert _metrics(tmp_path / "one" / "case0")[-1]["val_loss"] == pytest.approx(hf_loss, rel=1e-5)
+    for index, data in enumerate((VALIDATION, validation_file)):
+        hf_loss, count = _hf_validation_loss(llama, data)
+        assert count % 4, "the test wants a partly filled last validation batch (global batch 4)"
+        assert _metrics(tmp_path / "one" / f"case{index}")[-1]["val_loss"] == pytest.approx(hf_loss, rel=1e-5)
 
-    reference = [(r["step"], r["val_loss"]) for r in _metrics(tmp_path / "one" / "case1") if "val_loss" in r]
+    reference = [(r["step"], r["val_loss"]) for r in _metrics(tmp_path / "one" / "case2") if "val_loss" in r]
     assert [step for step, _ in reference] == [2, 3]
     for index in range(len(layouts)):
         got = [(r["step"], r["val_loss"]) for r in _metrics(tmp_path / "two" / f"case{index}") if "val_loss" in r]
@@ -542,3 +556,10 @@ def test_lr_schedules_wsd_and_shorter_decay(tiny_models, tmp_path):
     expected_short = [1e-4 + span * 0.5 * (math.cos(math.pi * k / 4) + 1) for k in range(5)] + [1e-4]
     assert [r["lr"] for r in _metrics(tmp_path / "case0")] == pytest.approx(expected_wsd, rel=1e-9)
     assert [r["lr"] for r in _metrics(tmp_path / "case1")] == pytest.approx(expected_short, rel=1e-9)
+
+
+def test_validation_data_comes_from_one_source(tiny_models, tmp_path):
+    job = job_for(str(tiny_models["llama"]), DATA, str(tmp_path), {}, {"eval_interval": 1},
+                  data={"split_dataset_ratio": 0.2, "val_dataset": [DATA]})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"data\.val_dataset and data\.split_dataset_ratio: validate on one"):
+        check_job(job, 1)

@@ -12,6 +12,7 @@ Every rank builds the same data (from the cache when one is set), so all ranks a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -93,21 +94,22 @@ def fit_samples(samples: list[Sample], max_length: int, strategy: str, stats: di
 
 
 def validation_items(validation: list[Sample], task: str, data, max_length: int, seed: int) -> Sequence[Sample]:
-    """The held-out samples cut like the training samples (SFT), or as pretraining windows (pretrain)."""
+    """The validation samples cut like the training samples (SFT), or as pretraining windows (pretrain)."""
+    source = "data.val_dataset" if data.val_dataset else f"data.split_dataset_ratio={data.split_dataset_ratio}"
     if task == "pretrain":
         windows = TokenWindows.from_samples(validation, data.seq_length, seed, shuffle=False)
         if not len(windows):
             raise DataError(
-                f"data.split_dataset_ratio={data.split_dataset_ratio}: the validation documents do not fill one "
-                f"window of seq_length + 1 = {data.seq_length + 1} tokens; hold out more"
+                f"{source}: the validation documents do not fill one window of seq_length + 1 = "
+                f"{data.seq_length + 1} tokens; validate on more text"
             )
         return windows
     try:
         return fit_samples(validation, max_length, data.truncation_strategy, {})
     except DataError:
         raise DataError(
-            f"data.split_dataset_ratio={data.split_dataset_ratio}: no validation sample has a target left after "
-            f"truncation to {max_length} tokens; hold out more"
+            f"{source}: no validation sample has a target left after truncation to {max_length} tokens; "
+            "validate on more (or shorter) conversations"
         ) from None
 
 
@@ -126,17 +128,20 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
         windows = TokenWindows.from_indexed(data.dataset[0], seq_length, seed, data.shuffle)
         return TrainData(batches(windows), len(windows), stats={"indexed_windows": len(windows)})
     encoder = make_encoder(data, tokenizer, task)
+    held_out = {}
+    if data.val_dataset:  # a validation set of its own: read whole, also when the training data streams
+        val_samples, _ = encode_dataset(dataclasses.replace(data, dataset=data.val_dataset), encoder, seed, False)
+        held_out = {"eval_items": validation_items(val_samples, task, data, max_length, seed), "eval_collate": padded}
     if data.streaming:
         stream = StreamingBatches(data.dataset, encoder, max_length, data.truncation_strategy, global_batch_size,
                                   padded, seed, data.shuffle_buffer if data.shuffle else 0,
                                   BadRows(skip=data.skip_bad_rows))  # fmt: skip
-        return TrainData(stream, None, stats={"streaming": True})
+        return TrainData(stream, None, stats={"streaming": True}, **held_out)
     samples, stats = encode_dataset(data, encoder, seed, progress)
     if not stats["bad_examples"]:
         del stats["bad_examples"]
     samples, validation = split_rows(samples, data.split_dataset_ratio, seed)
     stats |= {"samples": len(samples), "validation": len(validation)}
-    held_out = {}
     if validation:
         held_out = {"eval_items": validation_items(validation, task, data, max_length, seed), "eval_collate": padded}
     if task == "pretrain" and not data.packing:

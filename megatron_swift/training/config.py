@@ -56,6 +56,7 @@ class DataSection:
     shuffle: bool = True
     shuffle_buffer: int = 10000  # streaming only
     split_dataset_ratio: float = 0.0  # held out for validation
+    val_dataset: list[str] = field(default_factory=list)  # or validation files of their own (same format)
     dataset_num_proc: int = 1  # tokenization worker processes
     skip_bad_rows: bool = False  # skip and count malformed rows instead of stopping at the first
     cache_dir: str | None = None  # tokenized samples cached here, keyed by (files, tokenizer, template, options)
@@ -159,8 +160,9 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
         value = getattr(t, name)
         if value is not None and value < 1:
             found.append(f"train.{name}={value} must be >= 1")
-        elif value is not None and not job.data.split_dataset_ratio:
-            found.append(f"train.{name}: there is no validation split; set data.split_dataset_ratio (e.g. 0.05)")
+        elif value is not None and not (job.data.split_dataset_ratio or job.data.val_dataset):
+            found.append(f"train.{name}: there is no validation data; set data.split_dataset_ratio (e.g. 0.05) "
+                         "or data.val_dataset")  # fmt: skip
     decay_iters = t.lr_decay_iters or (t.train_iters if t.epochs is None else None)
     if t.lr_decay_iters is not None and t.lr_decay_iters < 1:
         found.append(f"train.lr_decay_iters={t.lr_decay_iters} must be >= 1")
@@ -222,6 +224,8 @@ def data_problems(d: DataSection, t: TrainSection, p: ParallelConfig) -> list[st
         found.append(f"data.max_length={d.max_length} must be in [2, seq_length + 1 = {d.seq_length + 1}]")
     if not 0 <= d.split_dataset_ratio < 1:
         found.append(f"data.split_dataset_ratio={d.split_dataset_ratio} must be in [0, 1)")
+    elif d.split_dataset_ratio and d.val_dataset:
+        found.append("data.val_dataset and data.split_dataset_ratio: validate on one of them (set the ratio to 0)")
     if d.dataset_num_proc < 1:
         found.append(f"data.dataset_num_proc={d.dataset_num_proc} must be >= 1")
     if d.streaming:
