@@ -34,7 +34,8 @@ class TrainData:
     num_samples: int | None  # items in one epoch (packed rows when packing); None for a stream
     validation: list[Sample] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
-    # The validation split as the model sees it (fitted samples or pretraining windows) and their collate.
+    # The validation data (held-out split or val_dataset) as the model sees it: fitted samples or pretraining
+    # windows, and their collate.
     eval_items: Sequence[Sample] | None = None
     eval_collate: PaddedCollate | None = None
 

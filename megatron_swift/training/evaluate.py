@@ -1,6 +1,6 @@
-"""Validation loss during training: the held-out split (`data.split_dataset_ratio`) through megatron-core's
-forward-only schedule, with the training loss (token-weighted over the loss mask, so the number is the
-mean over every validation target token whatever the parallel layout).
+"""Validation loss during training: the held-out split (`data.split_dataset_ratio`) or the validation files
+(`data.val_dataset`) through megatron-core's forward-only schedule, with the training loss (token-weighted
+over the loss mask, so the number is the mean over every validation target token whatever the layout).
 
 Validation items are cut into global batches like training data: every data-parallel rank takes its
 contiguous slice of each. The last global batch is filled up with copies of the first item whose loss
