@@ -351,14 +351,14 @@ def test_torch_adam_runs_its_fused_kernel(tiny_models, tmp_path, train):
     """Without Apex/TE megatron-core falls back to torch's AdamW; ours then runs torch's fused kernel."""
     from launch.pretrain_sft import build_model
     from megatron_swift.distributed import destroy_distributed, init_distributed
-    from megatron_swift.training.optim import wrap_for_training
+    from megatron_swift.training.optim import inner_optimizers, wrap_for_training
 
     job = job_for(str(tiny_models["llama"]), DATA, str(tmp_path), {}, train)
     args = check_job(job, 1)
     init_distributed(job.parallel)
     try:
         _, optimizer, _ = wrap_for_training(build_model(job, args), job)
-        inner = [chained.optimizer for chained in getattr(optimizer, "chained_optimizers", [optimizer])]
+        inner = [chained.optimizer for chained in inner_optimizers(optimizer)]
         assert inner and all(type(adam) is torch.optim.AdamW for adam in inner)
         assert all(group["fused"] and not group["foreach"] for adam in inner for group in adam.param_groups)
     finally:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from megatron_swift.fs import fsync_tree
 from megatron_swift.models.naming import unwrap_model
-from megatron_swift.training.optim import use_fused_torch_adam
+from megatron_swift.training.optim import inner_optimizers, torch_adams, use_fused_torch_adam
 
 LATEST = "latest"
 
@@ -90,13 +90,12 @@ def _parallel_layout(optimizer) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
     return {
         "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
         "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
         "virtual_pipeline_model_parallel_size": ps.get_virtual_pipeline_model_parallel_world_size(),
         "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
-        "use_distributed_optimizer": any(isinstance(o, DistributedOptimizer) for o in inner),
+        "use_distributed_optimizer": any(isinstance(o, DistributedOptimizer) for o in inner_optimizers(optimizer)),
     }
 
 
@@ -133,9 +132,8 @@ def _create_empty_adam_state(optimizer) -> None:
     zero gradients and a zero learning rate (and weight decay) creates exactly torch's state without
     changing a parameter; loading then overwrites it.
     """
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        adam = inner.optimizer
-        if adam.state or not isinstance(adam, torch.optim.Adam | torch.optim.AdamW):
+    for adam in torch_adams(optimizer):
+        if adam.state:
             continue
         saved = [(group["lr"], group["weight_decay"]) for group in adam.param_groups]
         for group in adam.param_groups:
@@ -158,8 +156,7 @@ def _restore_adam_steps(optimizer) -> None:
     step in place, so a resumed run used wrong bias corrections (its second step's loss was 0.8% off the
     straight run's). The param group's `step` is the checkpoint's.
     """
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        adam = inner.optimizer
+    for adam in torch_adams(optimizer):
         for group in adam.param_groups:
             if "step" not in group:
                 continue

@@ -95,7 +95,7 @@ class TrainSection:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     ddp_bucket_size: int | None = None  # elements per bucket (megatron default: max(4e7, 1e6 x DP))
-    # Validation loss on the held-out split (data.split_dataset_ratio): every eval_interval steps and at the end,
+    # Validation loss (data.split_dataset_ratio or data.val_dataset): every eval_interval steps and at the end,
     # over at most eval_iters global batches of it (null: all of it).
     eval_interval: int | None = None
     eval_iters: int | None = None

@@ -54,6 +54,11 @@ def _mfu_fn(job: JobConfig, flops_per_token: float | None):
     return lambda tokens_per_sec: round(flops_per_token * tokens_per_sec / (peak * devices), 4)
 
 
+def _due(step: int, last: int, interval: int | None) -> bool:
+    """Every `interval` steps, and at the last one."""
+    return step == last or bool(interval and step % interval == 0)
+
+
 def run_training(
     job: JobConfig,
     chunks,
@@ -73,7 +78,7 @@ def run_training(
 
     `save_fn(step)` is called every `checkpoint.save_interval` steps, at the end, and when a
     preemption signal arrives (the current step finishes, a checkpoint is saved, the loop returns).
-    With `eval_items` (the validation split, collated by `eval_collate`) the step record also holds
+    With `eval_items` (the validation data, collated by `eval_collate`) the step record also holds
     `val_loss` / `val_ppl` every `train.eval_interval` steps and at the end.
     """
     from megatron.core import parallel_state as ps
@@ -101,7 +106,7 @@ def run_training(
             step = iteration + 1
             tokens_per_sec = t.global_batch_size * job.data.seq_length / elapsed
             validation = {}
-            if eval_items is not None and (step == t.train_iters or (t.eval_interval and step % t.eval_interval == 0)):
+            if eval_items is not None and _due(step, t.train_iters, t.eval_interval):
                 groups = validation_microbatches(eval_items, eval_collate, t.global_batch_size, t.micro_batch_size,
                                                  dp_rank, dp_size, t.eval_iters)  # fmt: skip
                 held_out = validation_loss(chunks, groups, vocab_size)
@@ -130,10 +135,8 @@ def run_training(
                 tok_s=f"{tokens_per_sec:.0f}",
             )
             bar.update(1)
-            interval = job.checkpoint.save_interval
             preempted = preemption.agreed()
-            due = step == t.train_iters or (interval and step % interval == 0)
-            if save_fn is not None and (due or preempted):
+            if save_fn is not None and (_due(step, t.train_iters, job.checkpoint.save_interval) or preempted):
                 with parameters_synced(chunks):
                     save_fn(step)
             if preempted:

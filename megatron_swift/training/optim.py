@@ -90,16 +90,24 @@ def use_fused_torch_adam(optimizer) -> None:
     there (and again after a checkpoint load restores the saved groups) is all it takes. With Apex's or
     TE's FusedAdam (the GPU installs) there is nothing to do.
     """
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        adam = inner.optimizer
-        if type(adam) not in (torch.optim.Adam, torch.optim.AdamW):
-            continue
+    for adam in torch_adams(optimizer):
         params = [param for group in adam.param_groups for param in group["params"]]
         if not all(param.device.type in ("cpu", "cuda") and param.is_floating_point() for param in params):
             continue
         adam.defaults.update(fused=True, foreach=False)
         for group in adam.param_groups:
             group.update(fused=True, foreach=False)
+
+
+def inner_optimizers(optimizer) -> list:
+    """The megatron optimizers inside `optimizer` (a ChainedOptimizer holds one per parameter kind)."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def torch_adams(optimizer) -> list:
+    """The torch Adam / AdamW instances megatron-core built (without Apex or TE) inside `optimizer`."""
+    adams = [inner.optimizer for inner in inner_optimizers(optimizer)]
+    return [adam for adam in adams if isinstance(adam, torch.optim.Adam | torch.optim.AdamW)]
 
 
 def _one_or_list(funcs: list):
