@@ -35,7 +35,7 @@ from results_io import write_results  # benchmarks/ is on sys.path when a benchm
 from safetensors.torch import load_file, save_file
 
 from converters.convert import hf_to_mcore, mcore_to_hf
-from converters.hf_io import INDEX_NAME, ShardedSafetensorsWriter
+from megatron_swift.checkpoint.hf import INDEX_NAME, ShardedSafetensorsWriter
 from megatron_swift.fs import fsync_path
 from megatron_swift.models.tiny import make_tiny_tokenizer
 

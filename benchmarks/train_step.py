@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_io import write_results  # benchmarks/ is on sys.path when a benchmark runs as a script
 
-from launch.pretrain_sft import build_model, check_job
 from megatron_swift.compat import device_redirect_suspended
 from megatron_swift.distributed import destroy_distributed, init_distributed
 from megatron_swift.models.tiny import make_tiny_model
 from megatron_swift.training.config import JobConfig, TrainSection
+from megatron_swift.training.job import build_model, check_job
 from megatron_swift.training.optim import wrap_for_training
 from megatron_swift.training.step import train_step
 

@@ -96,7 +96,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from converters.hf_io import CheckpointError
+    from megatron_swift.checkpoint.hf import CheckpointError
     from megatron_swift.config import ConfigError
     from megatron_swift.distributed import WorkerError
     from megatron_swift.models import UnsupportedModelError

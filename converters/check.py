@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from converters.convert import build_chunks, conversion_world_size, model_args_for_checkpoint
-from converters.mcore_io import full_model_weights_dir, load_model
+from megatron_swift.checkpoint.mcore import full_model_weights_dir, load_model
 from megatron_swift.config import ConfigError, ParallelConfig
 from megatron_swift.distributed import destroy_distributed, init_distributed, run_workers
 from megatron_swift.models.forward import forward_logits

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from converters.adapter import apply_lora_with_adapter, peft_adapter_tensors, write_peft_adapter
-from converters.engine import hf_tensors_from_chunk, load_hf_into_chunks
-from converters.hf_io import (
+from megatron_swift.checkpoint.engine import hf_tensors_from_chunk, load_hf_into_chunks
+from megatron_swift.checkpoint.hf import (
     CheckpointError,
     HFCheckpoint,
     ShardedSafetensorsWriter,
@@ -24,7 +23,7 @@ from converters.hf_io import (
     ensure_generation_config,
     load_hf_config,
 )
-from converters.mcore_io import (
+from megatron_swift.checkpoint.mcore import (
     HF_DIR,
     MODEL_DIR,
     atomic_output_dir,
@@ -37,6 +36,7 @@ from converters.mcore_io import (
     read_meta,
     save_model,
 )
+from megatron_swift.checkpoint.peft import apply_lora_with_adapter, peft_adapter_tensors, write_peft_adapter
 from megatron_swift.config import ConfigError, ParallelConfig
 from megatron_swift.distributed import destroy_distributed, init_distributed, run_workers
 from megatron_swift.models import build_model_chunks, dtype_from_name, transformer_config, translate

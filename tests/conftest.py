@@ -32,8 +32,8 @@ def converted(tiny_models, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def llama_world(tiny_models, tmp_path_factory):
     """(model chunks, model args) of the tiny Llama built as training builds it, in a world of size 1."""
-    from launch.pretrain_sft import build_model, check_job
     from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.job import build_model, check_job
     from tests.train_matrix import job_for
 
     job = job_for(str(tiny_models["llama"]), "unused.jsonl", str(tmp_path_factory.mktemp("out")), {}, {})

@@ -63,7 +63,7 @@ def test_packed_micro_batch_layout():
 
 def test_training_step_on_packed_rows_has_the_unpacked_loss(tiny_models, tmp_path):
     """Through the launcher and train step: a global batch of every document, packed or not, has the same loss."""
-    from launch.pretrain_sft import train
+    from megatron_swift.training.job import train
 
     losses = {}
     for packing in (False, True):

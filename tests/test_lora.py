@@ -31,7 +31,7 @@ def test_lora_parallel_layouts_match_single_process_losses(tiny_models, tmp_path
 
 
 def _train_lora(hf_dir, tmp_path, lora=LORA, iters=2, **train):
-    from launch.pretrain_sft import train as run_training
+    from megatron_swift.training.job import train as run_training
 
     job = job_for(str(hf_dir), DATA, str(tmp_path / "out"), {}, {"train_iters": iters, **train}, lora)
     job.checkpoint.save = str(tmp_path / "ckpt")
@@ -73,9 +73,9 @@ def test_merged_export_equals_base_plus_peft_adapter(family, tiny_models, tmp_pa
 
 def test_merge_equals_adapter_applied_model(tiny_models, tmp_path):
     """In megatron-core: logits with the adapters applied == logits after merging them into the weights."""
-    from launch.pretrain_sft import build_model, check_job
     from megatron_swift.distributed import destroy_distributed, init_distributed
     from megatron_swift.models.forward import forward_logits
+    from megatron_swift.training.job import build_model, check_job
     from megatron_swift.tuners.lora import LoraLinear, merge_lora, merged_weight, unmerged_weight
 
     job = job_for(str(tiny_models["qwen2"]), DATA, str(tmp_path), {}, {}, LORA)
@@ -110,8 +110,8 @@ def _peft_trainable(hf_dir, rank):
 def test_all_linear_trainable_count_matches_peft(family, tiny_models, tmp_path):
     """Ours = PEFT's count minus what fusion shares by design: one lora_A for q/k/v (PEFT has three) and
     one for gate/up (PEFT has two), i.e. 3 x rank x hidden fewer per layer."""
-    from launch.pretrain_sft import build_model, check_job
     from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.job import build_model, check_job
     from megatron_swift.tuners.lora.apply import parameter_counts
 
     rank = 8
@@ -129,7 +129,7 @@ def test_all_linear_trainable_count_matches_peft(family, tiny_models, tmp_path):
 
 def test_lora_resume_is_bitwise(tiny_models, tmp_path):
     """6 steps straight == 3 steps, a new process resuming from the adapter-only checkpoint, 3 more."""
-    from megatron_swift.training.checkpoint import latest_checkpoint
+    from megatron_swift.checkpoint.mcore import latest_checkpoint
 
     straight, _ = _train_lora(tiny_models["llama"], tmp_path / "a", iters=6)
     first, ckpt = _train_lora(tiny_models["llama"], tmp_path / "b", iters=3)
@@ -191,8 +191,8 @@ def test_peft_adapter_continues_training_and_exports_back_exactly(family, tiny_m
 
 
 def test_a_lora_checkpoint_is_not_a_base_model(tiny_models, tmp_path):
-    from converters.hf_io import CheckpointError
-    from launch.pretrain_sft import train
+    from megatron_swift.checkpoint.hf import CheckpointError
+    from megatron_swift.training.job import train
 
     _, ckpt = _train_lora(tiny_models["llama"], tmp_path, iters=1)
     job = job_for(None, DATA, str(tmp_path / "again"), {}, {"train_iters": 1}, load=str(ckpt))
@@ -204,7 +204,7 @@ def test_peft_adapter_rank_mismatch_is_a_clear_error(tiny_models, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from converters.hf_io import CheckpointError
+    from megatron_swift.checkpoint.hf import CheckpointError
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
     get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"])).save_pretrained(
@@ -224,8 +224,8 @@ def test_peft_adapter_rank_mismatch_is_a_clear_error(tiny_models, tmp_path):
     ],
 )
 def test_lora_targets_that_match_nothing_are_errors(tiny_models, tmp_path, lora, message):
-    from launch.pretrain_sft import build_model, check_job
     from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.job import build_model, check_job
     from megatron_swift.tuners.lora.layers import LoraError
 
     job = job_for(str(tiny_models["llama"]), DATA, str(tmp_path), {}, {}, lora)
@@ -239,8 +239,8 @@ def test_lora_targets_that_match_nothing_are_errors(tiny_models, tmp_path, lora,
 
 
 def test_only_adapters_are_optimized(tiny_models, tmp_path):
-    from launch.pretrain_sft import build_model, check_job
     from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.job import build_model, check_job
     from megatron_swift.training.optim import wrap_for_training
 
     job = job_for(str(tiny_models["llama"]), DATA, str(tmp_path), {}, {}, {"modules_to_save": ["output_layer"]})

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.pretrain_sft import check_job
 from megatron_swift.config import ConfigError
+from megatron_swift.training.job import check_job
 from tests.train_matrix import job_for, run_cases
 
 DATA = "examples/data/sft_sample.jsonl"
@@ -223,8 +223,8 @@ def test_first_step_loss_equals_hf_loss_with_padded_vocab(tiny_models, tmp_path)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launch.pretrain_sft import train
     from megatron_swift.data import build_train_data
+    from megatron_swift.training.job import train
 
     hf = tiny_models["qwen2"]  # tied embeddings; vocab 384 padded to 512 below
     job = job_for(str(hf), DATA, str(tmp_path), {}, {"train_iters": 1}, make_vocab_size_divisible_by=256)
@@ -244,7 +244,7 @@ def test_first_step_loss_equals_hf_loss_with_padded_vocab(tiny_models, tmp_path)
 
 
 def test_tiny_model_overfits_sixteen_samples(tiny_models, tmp_path):
-    from launch.pretrain_sft import train
+    from megatron_swift.training.job import train
 
     data = tmp_path / "sft16.jsonl"
     data.write_text("".join(Path(DATA).read_text().splitlines(keepends=True)[:16]))
@@ -270,7 +270,7 @@ def test_trained_checkpoint_exports_to_hf_with_matching_logits(tiny_models, tmp_
 
     from converters.check import check
     from converters.convert import mcore_to_hf
-    from launch.pretrain_sft import train
+    from megatron_swift.training.job import train
 
     job = job_for(str(tiny_models["qwen3"]), DATA, str(tmp_path), {}, {"train_iters": 2})
     job.checkpoint.save = str(tmp_path / "checkpoints")
@@ -289,7 +289,7 @@ def test_flops_convention_against_the_hf_models_own_matrices(tiny_models):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from converters.hf_io import load_hf_config
+    from megatron_swift.checkpoint.hf import load_hf_config
     from megatron_swift.models import translate
     from megatron_swift.training.flops import flops_per_token, peak_flops
 
@@ -315,7 +315,7 @@ def test_flops_convention_against_the_hf_models_own_matrices(tiny_models):
 
 
 def test_pretraining_task_trains_on_text(tiny_models, tmp_path):
-    from launch.pretrain_sft import train
+    from megatron_swift.training.job import train
 
     job = job_for(str(tiny_models["mistral"]), "examples/data/pretrain_sample.jsonl", str(tmp_path), {},
                   {"task": "pretrain", "train_iters": 4})  # fmt: skip
@@ -349,8 +349,8 @@ def test_checkpoint_without_optimizer_state_is_smaller_and_refuses_resume(tiny_m
 @pytest.mark.parametrize("train", [{}, {"use_distributed_optimizer": True}])
 def test_torch_adam_runs_its_fused_kernel(tiny_models, tmp_path, train):
     """Without Apex/TE megatron-core falls back to torch's AdamW; ours then runs torch's fused kernel."""
-    from launch.pretrain_sft import build_model
     from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.job import build_model
     from megatron_swift.training.optim import inner_optimizers, wrap_for_training
 
     job = job_for(str(tiny_models["llama"]), DATA, str(tmp_path), {}, train)
@@ -409,9 +409,9 @@ def test_router_loss_equals_hf_load_balancing_loss(tmp_path):
     so it is top-k times megatron's normalisation)."""
     from transformers import AutoModelForCausalLM
 
-    from launch.pretrain_sft import build_model
     from megatron_swift.distributed import destroy_distributed, init_distributed
     from megatron_swift.models.tiny import make_tiny_model
+    from megatron_swift.training.job import build_model
     from megatron_swift.training.moe_metrics import router_losses
 
     hf_dir = make_tiny_model("qwen3_moe", tmp_path / "hf", num_hidden_layers=1, mlp_only_layers=[])

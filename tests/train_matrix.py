@@ -47,7 +47,7 @@ def losses_for_cases(cases: list[tuple[str, dict, dict]], data_path: str, output
     options of those sections."""
     import os
 
-    from launch.pretrain_sft import check_job, run_job
+    from megatron_swift.training.job import check_job, run_job
 
     found = {}
     try:

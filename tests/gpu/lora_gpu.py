@@ -29,8 +29,8 @@ LORA = LoraConfig(rank=4, alpha=8.0, init_b_zero=False)
 
 
 def lora_logits(hf_dir: Path, spec: str, tokens: torch.Tensor) -> torch.Tensor:
-    from converters.engine import load_hf_into_chunks
-    from converters.hf_io import HFCheckpoint
+    from megatron_swift.checkpoint.engine import load_hf_into_chunks
+    from megatron_swift.checkpoint.hf import HFCheckpoint
 
     checkpoint = HFCheckpoint(hf_dir)
     args = translate(checkpoint.config)

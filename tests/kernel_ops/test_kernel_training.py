@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kernels.select import KernelUnavailableError, resolve
-from launch.pretrain_sft import check_job
 from megatron_swift.config import ConfigError
+from megatron_swift.training.job import check_job
 from tests.train_matrix import job_for, run_cases
 
 DATA = "examples/data/sft_sample.jsonl"
@@ -48,7 +48,7 @@ def test_triton_kernels_and_fused_loss_at_tp2_and_sequence_parallel(tiny_models,
 
 
 def test_state_dict_keys_do_not_depend_on_the_kernels(tiny_models, tmp_path):
-    from converters.hf_io import load_hf_config
+    from megatron_swift.checkpoint.hf import load_hf_config
     from megatron_swift.config import ParallelConfig
     from megatron_swift.distributed import destroy_distributed, init_distributed
     from megatron_swift.models import build_model_chunks, transformer_config, translate

@@ -120,7 +120,7 @@ def apply_lora(chunks: list, config: LoraConfig, family: Family, seed: int, init
     """Wrap the targeted linears of every chunk in place, freeze everything else but modules_to_save.
 
     `initial(name, rule, bindings) -> (A, B)`: full-size starting adapters (megatron layout) of each
-    targeted linear, e.g. from a PEFT adapter (converters/adapter.py); default: seeded random A, zero B.
+    targeted linear, e.g. from a PEFT adapter (megatron_swift/checkpoint/peft.py); default: seeded random A, zero B.
     """
     shorts, regexes = _linear_matcher(config, family)
     adapted, matched_regexes = [], set()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from converters.hf_io import CheckpointError, HFCheckpoint
+from megatron_swift.checkpoint.hf import CheckpointError, HFCheckpoint
 from megatron_swift.models.hf_config import GPTModelArgs
 from megatron_swift.models.mapping import Rule
 from megatron_swift.models.naming import canonical_parameters

@@ -1,11 +1,13 @@
-"""Megatron-Core checkpoint directories written by the converter.
+"""Megatron-Core checkpoint directories and the model part of every checkpoint.
 
-Layout of `OUT/`:
-  model/             megatron-core distributed checkpoint (torch_dist), reshardable on load
-  hf/                the source config.json, tokenizer and generation files
-  mswift_meta.json   family, source, dtype, padded vocabulary, versions, layout at save time
+Two kinds of directory hold a model, and both load into either:
+- a converted checkpoint (`mswift-convert hf-to-mcore`): `model/` (megatron-core distributed checkpoint,
+  torch_dist, reshardable on load), `hf/` (the source config.json, tokenizer and generation files),
+  `mswift_meta.json` (family, source, dtype, padded vocabulary, versions, layout at save time);
+- a training save directory (training/checkpoint.py): the same `hf/` and metadata, `iter_NNNNNNN/`
+  directories and a `latest` pointer; its model is the latest iteration's `model_optim/`.
 
-Directories are produced under a temporary sibling and renamed into place, so a crash never
+Converted directories are produced under a temporary sibling and renamed into place, so a crash never
 leaves a half-written checkpoint at OUT.
 """
 
@@ -20,19 +22,69 @@ from pathlib import Path
 
 import torch
 
-from converters.hf_io import CheckpointError, copy_side_files
+from megatron_swift.checkpoint.hf import CheckpointError, copy_side_files
 from megatron_swift.fs import fsync_path, fsync_tree
-from megatron_swift.training.checkpoint import (
-    latest_checkpoint,
-    model_sharded_state,
-    restore_model_state,
-    save_strategy,
-)
+from megatron_swift.models.naming import unwrap_model
 
 META_NAME = "mswift_meta.json"
 MODEL_DIR = "model"
 HF_DIR = "hf"
 FORMAT = "megatron-swift/mcore-checkpoint/v1"
+LATEST = "latest"  # a training save directory's pointer to its newest complete iteration
+
+
+def _trainable_keys(chunk) -> set[str] | None:
+    """State-dict keys a checkpoint of this chunk holds: all (None) unless part of the model is frozen
+    (LoRA), in which case only the trainable parameters; frozen weights come from the model source."""
+    from megatron_swift.tuners.lora import trainable_state_keys
+
+    model = unwrap_model(chunk)
+    if all(param.requires_grad for param in model.parameters()):
+        return None
+    return trainable_state_keys(model)
+
+
+def model_sharded_state(chunks) -> dict:
+    """Model part of a checkpoint: `model` (or `model0`, `model1`, ... with virtual pipeline stages).
+    Converted checkpoints use the same keys, so either kind loads into either."""
+    states = []
+    for chunk in chunks:
+        state, keep = unwrap_model(chunk).sharded_state_dict(), _trainable_keys(chunk)
+        states.append(state if keep is None else {k: v for k, v in state.items() if k in keep})
+    if len(states) == 1:
+        return {"model": states[0]}
+    return {f"model{i}": state for i, state in enumerate(states)}
+
+
+def restore_model_state(chunks, loaded: dict) -> None:
+    """Put what `dist_checkpointing.load` returned for `model_sharded_state(chunks)` into the chunks."""
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for chunk, key in zip(chunks, keys, strict=True):
+        keep = _trainable_keys(chunk)
+        result = unwrap_model(chunk).load_state_dict(loaded[key], strict=keep is None)
+        if keep is not None:
+            missed = [k for k in result.missing_keys if k in keep]
+            if missed or result.unexpected_keys:
+                raise RuntimeError(f"checkpoint does not match the trainable parameters: missing {missed}, "
+                                   f"unexpected {result.unexpected_keys}")  # fmt: skip
+
+
+def save_strategy(writer_processes: int = 4):
+    """torch_dist saving with `writer_processes` forked writers per rank.
+
+    megatron-core's default is 2; on the 0.5B conversion benchmark 4 writers saved in ~1.4 s against
+    ~2.0 s with 2 (serialisation and fsync proceed in parallel).
+    """
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=writer_processes)
+
+
+def latest_checkpoint(save_dir: str | Path) -> Path | None:
+    pointer = Path(save_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    return Path(save_dir) / pointer.read_text().strip()
 
 
 def package_versions() -> dict[str, str]:

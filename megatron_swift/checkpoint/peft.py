@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from converters.hf_io import CheckpointError
+from megatron_swift.checkpoint.hf import CheckpointError
 from megatron_swift.models.hf_config import GPTModelArgs
 from megatron_swift.models.naming import canonical_name, unwrap_model
 from megatron_swift.tuners.lora import LoraConfig, LoraLinear
@@ -268,7 +268,7 @@ class PeftAdapterSource:
 
 def apply_lora_with_adapter(chunks, lora: LoraConfig, args: GPTModelArgs, hf_dir: str | Path, seed: int):
     """`apply_lora`, starting from the PEFT adapter `lora.adapter` when one is set; returns the report."""
-    from converters.hf_io import load_hf_config
+    from megatron_swift.checkpoint.hf import load_hf_config
     from megatron_swift.tuners.lora import apply_lora
 
     source = PeftAdapterSource(lora.adapter, args, lora, load_hf_config(hf_dir)) if lora.adapter else None
