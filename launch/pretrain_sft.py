@@ -24,13 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_swift.data import DataError
     from megatron_swift.models import UnsupportedModelError
     from megatron_swift.training.job import train
+    from megatron_swift.training.preemption import mark_clean_exit
     from megatron_swift.tuners.lora.layers import LoraError
 
     try:
-        train(load_config(JobConfig, known.config, overrides))
+        results = train(load_config(JobConfig, known.config, overrides))
     except (ConfigError, DataError, CheckpointError, UnsupportedModelError, LoraError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused (full, read-only, quota): name the path, not a traceback
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    mark_clean_exit(f"{len(results)} steps in this run")
     return 0
 
 

@@ -109,6 +109,11 @@ def preflight(ckpt: HFCheckpoint, slots: list[_Slot], args: GPTModelArgs) -> Non
         raise CheckpointError(f"{ckpt.path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
 
 
+def check_against_chunks(ckpt: HFCheckpoint, chunks, args: GPTModelArgs) -> None:
+    """`preflight` for this rank's chunks: every problem of the checkpoint, before any tensor is read."""
+    preflight(ckpt, _plan(chunks, args), args)
+
+
 @torch.no_grad()
 def load_hf_into_chunks(
     chunks,

@@ -7,6 +7,7 @@ one at a time on demand. Writing streams tensors into shards of bounded size.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -48,8 +49,9 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
-def read_safetensors_header(path: Path) -> dict:
-    """Parse a safetensors header and check the file holds every byte the header promises."""
+def read_safetensors_header(path: Path, with_data_start: bool = False):
+    """Parse a safetensors header and check the file holds every byte the header promises; with
+    `with_data_start`, (header, offset of the data section) (tensor offsets count from there)."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         raw_len = handle.read(8)
@@ -71,7 +73,39 @@ def read_safetensors_header(path: Path) -> dict:
         raise CheckpointError(
             f"{path}: truncated safetensors file ({size} bytes, header needs {expected}); re-copy or re-save it"
         )
-    return header
+    return (header, 8 + header_len) if with_data_start else header
+
+
+FINGERPRINT_SAMPLE = 4096  # bytes of each tensor's data that go into a weights fingerprint
+
+
+def sampled_fingerprint(files: list[Path], hash_file) -> str:
+    """sha256 over the sorted file names and what `hash_file(path, digest)` feeds in for each."""
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda f: f.name):
+        digest.update(path.name.encode())
+        hash_file(path, digest)
+    return digest.hexdigest()
+
+
+def weights_fingerprint(hf_dir: str | Path) -> str:
+    """Identifies an HF model's weights cheaply: every tensor's name, dtype, shape and first 4 KiB of data.
+
+    Fine-tuning changes every tensor's leading values, so another model's or another fine-tune's weights
+    give another fingerprint; reading ~4 KiB per tensor costs milliseconds even for a 70B checkpoint.
+    """
+
+    def hash_safetensors(path: Path, digest) -> None:
+        header, data_start = read_safetensors_header(path, with_data_start=True)
+        with open(path, "rb") as handle:
+            for name in sorted(header):
+                info = header[name]
+                begin, end = info["data_offsets"]
+                handle.seek(data_start + begin)
+                digest.update(json.dumps([name, info["dtype"], info["shape"]]).encode())
+                digest.update(handle.read(min(end - begin, FINGERPRINT_SAMPLE)))
+
+    return sampled_fingerprint(HFCheckpoint(hf_dir).weight_files(), hash_safetensors)
 
 
 def load_hf_config(path: Path):
@@ -82,8 +116,9 @@ def load_hf_config(path: Path):
         raise CheckpointError(f"{path}: missing config.json")
     try:
         return AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, OSError) as exc:
-        raise CheckpointError(f"{Path(path) / 'config.json'}: transformers cannot read it ({exc})") from None
+    except Exception as exc:  # transformers validates with many error types (strict dataclasses, rope checks)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{Path(path) / 'config.json'}: transformers cannot read it ({reason})") from None
 
 
 class HFCheckpoint:
@@ -103,7 +138,7 @@ class HFCheckpoint:
         self.tensors = self._index_tensors()
         self._handles: dict[Path, object] = {}
 
-    def _weight_files(self) -> list[Path]:
+    def weight_files(self) -> list[Path]:
         index = self.path / INDEX_NAME
         if index.is_file():
             try:
@@ -123,7 +158,7 @@ class HFCheckpoint:
 
     def _index_tensors(self) -> dict[str, TensorInfo]:
         tensors: dict[str, TensorInfo] = {}
-        for file in self._weight_files():
+        for file in self.weight_files():
             for name, info in read_safetensors_header(file).items():
                 tensors[name] = TensorInfo(file, info["dtype"], tuple(info["shape"]))
         return tensors

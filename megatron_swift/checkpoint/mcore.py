@@ -22,8 +22,14 @@ from pathlib import Path
 
 import torch
 
-from megatron_swift.checkpoint.hf import CheckpointError, copy_side_files
-from megatron_swift.fs import fsync_path, fsync_tree
+from megatron_swift.checkpoint.hf import (
+    FINGERPRINT_SAMPLE,
+    CheckpointError,
+    copy_side_files,
+    sampled_fingerprint,
+    weights_fingerprint,
+)
+from megatron_swift.fs import atomic_write_text, fsync_path, fsync_tree
 from megatron_swift.models.naming import unwrap_model
 
 META_NAME = "mswift_meta.json"
@@ -111,8 +117,22 @@ def save_model(chunks, model_dir: Path) -> None:
 def load_model(chunks, model_dir: Path) -> None:
     """Load a distributed checkpoint saved at any TP/PP/EP into this rank's chunks."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
 
-    restore_model_state(chunks, dist_checkpointing.load(model_sharded_state(chunks), str(model_dir)))
+    from megatron_swift.checkpoint.safety import check_distcp_metadata
+
+    check_distcp_metadata(model_dir)
+    try:
+        loaded = dist_checkpointing.load(model_sharded_state(chunks), str(model_dir))
+    except (CheckpointingException, KeyError) as exc:  # keys or shapes this model does not have
+        raise CheckpointError(f"{model_dir}: does not fit this model ({mismatch(exc)})") from None
+    restore_model_state(chunks, loaded)
+
+
+def mismatch(exc: Exception) -> str:
+    """The first line of megatron-core's complaint about a checkpoint that does not fit (they run long)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first[:500]}"
 
 
 def model_weights_dir(ckpt_dir: Path) -> Path:
@@ -132,6 +152,48 @@ def full_model_weights_dir(ckpt_dir: Path) -> Path:
     return model_weights_dir(ckpt_dir)
 
 
+def model_fingerprint(ckpt_dir: str | Path) -> str:
+    """`weights_fingerprint` of a megatron-swift checkpoint's model: its distributed checkpoint's metadata
+    and the size and first 4 KiB of each data file."""
+    model_dir = full_model_weights_dir(Path(ckpt_dir))
+
+    def hash_file(path: Path, digest) -> None:
+        with open(path, "rb") as handle:
+            digest.update(str(path.stat().st_size).encode())
+            digest.update(handle.read() if path.name == ".metadata" else handle.read(FINGERPRINT_SAMPLE))
+
+    return sampled_fingerprint([model_dir / ".metadata", *model_dir.glob("*.distcp")], hash_file)
+
+
+def base_fingerprint(base: dict) -> str:
+    """The fingerprint of a LoRA run's frozen base weights, `{"hf": dir}` or `{"load": checkpoint dir}`."""
+    return weights_fingerprint(base["hf"]) if "hf" in base else model_fingerprint(base["load"])
+
+
+def check_lora_base(ckpt_dir: Path, recorded: dict, base: dict | None = None) -> None:
+    """A LoRA checkpoint's adapters belong to the base weights it was trained on: refuse other weights.
+
+    `recorded` is the checkpoint's `lora.base` metadata; `base` the base about to be used (default: the
+    recorded location, whose weights may have changed since). Checkpoints from before fingerprints pass."""
+    base = base or {k: v for k, v in recorded.items() if k in ("hf", "load")}
+    expected = recorded.get("fingerprint")
+    if expected is None:
+        return
+    where = base.get("hf") or base.get("load")
+    try:
+        found = base_fingerprint(base)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{ckpt_dir}: its LoRA adapters need their base weights, which cannot be read: {exc}"
+        ) from None
+    if found != expected:
+        raise CheckpointError(
+            f"{ckpt_dir}: its LoRA adapters were trained on other base weights than those in {where} (the weights "
+            "fingerprint differs). Use the base the run trained on (model.hf / model.load as recorded in "
+            f"{Path(ckpt_dir) / META_NAME}), or start a new run (another checkpoint.save) on these weights"
+        )
+
+
 def read_meta(ckpt_dir: Path) -> dict:
     ckpt_dir = Path(ckpt_dir)
     meta_file = ckpt_dir / META_NAME
@@ -148,11 +210,24 @@ def read_meta(ckpt_dir: Path) -> dict:
     return meta
 
 
+_SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+               "kv_channels", "num_moe_experts", "moe_ffn_hidden_size")  # fmt: skip
+
+
+def model_shape(args) -> dict:
+    """Family, vocabulary and layer sizes: checkpoints of different shapes cannot load into each other."""
+    return {
+        "family": args.family.name,
+        "vocab_size": args.vocab_size,
+        **{k: args.transformer.get(k) for k in _SHAPE_KEYS},
+    }
+
+
 def describe_model(ckpt_dir: Path, args, source: Path, dtype: str, parallel, make_vocab_size_divisible_by: int,
                    lora: dict | None = None) -> None:  # fmt: skip
     """Write what loading and exporting the model under `ckpt_dir` needs: the HF config, tokenizer and
     generation files of `source` into `hf/`, and the metadata file (with `lora` for adapter-only runs:
-    options and the base weights' location)."""
+    options and the base weights' location and fingerprint)."""
     copy_side_files(source, Path(ckpt_dir) / HF_DIR)
     meta = {
         "format": FORMAT,
@@ -163,6 +238,7 @@ def describe_model(ckpt_dir: Path, args, source: Path, dtype: str, parallel, mak
         "vocab_size": args.vocab_size,
         "padded_vocab_size": args.padded_vocab_size,
         "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
+        "model": model_shape(args),
         "saved_with": {
             "tensor_model_parallel_size": parallel.tensor_model_parallel_size,
             "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
@@ -172,7 +248,7 @@ def describe_model(ckpt_dir: Path, args, source: Path, dtype: str, parallel, mak
     }
     if lora is not None:
         meta["lora"] = lora
-    (ckpt_dir / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(Path(ckpt_dir) / META_NAME, json.dumps(meta, indent=2) + "\n")
 
 
 def check_output_dir(out: Path) -> None:

@@ -1,6 +1,18 @@
 """Distributed runtime: process groups, megatron-core parallel state, local worker spawning."""
 
-from megatron_swift.distributed.runtime import DistributedContext, destroy_distributed, init_distributed
+from megatron_swift.distributed.runtime import (
+    DistributedContext,
+    destroy_distributed,
+    init_distributed,
+    on_rank_zero_agreed,
+)
 from megatron_swift.distributed.spawn import WorkerError, run_workers
 
-__all__ = ["DistributedContext", "WorkerError", "destroy_distributed", "init_distributed", "run_workers"]
+__all__ = [
+    "DistributedContext",
+    "WorkerError",
+    "destroy_distributed",
+    "init_distributed",
+    "on_rank_zero_agreed",
+    "run_workers",
+]

@@ -91,6 +91,28 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234, timeout_minu
     return DistributedContext(rank, world_size, local_rank, device, backend)
 
 
+def on_rank_zero_agreed(action) -> None:
+    """Run `action()` on global rank 0 only; if it raises, rank 0 raises that and every other rank a ConfigError
+    with its message, so no rank is left to fail later in a collective with a misleading error.
+
+    For what one process does for the whole job (take the save directory's lock, say)."""
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    failure, message = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            action()
+        except Exception as exc:
+            failure, message = exc, f"{type(exc).__name__}: {exc}"
+    if multi:
+        shared = [message]
+        dist.broadcast_object_list(shared, src=0)
+        message = shared[0]
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise ConfigError(f"rank 0 stopped the job: {message}")
+
+
 def destroy_distributed() -> None:
     from megatron.core import parallel_state
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker

@@ -19,8 +19,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_swift.checkpoint.mcore import LATEST, model_sharded_state, restore_model_state, save_strategy
+from megatron_swift.checkpoint.hf import CheckpointError
+from megatron_swift.checkpoint.mcore import (
+    LATEST,
+    latest_checkpoint,
+    mismatch,
+    model_sharded_state,
+    restore_model_state,
+    save_strategy,
+)
+from megatron_swift.checkpoint.safety import check_distcp_metadata, load_tensor_file
 from megatron_swift.fs import fsync_tree
 from megatron_swift.training.optim import inner_optimizers, torch_adams, use_fused_torch_adam
 
@@ -154,32 +164,19 @@ def save_checkpoint(
     to export or start a new run from (`model.load`), which a run cannot resume."""
     from megatron.core import dist_checkpointing
 
+    from megatron_swift.distributed import on_rank_zero_agreed
+
     save_dir = Path(save_dir)
     rank = dist.get_rank()
     final = save_dir / _iter_name(iteration)
     tmp = save_dir / f".{final.name}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+
+    def start() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier save that was interrupted
         (tmp / "rng").mkdir(parents=True)
         (tmp / "model_optim").mkdir()
-    dist.barrier()
-    if save_optimizer:
-        sharded = _sharded_state(chunks, optimizer, is_loading=False, layout=OPTIMIZER_LAYOUT)
-    else:
-        sharded = model_sharded_state(chunks)
-    dist_checkpointing.save(
-        sharded,
-        str(tmp / "model_optim"),
-        sharded_strategy=save_strategy(),
-        content_metadata=OPTIMIZER_LAYOUT,
-    )
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
-    if rank == 0:
-        state = {"iteration": iteration, "consumed_samples": consumed_samples, "scheduler": scheduler.state_dict(),
-                 "layout": _parallel_layout(optimizer), "optimizer": save_optimizer}  # fmt: skip
-        (tmp / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
-    dist.barrier()
-    if rank == 0:
+
+    def publish() -> None:
         fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -188,19 +185,69 @@ def save_checkpoint(
         os.replace(pointer, save_dir / LATEST)
         fsync_tree(save_dir, recursive=False)
         if save_total_limit:
-            done = sorted(p for p in save_dir.glob("iter_*") if p.is_dir())
-            for old in done[:-save_total_limit]:
-                shutil.rmtree(old)
+            _remove_oldest(save_dir, keep=save_total_limit, newest=final)
+
+    try:
+        on_rank_zero_agreed(start)
+        if save_optimizer:
+            sharded = _sharded_state(chunks, optimizer, is_loading=False, layout=OPTIMIZER_LAYOUT)
+        else:
+            sharded = model_sharded_state(chunks)
+        dist_checkpointing.save(sharded, str(tmp / "model_optim"), sharded_strategy=save_strategy(),
+                                content_metadata=OPTIMIZER_LAYOUT)  # fmt: skip
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
+        if rank == 0:
+            state = {"iteration": iteration, "consumed_samples": consumed_samples, "scheduler": scheduler.state_dict(),
+                     "layout": _parallel_layout(optimizer), "optimizer": save_optimizer}  # fmt: skip
+            (tmp / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        dist.barrier()
+        on_rank_zero_agreed(publish)
+    except (OSError, CheckpointException) as exc:  # full disk, quota, permissions
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(save_dir)
+        kept = f"the last complete checkpoint, {previous.name}, is intact" if previous else "no checkpoint exists yet"
+        raise CheckpointError(
+            f"{tmp}: writing checkpoint {final.name} failed ({_write_failure(exc)}); {kept}"
+        ) from None
     dist.barrier()
     return final
+
+
+def _write_failure(exc: BaseException) -> str:
+    """What went wrong in a failed save, in a line: the OS error, or each failed rank's first complaint from
+    torch's distributed checkpoint (its writer processes report through CheckpointException)."""
+    if isinstance(exc, OSError):
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+    return "; ".join(f"rank {rank}: {type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
+                     for rank, (error, _) in sorted(exc.failures.items()))  # fmt: skip
+
+
+def _remove_oldest(save_dir: Path, keep: int, newest: Path) -> None:
+    """checkpoint.save_total_limit: keep the `keep` most recently written checkpoints, `newest` (the one just
+    written, which `latest` names) always among them. Recency is the order of writing, not the iteration
+    number: after `latest` was moved back and training resumed, the new checkpoints are the ones to keep."""
+
+    def written(path: Path) -> int:
+        state = path / "train_state.json"
+        return (state if state.is_file() else path).stat().st_mtime_ns
+
+    others = sorted((p for p in save_dir.glob("iter_*") if p.is_dir() and p != newest), key=written, reverse=True)
+    for old in others[keep - 1 :]:
+        shutil.rmtree(old)
 
 
 def load_checkpoint(ckpt_dir: str | Path, chunks, optimizer, scheduler) -> dict:
     """Collective: restore model, optimizer, scheduler and this rank's RNG; returns the train state."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
 
     ckpt_dir = Path(ckpt_dir)
-    state = json.loads((ckpt_dir / "train_state.json").read_text())
+    state_file = ckpt_dir / "train_state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"{ckpt_dir}: incomplete checkpoint ({state_file.name} is missing); point "
+                              f"{ckpt_dir.parent / LATEST} at a complete iter_* directory")  # fmt: skip
+    state = json.loads(state_file.read_text())
     if not state.get("optimizer", True):
         from megatron_swift.config import ConfigError
 
@@ -209,10 +256,14 @@ def load_checkpoint(ckpt_dir: str | Path, chunks, optimizer, scheduler) -> dict:
             f"new run from its weights with model.load={ckpt_dir.parent} and another checkpoint.save directory"
         )
     _check_resume_layout(ckpt_dir, state.get("layout"), optimizer)
+    check_distcp_metadata(ckpt_dir / "model_optim")
     layout = dist_checkpointing.load_content_metadata(str(ckpt_dir / "model_optim")) or OPTIMIZER_LAYOUT
     _create_empty_adam_state(optimizer)
     sharded = _sharded_state(chunks, optimizer, is_loading=True, layout=layout)
-    loaded = dist_checkpointing.load(sharded, str(ckpt_dir / "model_optim"))
+    try:
+        loaded = dist_checkpointing.load(sharded, str(ckpt_dir / "model_optim"))
+    except (CheckpointingException, KeyError) as exc:  # keys or shapes this model and optimizer do not have
+        raise CheckpointError(f"{ckpt_dir}: does not fit this job's model and optimizer ({mismatch(exc)})") from None
     restore_model_state(chunks, loaded)
     with torch.no_grad():  # the distributed optimizer copies into views of parameters (fp32: its main params)
         optimizer.load_state_dict(loaded["optimizer"])
@@ -221,5 +272,5 @@ def load_checkpoint(ckpt_dir: str | Path, chunks, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(state["scheduler"])
     rng_file = ckpt_dir / "rng" / f"rank_{dist.get_rank()}.pt"
     if rng_file.is_file():  # absent when resuming on a different world size
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(load_tensor_file(rng_file))
     return state

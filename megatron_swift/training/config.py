@@ -267,20 +267,6 @@ def transformer_overrides(job: JobConfig, is_moe: bool = False) -> dict:
     return overrides | resolve_fusions(job.model, use_transformer_engine(job.model.spec), Machine.detect())
 
 
-def lora_export_meta(job: JobConfig) -> dict | None:
-    """What exporting a LoRA run needs (stored with its checkpoints): the adapter options, the seed their
-    initialisation used, and where the frozen base weights live."""
-    import dataclasses
-    from pathlib import Path
-
-    if job.train.train_type != "lora":
-        return None
-    base = (
-        {"hf": str(Path(job.model.hf).absolute())} if job.model.hf else {"load": str(Path(job.model.load).absolute())}
-    )
-    return {"config": dataclasses.asdict(job.lora), "base": base, "seed": job.train.seed}
-
-
 def precision(job: JobConfig) -> str:
     return "bf16" if job.train.bf16 else "fp16" if job.train.fp16 else "fp32"
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from megatron_swift.config import ConfigError
-from megatron_swift.training.config import JobConfig, environment_problems, lora_export_meta, precision, preflight
+from megatron_swift.training.config import JobConfig, environment_problems, precision, preflight
 
 
 def model_source(job: JobConfig) -> Path:
@@ -24,26 +24,36 @@ def model_source(job: JobConfig) -> Path:
 
 
 def check_job(job: JobConfig, world_size: int):
-    """Translate the model config and preflight the whole job; raises ConfigError listing every problem."""
-    from megatron_swift.checkpoint.hf import load_hf_config
+    """Translate the model config and check the whole job (fields, model, machine, directories, weight files)
+    before any process group exists; raises ConfigError listing every problem. Reads only."""
+    from megatron_swift.checkpoint.hf import CheckpointError, HFCheckpoint, load_hf_config
     from megatron_swift.models import translate
+    from megatron_swift.training.run_dirs import directory_problems, model_load_problems
 
-    args = translate(
-        load_hf_config(model_source(job)), make_vocab_size_divisible_by=job.model.make_vocab_size_divisible_by
-    )
-    problems = preflight(job, world_size, args) + environment_problems(job)
+    if job.model.load and job.model.hf is None:
+        problems = model_load_problems(job.model.load)
+        if problems:
+            raise ConfigError("\n  ".join([f"{len(problems)} problem(s) in the job:", *problems]))
+    source = model_source(job)
+    hf_config = load_hf_config(source)
+    try:
+        args = translate(hf_config, make_vocab_size_divisible_by=job.model.make_vocab_size_divisible_by)
+    except (AttributeError, TypeError, KeyError) as exc:  # a config.json transformers read but we cannot use
+        problem = f"not a usable model config ({type(exc).__name__}: {exc})"
+        raise CheckpointError(f"{source / 'config.json'}: {problem}") from None
+    problems = preflight(job, world_size, args) + environment_problems(job) + directory_problems(job, args)
+    if job.model.hf:
+        try:
+            HFCheckpoint(job.model.hf)  # every weight file's header and length: a truncated copy fails here
+        except CheckpointError as exc:
+            problems.append(f"model.hf: {exc}")
     if problems:
-        raise ConfigError(f"{len(problems)} problem(s) in the job:\n  " + "\n  ".join(problems))
+        raise ConfigError("\n  ".join([f"{len(problems)} problem(s) in the job:", *problems]))
     return args
 
 
-def build_model(job: JobConfig, args, load_weights: bool = True) -> list:
-    """This rank's model chunks, with their weights loaded unless a training checkpoint will provide them
-    (with LoRA, checkpoints hold only the adapters: base weights always come from the model source)."""
-    from megatron_swift.checkpoint.engine import load_hf_into_chunks
-    from megatron_swift.checkpoint.hf import HFCheckpoint
-    from megatron_swift.checkpoint.mcore import full_model_weights_dir, load_model
-    from megatron_swift.checkpoint.peft import apply_lora_with_adapter
+def build_chunks(job: JobConfig, args) -> list:
+    """This rank's model chunks, initialised (no weights loaded yet)."""
     from megatron_swift.models import build_model_chunks, dtype_from_name, transformer_config
     from megatron_swift.training.config import transformer_overrides
 
@@ -52,65 +62,111 @@ def build_model(job: JobConfig, args, load_weights: bool = True) -> list:
     # weights (`tensor_model_parallel`, read by grad-norm clipping and the optimizers) only while initialising.
     config = transformer_config(args, job.parallel, params_dtype=dtype, **transformer_overrides(job, args.is_moe))
     model = job.model
-    chunks = build_model_chunks(args, config, spec=model.spec, attention=model.attention, kernels=model.kernels,
-                                fused_linear_cross_entropy=model.fused_linear_cross_entropy)  # fmt: skip
-    lora = job.train.train_type == "lora"
-    if (load_weights or lora) and job.model.hf:
-        load_hf_into_chunks(chunks, HFCheckpoint(job.model.hf), args)
-    elif load_weights or lora:
-        load_model(chunks, full_model_weights_dir(Path(job.model.load)))
-    if lora:
+    return build_model_chunks(args, config, spec=model.spec, attention=model.attention, kernels=model.kernels,
+                              fused_linear_cross_entropy=model.fused_linear_cross_entropy)  # fmt: skip
+
+
+def check_weights(job: JobConfig, chunks, args):
+    """The source of the model's weights, checked against the built chunks without reading a tensor (HF: every
+    tensor present with the shape config.json implies; megatron-swift: a complete, safe checkpoint)."""
+    from megatron_swift.checkpoint import engine
+    from megatron_swift.checkpoint.hf import HFCheckpoint
+    from megatron_swift.checkpoint.mcore import full_model_weights_dir
+    from megatron_swift.checkpoint.safety import check_distcp_metadata
+
+    if job.model.hf:
+        source = HFCheckpoint(job.model.hf)
+        engine.check_against_chunks(source, chunks, args)
+        return source
+    source = full_model_weights_dir(Path(job.model.load))
+    check_distcp_metadata(source)
+    return source
+
+
+def load_weights(job: JobConfig, chunks, args, source) -> None:
+    """Fill the chunks from `check_weights`' source, then put LoRA adapters on when the job trains them."""
+    from megatron_swift.checkpoint.engine import load_hf_into_chunks
+    from megatron_swift.checkpoint.mcore import load_model
+    from megatron_swift.checkpoint.peft import apply_lora_with_adapter
+
+    if job.model.hf:
+        load_hf_into_chunks(chunks, source, args)
+    else:
+        load_model(chunks, source)
+    if job.train.train_type == "lora":
         report = apply_lora_with_adapter(chunks, job.lora, args, model_source(job), job.train.seed)
         if int(os.environ.get("RANK", 0)) == 0:
             print(report.summary())
+
+
+def build_model(job: JobConfig, args) -> list:
+    """This rank's model chunks with their weights (and LoRA adapters) loaded."""
+    chunks = build_chunks(job, args)
+    load_weights(job, chunks, args, check_weights(job, chunks, args))
     return chunks
 
 
 def run_job(job: JobConfig, ctx, args) -> list:
-    """Build, load (or resume) and train in an initialised world; returns the step results."""
+    """Build, load (or resume) and train in an initialised world; returns the step results.
+
+    Order: the save directory's lock; the model's structure and its weight files checked against it (cheap);
+    the data (a bad row fails before any weight is read); the weights or the checkpoint to resume; training.
+    Nothing is written to the save directory before its first checkpoint."""
     from transformers import AutoTokenizer
 
-    from megatron_swift.checkpoint.mcore import latest_checkpoint
+    from megatron_swift.checkpoint.mcore import describe_model, latest_checkpoint
     from megatron_swift.data import build_train_data
+    from megatron_swift.distributed import on_rank_zero_agreed
     from megatron_swift.training.checkpoint import load_checkpoint, save_checkpoint
     from megatron_swift.training.flops import flops_per_token
     from megatron_swift.training.loop import run_training
     from megatron_swift.training.optim import wrap_for_training
+    from megatron_swift.training.run_dirs import SaveDirLock, lora_run_meta
 
     ckpt = job.checkpoint
-    if ckpt.save and ctx.is_main:  # so that `mcore-to-hf` and `model.load` accept the save directory itself
-        from megatron_swift.checkpoint.mcore import describe_model
-
-        describe_model(Path(ckpt.save), args, model_source(job), precision(job), job.parallel,
-                       job.model.make_vocab_size_divisible_by, lora=lora_export_meta(job))  # fmt: skip
-    # Data first: a bad row fails before the model is built.
-    data = build_train_data(job.data, AutoTokenizer.from_pretrained(model_source(job)), job.train.task,
-                            job.train.global_batch_size, job.train.seed, progress=ctx.is_main)  # fmt: skip
-    if ctx.is_main:
-        print(data.summary())
-    if job.train.epochs is not None:
-        iters = math.ceil(job.train.epochs * data.num_samples / job.train.global_batch_size)
-        job = dataclasses.replace(job, train=dataclasses.replace(job.train, train_iters=iters))
-    batches = data.batches
-    resume_from = latest_checkpoint(ckpt.load or ckpt.save) if (ckpt.load or ckpt.save) else None
-    chunks, optimizer, scheduler = wrap_for_training(build_model(job, args, load_weights=resume_from is None), job)
-    start = 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, chunks, optimizer, scheduler)
-        start, batches.consumed_samples = state["iteration"], state["consumed_samples"]
+    lock = SaveDirLock(ckpt.save) if ckpt.save else None
+    if lock is not None:
+        on_rank_zero_agreed(lock.acquire)
+    try:
+        chunks = build_chunks(job, args)
+        source = check_weights(job, chunks, args)
+        data = build_train_data(job.data, AutoTokenizer.from_pretrained(model_source(job)), job.train.task,
+                                job.train.global_batch_size, job.train.seed, progress=ctx.is_main)  # fmt: skip
         if ctx.is_main:
-            print(f"resumed from {resume_from} at iteration {start}")
+            print(data.summary())
+        if job.train.epochs is not None:
+            iters = math.ceil(job.train.epochs * data.num_samples / job.train.global_batch_size)
+            job = dataclasses.replace(job, train=dataclasses.replace(job.train, train_iters=iters))
+        batches = data.batches
+        resume_from = latest_checkpoint(ckpt.load or ckpt.save) if (ckpt.load or ckpt.save) else None
+        if resume_from is None or job.train.train_type == "lora":  # LoRA checkpoints hold only the adapters
+            load_weights(job, chunks, args, source)
+        chunks, optimizer, scheduler = wrap_for_training(chunks, job)
+        start = 0
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, chunks, optimizer, scheduler)
+            start, batches.consumed_samples = state["iteration"], state["consumed_samples"]
+            if ctx.is_main:
+                print(f"resumed from {resume_from} at iteration {start}")
+        described = []
 
-    def save(step: int) -> None:
-        path = save_checkpoint(ckpt.save, step, chunks, optimizer, scheduler, batches.consumed_samples,
-                               ckpt.save_total_limit, save_optimizer=not ckpt.no_save_optim)  # fmt: skip
-        if ctx.is_main:
-            print(f"saved checkpoint {path}")
+        def save(step: int) -> None:
+            if ctx.is_main and not described:  # the save directory is a checkpoint for mcore-to-hf and model.load
+                describe_model(Path(ckpt.save), args, model_source(job), precision(job), job.parallel,
+                               job.model.make_vocab_size_divisible_by, lora=lora_run_meta(job))  # fmt: skip
+                described.append(True)
+            path = save_checkpoint(ckpt.save, step, chunks, optimizer, scheduler, batches.consumed_samples,
+                                   ckpt.save_total_limit, save_optimizer=not ckpt.no_save_optim)  # fmt: skip
+            if ctx.is_main:
+                print(f"saved checkpoint {path}")
 
-    flops = flops_per_token(args.transformer, args.vocab_size, job.data.seq_length, job.train.train_type == "lora")
-    return run_training(job, chunks, optimizer, scheduler, batches, args.vocab_size, start_iteration=start,
-                        is_main=ctx.is_main, save_fn=save if ckpt.save else None, flops_per_token=flops,
-                        eval_items=data.eval_items, eval_collate=data.eval_collate)  # fmt: skip
+        flops = flops_per_token(args.transformer, args.vocab_size, job.data.seq_length, job.train.train_type == "lora")
+        return run_training(job, chunks, optimizer, scheduler, batches, args.vocab_size, start_iteration=start,
+                            is_main=ctx.is_main, save_fn=save if ckpt.save else None, flops_per_token=flops,
+                            eval_items=data.eval_items, eval_collate=data.eval_collate)  # fmt: skip
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def train(job: JobConfig) -> list:

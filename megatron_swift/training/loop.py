@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,25 +21,8 @@ from megatron_swift.training.evaluate import validation_loss, validation_microba
 from megatron_swift.training.flops import peak_flops
 from megatron_swift.training.metrics import MetricsLogger
 from megatron_swift.training.optim import parameters_synced
+from megatron_swift.training.preemption import PreemptionFlag, keep_checkpoint_writer_in_process
 from megatron_swift.training.step import StepResult, comm_device, train_step
-
-
-class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1 (Slurm preemption); agreed on by all ranks after each step."""
-
-    def __init__(self):
-        self.requested = False
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([float(self.requested)], device=comm_device())
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def _mfu_fn(job: JobConfig, flops_per_token: float | None):
@@ -85,16 +67,17 @@ def run_training(
 
     t = job.train
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    preemption = PreemptionFlag()
     mfu = _mfu_fn(job, flops_per_token)
     results = []
+    if save_fn is not None:
+        keep_checkpoint_writer_in_process()
     with contextlib.ExitStack() as stack:
+        preemption = stack.enter_context(PreemptionFlag(comm_device()))
         metrics = None
         if is_main:
             log_dir = Path(job.checkpoint.output_dir) / "logs"
-            metrics = MetricsLogger(
-                log_dir, dataclasses.asdict(job), job.logging.tensorboard, job.logging.wandb_project
-            )
+            metrics = MetricsLogger(log_dir, dataclasses.asdict(job), job.logging.tensorboard,
+                                    job.logging.wandb_project, start_step=start_iteration)  # fmt: skip
             stack.callback(metrics.close)
         bar = stack.enter_context(tqdm(total=t.train_iters, initial=start_iteration, disable=not is_main, desc="train"))
         for iteration in range(start_iteration, t.train_iters):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_swift.fs import atomic_write_text
+
 
 def _rss_gb() -> float:
     import resource
@@ -36,17 +38,33 @@ class GpuTelemetry:
         }
 
 
-class MetricsLogger:
-    """Writes OUTPUT_DIR/logs/metrics.jsonl and TensorBoard events; wandb when a project is set."""
+def _keep_steps_up_to(jsonl: Path, last_step: int) -> None:
+    """Drop the records after `last_step` (a resumed run logs those steps again); atomic."""
+    if not jsonl.is_file():
+        return
+    lines = jsonl.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        atomic_write_text(jsonl, "".join(kept))
 
-    def __init__(self, log_dir: Path, config: dict, tensorboard: bool = True, wandb_project: str | None = None):
+
+class MetricsLogger:
+    """Writes OUTPUT_DIR/logs/metrics.jsonl and TensorBoard events; wandb when a project is set.
+
+    A run that starts at `start_step` (a resumed one) first drops what an earlier run logged after that step,
+    from the JSON lines and (TensorBoard's purge_step) from the events, so the history holds each step once:
+    the latest run's."""
+
+    def __init__(self, log_dir: Path, config: dict, tensorboard: bool = True, wandb_project: str | None = None,
+                 start_step: int = 0):  # fmt: skip
         log_dir.mkdir(parents=True, exist_ok=True)
+        _keep_steps_up_to(log_dir / "metrics.jsonl", start_step)
         self.jsonl = open(log_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir / "tensorboard")
+            self.tb = SummaryWriter(log_dir / "tensorboard", purge_step=start_step + 1)
         self.wandb = None
         if wandb_project:
             try:

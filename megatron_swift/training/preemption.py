@@ -1,0 +1,85 @@
+"""Preemption: a SIGTERM / SIGUSR1 to any process of a run ends it with a complete checkpoint and exit 0.
+
+The signal reaches the ranks three ways, and each must end the same way:
+- to the ranks alone (a user's `kill`, `scancel --signal=USR1`);
+- to the launcher: torchrun forwards it to each rank's whole process group (`killpg`), which includes the
+  processes a rank starts itself;
+- to every process of the job step (Slurm's preemption and time limit, `scancel`).
+
+`PreemptionFlag` turns the signal into a flag the ranks agree on after each step; the loop then saves and
+returns. What a rank starts must survive the signal: megatron-core's checkpoint writer collects its
+results through a `multiprocessing.Manager` queue, a separate process that dies of the forwarded SIGTERM
+and takes the save down with it (BrokenPipeError, a half-written checkpoint, exit 1).
+`keep_checkpoint_writer_in_process` gives it an in-process queue instead (our saves are synchronous, so the
+queue never crosses a process boundary), which also saves starting that process (~6 s on 2 cores) at the
+first checkpoint. The writer's forked workers inherit the rank's Python handlers, so the signal only sets
+their copy of the flag.
+
+torchrun itself exits 1 after forwarding a signal, whatever its workers did. `mark_clean_exit` lets a
+wrapper (launch/torchrun.sh) tell a preemption whose every rank saved and exited 0 from a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+CLEAN_EXIT_DIR = "MSWIFT_CLEAN_EXIT_DIR"  # set by launch/torchrun.sh
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1 while the training loop runs (a context manager: the previous handlers come
+    back on exit); `agreed()` is the flag all ranks agree on (any rank signalled)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> PreemptionFlag:
+        for signum in SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([float(self.requested)], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def keep_checkpoint_writer_in_process() -> None:
+    """Give megatron-core's checkpoint writer an in-process results queue instead of a Manager process.
+
+    Why: `FileSystemWriterAsync` hands its results through a queue from `_get_write_results_queue()`, a
+    `multiprocessing.Manager().Queue()` cached in the module global `_results_queue`: a spawned server
+    process a forwarded SIGTERM kills. A synchronous save (`dist_checkpointing.save`, what we call) puts into
+    and gets from that queue in the rank's own process, so a `queue.Queue` is all it needs. Set once per
+    process before the first save; tests/test_compat.py checks the symbol still exists upstream."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not isinstance(filesystem_async._results_queue, queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
+
+
+def mark_clean_exit(detail: str) -> None:
+    """Record that this rank ended cleanly (trained to the end or saved after a preemption signal), for the
+    wrapper that started torchrun (launch/torchrun.sh); nothing without one."""
+    directory = os.environ.get(CLEAN_EXIT_DIR)
+    if directory:
+        local_world = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        rank_file = Path(directory) / f"rank_{os.environ.get('RANK', '0')}"
+        rank_file.write_text(f"local_world_size {local_world}\n{detail}\n")
