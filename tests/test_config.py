@@ -113,3 +113,66 @@ def test_every_example_job_file_loads():
     for path in files:
         job = load_config(JobConfig, path)
         assert job.data.dataset, path
+
+
+def _job(parallel: dict | None = None, train: dict | None = None, seq_length: int = 64):
+    from megatron_swift.training.config import DataSection, JobConfig, ModelSection, TrainSection
+
+    return JobConfig(
+        model=ModelSection(hf="model-dir"),
+        data=DataSection(dataset=["data.jsonl"], seq_length=seq_length),
+        parallel=ParallelConfig(**(parallel or {})),
+        train=TrainSection(**(train or {})),
+    )
+
+
+def test_preflight_reports_batch_context_and_sequence_parallel_problems_together():
+    from megatron_swift.training.config import preflight
+
+    job = _job(
+        {"tensor_model_parallel_size": 2, "context_parallel_size": 2, "sequence_parallel": True},
+        {"global_batch_size": 3, "lr_warmup_iters": 0},
+        seq_length=33,
+    )
+    problems = preflight(job, world_size=8)  # DP 2
+    assert "train.global_batch_size=3 is not divisible by micro_batch_size 1 x data parallel 2" in problems
+    assert "data.seq_length=33 is not divisible by 2 x context_parallel_size = 4" in problems
+    assert "data.seq_length=33 is not divisible by tensor_model_parallel_size=2 (sequence_parallel)" in problems
+    # Each rule on its own...
+    assert preflight(_job({"context_parallel_size": 2}), 2) == []
+    (problem,) = preflight(_job({"context_parallel_size": 3}, seq_length=64), 3)
+    assert problem == "data.seq_length=64 is not divisible by 2 x context_parallel_size = 6"
+    (problem,) = preflight(_job({"tensor_model_parallel_size": 4, "sequence_parallel": True}, seq_length=66), 4)
+    assert problem == "data.seq_length=66 is not divisible by tensor_model_parallel_size=4 (sequence_parallel)"
+    # ... and an invalid layout still reports the sequence rules (the batch split is then undefined).
+    problems = preflight(_job({"context_parallel_size": 2}, seq_length=30), world_size=3)
+    assert any("world size 3 is not divisible" in p for p in problems)
+    assert "data.seq_length=30 is not divisible by 2 x context_parallel_size = 4" in problems
+
+
+@pytest.mark.parametrize(
+    ("warmup", "decay_iters", "train_iters"),
+    [(3, None, 3), (2, None, 3), (5, 10, 3), (10, 10, 3), (3, 3, 30), (0, 1, 1)],
+)
+def test_preflight_warmup_rule_is_megatron_cores(warmup, decay_iters, train_iters):
+    """Warmup is compared with the decay length (lr_decay_iters when set, else train_iters): preflight refuses
+    exactly what megatron-core's scheduler refuses, so a short run of a longer schedule trains."""
+    import torch
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_swift.training.config import preflight
+
+    train = {"lr_warmup_iters": warmup, "lr_decay_iters": decay_iters, "train_iters": train_iters}
+    problems = [p for p in preflight(_job(train=train), 1) if "lr_warmup_iters" in p]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=1.0, min_lr=0.0, lr_warmup_steps=warmup,
+                                lr_decay_steps=decay_iters or train_iters, lr_decay_style="cosine", start_wd=0.0,
+                                end_wd=0.0, wd_incr_steps=train_iters, wd_incr_style="constant")  # fmt: skip
+        megatron_accepts = True
+    except AssertionError:
+        megatron_accepts = False
+    assert megatron_accepts == (not problems), problems
+    if problems:
+        name = "train.lr_decay_iters" if decay_iters else "train.train_iters"
+        assert problems == [f"train.lr_warmup_iters={warmup} must be smaller than {name}={decay_iters or train_iters}"]

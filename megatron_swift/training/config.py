@@ -150,12 +150,12 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
         found.append(f"train.lr_warmup_fraction={t.lr_warmup_fraction} must be in [0, 1)")
     if t.epochs is not None and t.epochs <= 0:
         found.append(f"train.epochs={t.epochs} must be > 0")
-    if t.epochs is None and t.lr_warmup_fraction is None and t.lr_warmup_iters >= max(t.train_iters, 1):
-        found.append(
-            f"train.lr_warmup_iters={t.lr_warmup_iters} must be smaller than train.train_iters={t.train_iters}"
-        )
-    elif t.lr_decay_iters is not None and t.lr_warmup_fraction is None and t.lr_warmup_iters >= t.lr_decay_iters:
-        found.append(f"train.lr_warmup_iters={t.lr_warmup_iters} must be smaller than train.lr_decay_iters")
+    # Warmup must end before the decay does (megatron-core's scheduler asserts it): the decay length is
+    # lr_decay_iters when set (a short run of a longer schedule is fine), else train_iters.
+    decay_iters = t.lr_decay_iters or (t.train_iters if t.epochs is None else None)
+    decay_name = "train.lr_decay_iters" if t.lr_decay_iters else "train.train_iters"
+    if t.lr_warmup_fraction is None and decay_iters is not None and t.lr_warmup_iters >= max(decay_iters, 1):
+        found.append(f"train.lr_warmup_iters={t.lr_warmup_iters} must be smaller than {decay_name}={decay_iters}")
     for name in ("eval_interval", "eval_iters"):
         value = getattr(t, name)
         if value is not None and value < 1:
@@ -163,7 +163,6 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
         elif value is not None and not (job.data.split_dataset_ratio or job.data.val_dataset):
             found.append(f"train.{name}: there is no validation data; set data.split_dataset_ratio (e.g. 0.05) "
                          "or data.val_dataset")  # fmt: skip
-    decay_iters = t.lr_decay_iters or (t.train_iters if t.epochs is None else None)
     if t.lr_decay_iters is not None and t.lr_decay_iters < 1:
         found.append(f"train.lr_decay_iters={t.lr_decay_iters} must be >= 1")
     if t.lr_decay_style == "WSD":
@@ -182,22 +181,7 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
         found.append("train.overlap_param_gather: needs train.use_distributed_optimizer and train.overlap_grad_reduce")
     if t.ddp_bucket_size is not None and (t.ddp_bucket_size < 1 or not t.overlap_grad_reduce):
         found.append("train.ddp_bucket_size: must be >= 1 and needs train.overlap_grad_reduce (one bucket otherwise)")
-    if not found:
-        dp = p.data_parallel_size(world_size)
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            found.append(
-                f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size "
-                f"{t.micro_batch_size} x data parallel {dp}"
-            )
-        if p.context_parallel_size > 1 and job.data.seq_length % (2 * p.context_parallel_size):
-            found.append(
-                f"data.seq_length={job.data.seq_length} is not divisible by 2 x context_parallel_size "
-                f"= {2 * p.context_parallel_size}"
-            )
-        if p.sequence_parallel and job.data.seq_length % p.tensor_model_parallel_size:
-            found.append(
-                f"data.seq_length={job.data.seq_length} is not divisible by tensor parallel (sequence_parallel)"
-            )
+    found += batch_problems(job, world_size)
     if t.train_type == "lora":
         found += job.lora.problems()
         etp = p.expert_tensor_parallel_size or p.tensor_model_parallel_size
@@ -209,6 +193,31 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
     found += moe_problems(job.moe, model_args.is_moe if model_args is not None else None)
     if model_args is not None:
         found += [f"model: {problem}" for problem in model_layout_problems(model_args, p) if problem not in found]
+    return found
+
+
+def batch_problems(job: JobConfig, world_size: int) -> list[str]:
+    """How the global batch and the sequence split over the layout; every one is reported, each on its own."""
+    p, t, seq_length = job.parallel, job.train, job.data.seq_length
+    found = []
+    # The batch split needs a valid layout and batch sizes (their own problems are reported elsewhere).
+    if not p.problems(world_size) and t.micro_batch_size >= 1 and t.global_batch_size >= 1:
+        dp = p.data_parallel_size(world_size)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            found.append(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size "
+                f"{t.micro_batch_size} x data parallel {dp}"
+            )
+    # Context parallel splits each sequence into 2 x CP chunks (load balance of causal attention).
+    cp = p.context_parallel_size
+    if cp > 1 and seq_length % (2 * cp):
+        found.append(f"data.seq_length={seq_length} is not divisible by 2 x context_parallel_size = {2 * cp}")
+    # Sequence parallel scatters the sequence over the tensor-parallel ranks.
+    if p.sequence_parallel and p.tensor_model_parallel_size > 1 and seq_length % p.tensor_model_parallel_size:
+        found.append(
+            f"data.seq_length={seq_length} is not divisible by tensor_model_parallel_size="
+            f"{p.tensor_model_parallel_size} (sequence_parallel)"
+        )
     return found
 
 

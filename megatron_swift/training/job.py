@@ -137,6 +137,12 @@ def run_job(job: JobConfig, ctx, args) -> list:
         if job.train.epochs is not None:
             iters = math.ceil(job.train.epochs * data.num_samples / job.train.global_batch_size)
             job = dataclasses.replace(job, train=dataclasses.replace(job.train, train_iters=iters))
+            t = job.train
+            if t.lr_warmup_fraction is None and t.lr_decay_iters is None and t.lr_warmup_iters >= iters:
+                raise ConfigError(
+                    f"train.lr_warmup_iters={t.lr_warmup_iters} must be smaller than the {iters} iterations of "
+                    f"train.epochs={t.epochs} (or use train.lr_warmup_fraction)"
+                )
         batches = data.batches
         resume_from = latest_checkpoint(ckpt.load or ckpt.save) if (ckpt.load or ckpt.save) else None
         if resume_from is None or job.train.train_type == "lora":  # LoRA checkpoints hold only the adapters
