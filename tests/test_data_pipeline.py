@@ -156,3 +156,29 @@ def test_pretraining_windows_cover_the_documents_with_eos(tokenizer):
     assert torch.equal(batch["tokens"][:, 1:], batch["labels"][:, :-1])
     windows = data.batches.items
     assert windows[0].ids[-1] == windows[1].ids[0]  # Megatron's stride: a window's last token starts the next
+
+
+def test_role_loss_scale_merges_with_the_tool_default(tokenizer):
+    """`data.role_loss_scale` entries are multiplied in on top of `tool=0`: a user's `user=0.5` must not start
+    training tool observations; only an explicit `tool=...` does."""
+    from megatron_swift.data.pipeline import make_encoder
+
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    row = {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                        {"role": "assistant", "content": "", "tool_calls": [call]},
+                        {"role": "tool", "content": "sunny and warm"},
+                        {"role": "assistant", "content": "It is sunny."}]}  # fmt: skip
+
+    def weights(*scales: str) -> tuple[np.ndarray, np.ndarray]:
+        data = _data("unused.jsonl", template="qwen", loss_scale="all", role_loss_scale=list(scales))
+        (sample,) = make_encoder(data, tokenizer, "sft").encode([Row("t:1", row)])
+        return sample.ids, sample.weights
+
+    ids, user_half = weights("user=0.5")
+    _, explicit_zero = weights("user=0.5", "tool=0")
+    _, tool_trained = weights("user=0.5", "tool=1")
+    assert np.array_equal(user_half, explicit_zero)
+    assert 0.5 in user_half and 0.0 in user_half
+    changed = np.flatnonzero(tool_trained != user_half)
+    assert len(changed) and np.all(user_half[changed] == 0) and np.all(tool_trained[changed] == 1)
+    assert "sunny and warm" in tokenizer.decode(ids[changed])
