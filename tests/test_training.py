@@ -65,6 +65,15 @@ def test_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
     assert not failures, failures
     assert reference["llama"][-1] < reference["llama"][0]  # it trains
 
+    # The gradient too (a layout normalising it differently would still log the same loss): its norm per step.
+    def grad_norms(run_dir: Path) -> list[float]:
+        return [record["grad_norm"] for record in _metrics(run_dir)]
+
+    expected_norms = {name: grad_norms(tmp_path / "ref" / f"case{i}") for i, name in enumerate(("llama", "mixtral"))}
+    for index, name in enumerate(names):
+        got = grad_norms(tmp_path / "par" / f"case{index}")
+        assert got == pytest.approx(expected_norms[name], rel=1e-4), (cases[index][1:], got, expected_norms[name])
+
     # MoE: the router's load-balancing loss in the metrics, reduced over ranks, is the single process's too.
     def router_loss(run_dir: Path) -> list[float]:
         return [record["load_balancing_loss"] for record in _metrics(run_dir)]
@@ -218,8 +227,11 @@ def test_preflight_reports_every_problem_at_once(tiny_models, tmp_path):
     assert "train.bf16 and train.fp16" in message and "num_attention_heads=4" in message
 
 
-def test_first_step_loss_equals_hf_loss_with_padded_vocab(tiny_models, tmp_path):
-    """The HF model is the reference: our step-1 loss is its token-mean loss on the same global batch."""
+def test_first_step_loss_and_gradient_equal_hf_with_padded_vocab(tiny_models, tmp_path):
+    """The HF model is the reference: our step-1 loss is its token-mean loss on the same global batch (4 micro-
+    batches of samples with different numbers of loss tokens), and so is the gradient: its norm is that of HF's
+    masked-mean loss. The logged loss alone would not see gradients normalised per micro-batch or over every
+    position, and Adam's update hardly changes with the gradient's scale."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -234,13 +246,17 @@ def test_first_step_loss_equals_hf_loss_with_padded_vocab(tiny_models, tmp_path)
         job.data, AutoTokenizer.from_pretrained(hf), "sft", job.train.global_batch_size, job.train.seed
     )
     batch = data.batches.next_microbatches(0, 1, 4)[0]
+    tokens_per_sample = batch["loss_mask"].sum(dim=1)
+    assert len(set(tokens_per_sample.tolist())) > 1 and (tokens_per_sample < batch["tokens"].shape[1]).all()
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager")
-    with torch.no_grad():
-        logits = model(batch["tokens"]).logits
+    logits = model(batch["tokens"]).logits
     per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
     mask = batch["loss_mask"].flatten()
-    expected = float((per_token * mask).sum() / mask.sum())
-    assert abs(result.loss - expected) / expected < 1e-5, (result.loss, expected)
+    loss = (per_token * mask).sum() / mask.sum()
+    loss.backward()
+    grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+    assert abs(result.loss - loss.item()) / loss.item() < 1e-5, (result.loss, loss.item())
+    assert abs(result.grad_norm - grad_norm) / grad_norm < 1e-4, (result.grad_norm, grad_norm)
 
 
 def test_tiny_model_overfits_sixteen_samples(tiny_models, tmp_path):
