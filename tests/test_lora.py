@@ -11,6 +11,9 @@ from tests.train_matrix import job_for, run_cases
 DATA = "examples/data/sft_sample.jsonl"
 # B initialised non-zero so the adapter path shapes the very first step too.
 LORA = {"rank": 4, "alpha": 8.0, "init_b_zero": False}
+# Resume tests train with every dropout on: it draws from the RNG states a checkpoint must restore.
+LORA_DROPOUT = {**LORA, "dropout": 0.1}
+MODEL_DROPOUT = {"attention_dropout": 0.1, "hidden_dropout": 0.1}
 
 
 def test_lora_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
@@ -30,10 +33,10 @@ def test_lora_parallel_layouts_match_single_process_losses(tiny_models, tmp_path
         assert worst <= 1e-5, (case[1], losses, want)
 
 
-def _train_lora(hf_dir, tmp_path, lora=LORA, iters=2, **train):
+def _train_lora(hf_dir, tmp_path, lora=LORA, iters=2, model=None, **train):
     from megatron_swift.training.job import train as run_training
 
-    job = job_for(str(hf_dir), DATA, str(tmp_path / "out"), {}, {"train_iters": iters, **train}, lora)
+    job = job_for(str(hf_dir), DATA, str(tmp_path / "out"), {}, {"train_iters": iters, **train}, lora, **(model or {}))
     job.checkpoint.save = str(tmp_path / "ckpt")
     return run_training(job), tmp_path / "ckpt"
 
@@ -128,28 +131,39 @@ def test_all_linear_trainable_count_matches_peft(family, tiny_models, tmp_path):
 
 
 def test_lora_resume_is_bitwise(tiny_models, tmp_path):
-    """6 steps straight == 3 steps, a new process resuming from the adapter-only checkpoint, 3 more."""
+    """6 steps straight == 3 steps, a new job resuming from the adapter-only checkpoint, 3 more (dropout on)."""
     from megatron_swift.checkpoint.mcore import latest_checkpoint
 
-    straight, _ = _train_lora(tiny_models["llama"], tmp_path / "a", iters=6)
-    first, ckpt = _train_lora(tiny_models["llama"], tmp_path / "b", iters=3)
-    second, _ = _train_lora(tiny_models["llama"], tmp_path / "b", iters=6)
+    def run(out, iters):
+        return _train_lora(tiny_models["llama"], out, lora=LORA_DROPOUT, iters=iters, model=MODEL_DROPOUT)
+
+    straight, _ = run(tmp_path / "a", 6)
+    first, ckpt = run(tmp_path / "b", 3)
+    second, _ = run(tmp_path / "b", 6)
     assert [r.loss for r in first + second] == [r.loss for r in straight]
     # Only adapters (and their optimizer state) are saved: a small fraction of the model's bytes.
     size = sum(p.stat().st_size for p in (latest_checkpoint(ckpt) / "model_optim").rglob("*") if p.is_file())
     assert size < 0.5 * sum(p.stat().st_size for p in tiny_models["llama"].glob("*.safetensors"))
 
 
-def test_lora_resume_with_distributed_optimizer_and_overlapped_communication(tiny_models, tmp_path):
-    """DP2, adapters sharded by the distributed optimizer, gradient reduction and parameter all-gather
-    overlapped: 3 steps + resume + 3 equal 6 straight, bitwise."""
+def test_resume_is_bitwise_at_dp2_and_tp2_with_dropout(tiny_models, tmp_path):
+    """3 steps + resume + 3 equal 6 straight, bitwise, with attention, hidden and LoRA dropout: LoRA at DP2
+    (adapters sharded by the distributed optimizer, gradient reduction and parameter all-gather overlapped),
+    and full and LoRA training at TP2 (each TP rank's own attention-dropout RNG stream)."""
     llama = tiny_models["llama"]
-    train = {"use_distributed_optimizer": True, "overlap_grad_reduce": True, "overlap_param_gather": True}
-    resumed, straight = {"save": str(tmp_path / "resumed")}, {"save": str(tmp_path / "straight")}
-    cases = [(llama, {}, train, LORA, {}, resumed), (llama, {}, {**train, "train_iters": 6}, LORA, {}, resumed),
-             (llama, {}, {**train, "train_iters": 6}, LORA, {}, straight)]  # fmt: skip
-    first, second, six = run_cases(cases, DATA, tmp_path / "runs", world_size=2)
-    assert len(first) == len(second) == 3 and first + second == six
+    overlapped = {"use_distributed_optimizer": True, "overlap_grad_reduce": True, "overlap_param_gather": True}
+    tp2 = {"tensor_model_parallel_size": 2}
+    setups = [({}, overlapped, LORA_DROPOUT), (tp2, {}, None), (tp2, {}, LORA_DROPOUT)]
+    cases = []
+    for index, (parallel, train, lora) in enumerate(setups):
+        resumed, straight = ({"save": str(tmp_path / f"{name}{index}")} for name in ("resumed", "straight"))
+        cases += [(llama, parallel, train, lora, MODEL_DROPOUT, resumed),
+                  (llama, parallel, {**train, "train_iters": 6}, lora, MODEL_DROPOUT, resumed),
+                  (llama, parallel, {**train, "train_iters": 6}, lora, MODEL_DROPOUT, straight)]  # fmt: skip
+    results = run_cases(cases, DATA, tmp_path / "runs", world_size=2)
+    for index, setup in enumerate(setups):
+        first, second, six = results[3 * index : 3 * index + 3]
+        assert len(first) == len(second) == 3 and first + second == six, setup
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])

@@ -14,12 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data" / "sft_sample.jsonl"
 
 
+# Dropout draws from the RNG states a checkpoint holds: a resume that did not restore them would differ.
+DROPOUT = ["--model.attention_dropout", "0.1", "--model.hidden_dropout", "0.1"]
+
+
 def _launch(hf: Path, out: Path, iters: int, interval: int) -> subprocess.Popen:
     args = [
         sys.executable, str(ROOT / "launch" / "pretrain_sft.py"), "--model.hf", str(hf), "--data.dataset", str(DATA),
         "--data.seq_length", "32", "--train.global_batch_size", "4", "--train.train_iters", str(iters),
         "--train.lr", "1e-3", "--checkpoint.output_dir", str(out), "--checkpoint.save", str(out / "ckpt"),
-        "--checkpoint.save_interval", str(interval),
+        "--checkpoint.save_interval", str(interval), *DROPOUT,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -28,6 +28,9 @@ class ModelSection:
     # Loss from hidden states chunk by chunk, never materialising [tokens, vocab] logits (kernels choose how).
     fused_linear_cross_entropy: bool = False
     make_vocab_size_divisible_by: int = 128
+    # Dropout while training (null: the HF config's attention_dropout; no hidden dropout, as HF's decoders).
+    attention_dropout: float | None = None
+    hidden_dropout: float | None = None  # after attention and after the MLP, before each residual add
     # megatron-core fusions (training/fusions.py): null = on when this machine has what each needs
     apply_rope_fusion: bool | None = None
     bias_dropout_fusion: bool | None = None
@@ -139,6 +142,10 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
     if (job.model.hf is None) == (job.model.load is None):
         found.append("model.hf or model.load: set exactly one (an HF directory or a megatron-swift checkpoint)")
     found += data_problems(job.data, t, p)
+    for name in ("attention_dropout", "hidden_dropout"):
+        value = getattr(job.model, name)
+        if value is not None and not 0 <= value < 1:
+            found.append(f"model.{name}={value} must be in [0, 1)")
     for name in ("micro_batch_size", "global_batch_size", "train_iters"):
         if getattr(t, name) < 1:
             found.append(f"train.{name} must be >= 1, got {getattr(t, name)}")
@@ -269,6 +276,9 @@ def transformer_overrides(job: JobConfig, is_moe: bool = False) -> dict:
         recompute_method=t.recompute_method,
         recompute_num_layers=t.recompute_num_layers,
     )
+    for name in ("attention_dropout", "hidden_dropout"):
+        if getattr(job.model, name) is not None:
+            overrides[name] = getattr(job.model, name)
     if t.fp8_format:
         overrides.update(fp8=t.fp8_format, fp8_recipe=t.fp8_recipe)
     if is_moe:
