@@ -1,4 +1,4 @@
-"""The CPU shims: every patched symbol still exists upstream, and each shim does its one job."""
+"""The compatibility layer: every patched symbol still exists upstream, and each shim does its one job."""
 
 import os
 import subprocess
@@ -7,9 +7,15 @@ import sys
 import pytest
 import torch
 
-from megatron_swift.compat import DEFINED_SYMBOLS, PATCHED_SYMBOLS, apply_cpu_shims, device_redirect_suspended
+from megatron_swift.compat import (
+    CHECKPOINT_WRITER_SYMBOLS,
+    DEFINED_SYMBOLS,
+    PATCHED_SYMBOLS,
+    apply_cpu_shims,
+    device_redirect_suspended,
+)
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU shims are never applied with CUDA")
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU shims are never applied with CUDA")
 
 _CHECK_UNPATCHED = """
 import importlib, sys
@@ -31,6 +37,7 @@ sys.exit(1 if missing else 0)
 """
 
 
+@cpu_only
 def test_patched_symbols_exist_in_unpatched_libraries():
     # A fresh interpreter: this process may already have applied the shims.
     code = _CHECK_UNPATCHED.format(patched=PATCHED_SYMBOLS, defined=DEFINED_SYMBOLS)
@@ -38,6 +45,7 @@ def test_patched_symbols_exist_in_unpatched_libraries():
     assert result.returncode == 0, f"symbols the CPU shims patch are gone:\n{result.stdout}{result.stderr}"
 
 
+@cpu_only
 def test_device_redirect_and_type_strings():
     apply_cpu_shims()
     tensor = torch.empty(3, device="cuda")
@@ -48,6 +56,7 @@ def test_device_redirect_and_type_strings():
     assert torch.cuda.current_device() == "cpu"
 
 
+@cpu_only
 def test_device_redirect_can_be_suspended_for_code_outside_megatron():
     apply_cpu_shims()
     with device_redirect_suspended():
@@ -57,6 +66,7 @@ def test_device_redirect_can_be_suspended_for_code_outside_megatron():
     assert torch.empty(3, device="cuda").device.type == "cpu"  # the mode is back
 
 
+@cpu_only
 def test_rng_tracker_forks_the_cpu_generator():
     from megatron.core.tensor_parallel import random as mp_random
 
@@ -77,6 +87,7 @@ def test_rng_tracker_forks_the_cpu_generator():
     tracker.reset()
 
 
+@cpu_only
 def test_torch_norm_accepts_sequence_parallel_and_tags_params():
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -97,6 +108,7 @@ def test_torch_norm_accepts_sequence_parallel_and_tags_params():
     assert config.sequence_parallel  # the caller's config is not mutated
 
 
+@cpu_only
 def test_multi_tensor_fallbacks_are_replaced_by_bitwise_equal_foreach_ops():
     import megatron.core.optimizer.clip_grads as clip_grads
     import megatron.core.optimizer.optimizer as optimizer_mod
@@ -143,14 +155,33 @@ assert any("device=cuda in empty" in s for s in sites), sites
 """
 
 
+@cpu_only
 def test_redirected_cuda_call_sites_are_logged_when_asked():
     result = subprocess.run([sys.executable, "-c", _LOG_REDIRECTS], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "MSWIFT_LOG_CUDA_REDIRECTS": "1"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@cpu_only
 def test_missing_gpu_extras_name_what_to_install():
     from megatron_swift._optional import MissingExtraError, require
 
     with pytest.raises(MissingExtraError, match=r"vllm is not usable .*pip install 'megatron-swift\[serve\]'"):
         require("vllm")
+
+
+def test_checkpoint_writer_symbols_exist_and_no_manager_process_starts():
+    """Applied on every machine: megatron-core's writer must find an in-process queue, not start a Manager."""
+    import multiprocessing
+    import queue
+
+    code = _CHECK_UNPATCHED.format(patched=CHECKPOINT_WRITER_SYMBOLS, defined=())
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"symbols the checkpoint-writer shim patches are gone:\n{result.stdout}"
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_swift.compat import keep_checkpoint_writer_in_process
+
+    keep_checkpoint_writer_in_process()
+    assert isinstance(filesystem_async._get_write_results_queue(), queue.Queue)
+    assert not multiprocessing.active_children()

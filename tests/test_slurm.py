@@ -2,9 +2,13 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,14 +44,56 @@ def test_convert_train_export_single_node(tiny_models, tmp_path):
     assert config["architectures"] == ["LlamaForCausalLM"] and (out / "hf" / "model.safetensors.index.json").is_file()
 
 
-def test_train_sbatch_single_node(tiny_models, tmp_path):
+def _wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None or time.time() > deadline:
+            _, err = proc.communicate()
+            raise AssertionError(f"the job ended or hung before {what}:\n{err[-3000:]}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("target", ["launcher", "every process", "ranks"])
+def test_preemption_signal_ends_with_a_complete_checkpoint_and_exit_zero(target, tiny_models, tmp_path):
+    """train.sbatch on one node, 2 ranks, a checkpoint every 2 steps. SIGTERM after a checkpoint exists, to
+    torchrun (a user's `kill`; torchrun forwards it to each rank's process group), to every process of the job
+    (Slurm's preemption and time limit) or to the ranks alone: each rank finishes its step and saves, the job
+    exits 0 well within Slurm's default KillWait (30 s), and `latest` holds the last step logged."""
+    import psutil
+
     run = tmp_path / "run"
-    result = subprocess.run(
+    proc = subprocess.Popen(
         ["bash", str(ROOT / "launch/slurm/train.sbatch"), "examples/tiny_sft.yaml", "--model.hf",
-         str(tiny_models["llama"]), "--train.train_iters", "1", "--train.lr_warmup_iters", "0",
-         "--checkpoint.output_dir", str(run),
-         "--checkpoint.save", str(run / "ckpt")],
-        env=_slurm_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+         str(tiny_models["llama"]), "--train.train_iters", "500", "--train.lr_warmup_iters", "0",
+         "--checkpoint.output_dir", str(run), "--checkpoint.save", str(run / "ckpt"),
+         "--checkpoint.save_interval", "2"],
+        env=_slurm_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert (run / "ckpt" / "latest").read_text().strip() == "iter_0000001"
+    ckpt, metrics = run / "ckpt", run / "logs" / "metrics.jsonl"
+    try:
+        # A checkpoint exists (what broke: the writer's state from the first save) and a step after it.
+        _wait_until(lambda: (ckpt / "latest").is_file() and len(metrics.read_text().splitlines()) >= 3, proc,
+                    "its first checkpoint")  # fmt: skip
+        job = psutil.Process(proc.pid)
+        (torchrun,) = [p for p in job.children(recursive=True) if any(a.endswith("torchrun") for a in p.cmdline())]
+        ranks = torchrun.children()
+        assert len(ranks) == 2
+        targets = {"launcher": [torchrun], "every process": [job, *job.children(recursive=True)], "ranks": ranks}
+        signalled = time.time()
+        for process in targets[target]:
+            process.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        took = time.time() - signalled
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-4000:]
+    assert took < 30, took
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1)) and 3 <= len(steps) < 500
+    last = f"iter_{len(steps):07d}"
+    assert (ckpt / "latest").read_text().strip() == last
+    assert json.loads((ckpt / last / "train_state.json").read_text())["iteration"] == len(steps)
+    assert sorted(p.name for p in (ckpt / last / "rng").iterdir()) == ["rank_0.pt", "rank_1.pt"]
+    assert not [p.name for p in ckpt.iterdir() if p.name.endswith(".tmp")]

@@ -1,5 +1,6 @@
 """Compatibility layer: every patch of a third-party symbol lives here and nowhere else."""
 
+from megatron_swift.compat.checkpoint_writer import CHECKPOINT_WRITER_SYMBOLS, keep_checkpoint_writer_in_process
 from megatron_swift.compat.cpu import (
     DEFINED_SYMBOLS,
     PATCHED_SYMBOLS,
@@ -8,4 +9,12 @@ from megatron_swift.compat.cpu import (
     device_redirect_suspended,
 )
 
-__all__ = ["DEFINED_SYMBOLS", "PATCHED_SYMBOLS", "apply_cpu_shims", "cuda_redirects", "device_redirect_suspended"]
+__all__ = [
+    "CHECKPOINT_WRITER_SYMBOLS",
+    "DEFINED_SYMBOLS",
+    "PATCHED_SYMBOLS",
+    "apply_cpu_shims",
+    "cuda_redirects",
+    "device_redirect_suspended",
+    "keep_checkpoint_writer_in_process",
+]

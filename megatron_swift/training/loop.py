@@ -15,13 +15,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from megatron_swift.compat import keep_checkpoint_writer_in_process
 from megatron_swift.data.batches import Batches
 from megatron_swift.training.config import JobConfig
 from megatron_swift.training.evaluate import validation_loss, validation_microbatches
 from megatron_swift.training.flops import peak_flops
 from megatron_swift.training.metrics import MetricsLogger
 from megatron_swift.training.optim import parameters_synced
-from megatron_swift.training.preemption import PreemptionFlag, keep_checkpoint_writer_in_process
+from megatron_swift.training.preemption import PreemptionFlag
 from megatron_swift.training.step import StepResult, comm_device, train_step
 
 

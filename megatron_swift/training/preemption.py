@@ -7,13 +7,10 @@ The signal reaches the ranks three ways, and each must end the same way:
 - to every process of the job step (Slurm's preemption and time limit, `scancel`).
 
 `PreemptionFlag` turns the signal into a flag the ranks agree on after each step; the loop then saves and
-returns. What a rank starts must survive the signal: megatron-core's checkpoint writer collects its
-results through a `multiprocessing.Manager` queue, a separate process that dies of the forwarded SIGTERM
-and takes the save down with it (BrokenPipeError, a half-written checkpoint, exit 1).
-`keep_checkpoint_writer_in_process` gives it an in-process queue instead (our saves are synchronous, so the
-queue never crosses a process boundary), which also saves starting that process (~6 s on 2 cores) at the
-first checkpoint. The writer's forked workers inherit the rank's Python handlers, so the signal only sets
-their copy of the flag.
+returns. What a rank starts must survive the signal: megatron-core's checkpoint writer would otherwise
+collect its results through a Manager process the forwarded SIGTERM kills
+(megatron_swift/compat/checkpoint_writer.py). The writer's forked workers inherit the rank's Python
+handlers, so the signal only sets their copy of the flag.
 
 torchrun itself exits 1 after forwarding a signal, whatever its workers did. `mark_clean_exit` lets a
 wrapper (launch/torchrun.sh) tell a preemption whose every rank saved and exited 0 from a failure.
@@ -22,7 +19,6 @@ wrapper (launch/torchrun.sh) tell a preemption whose every rank saved and exited
 from __future__ import annotations
 
 import os
-import queue
 import signal
 from pathlib import Path
 
@@ -59,20 +55,6 @@ class PreemptionFlag:
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
-
-
-def keep_checkpoint_writer_in_process() -> None:
-    """Give megatron-core's checkpoint writer an in-process results queue instead of a Manager process.
-
-    Why: `FileSystemWriterAsync` hands its results through a queue from `_get_write_results_queue()`, a
-    `multiprocessing.Manager().Queue()` cached in the module global `_results_queue`: a spawned server
-    process a forwarded SIGTERM kills. A synchronous save (`dist_checkpointing.save`, what we call) puts into
-    and gets from that queue in the rank's own process, so a `queue.Queue` is all it needs. Set once per
-    process before the first save; tests/test_compat.py checks the symbol still exists upstream."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if not isinstance(filesystem_async._results_queue, queue.Queue):
-        filesystem_async._results_queue = queue.Queue()
 
 
 def mark_clean_exit(detail: str) -> None:
