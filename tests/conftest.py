@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every CPU run of the suite (and the processes it starts) checks that our collectives get tensors a CUDA run
+# has on the GPU (megatron_swift/compat/device_audit.py): the class of bug that only NCCL would show.
+os.environ.setdefault("MSWIFT_DEVICE_AUDIT", "1")
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import torch
 from megatron_swift.compat import (
     CHECKPOINT_WRITER_SYMBOLS,
     DEFINED_SYMBOLS,
+    DEVICE_AUDIT_SYMBOLS,
     PATCHED_SYMBOLS,
     apply_cpu_shims,
     device_redirect_suspended,
@@ -170,14 +171,15 @@ def test_missing_gpu_extras_name_what_to_install():
         require("vllm")
 
 
-def test_checkpoint_writer_symbols_exist_and_no_manager_process_starts():
-    """Applied on every machine: megatron-core's writer must find an in-process queue, not start a Manager."""
+def test_checkpoint_writer_and_device_audit_symbols_exist_and_no_manager_process_starts():
+    """The writer patch is applied on every machine: megatron-core's writer must find an in-process queue, not
+    start a Manager. The device audit (tests) wraps torch.distributed's tensor collectives."""
     import multiprocessing
     import queue
 
-    code = _CHECK_UNPATCHED.format(patched=CHECKPOINT_WRITER_SYMBOLS, defined=())
+    code = _CHECK_UNPATCHED.format(patched=CHECKPOINT_WRITER_SYMBOLS + DEVICE_AUDIT_SYMBOLS, defined=())
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"symbols the checkpoint-writer shim patches are gone:\n{result.stdout}"
+    assert result.returncode == 0, f"symbols the writer patch or the device audit touch are gone:\n{result.stdout}"
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from megatron_swift.compat import keep_checkpoint_writer_in_process

@@ -8,10 +8,12 @@ from megatron_swift.compat.cpu import (
     cuda_redirects,
     device_redirect_suspended,
 )
+from megatron_swift.compat.device_audit import DEVICE_AUDIT_SYMBOLS
 
 __all__ = [
     "CHECKPOINT_WRITER_SYMBOLS",
     "DEFINED_SYMBOLS",
+    "DEVICE_AUDIT_SYMBOLS",
     "PATCHED_SYMBOLS",
     "apply_cpu_shims",
     "cuda_redirects",

@@ -23,6 +23,8 @@ import traceback
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_swift.compat.device_audit import audit_enabled, install_device_audit, note_on_device
+
 logger = logging.getLogger(__name__)
 
 # (module path, attribute) of every symbol replaced by apply_cpu_shims().
@@ -74,6 +76,7 @@ class CudaToCpuMode(TorchFunctionMode):
         super().__init__()
         self.rewrites: set[str] = set()
         self._log = os.environ.get("MSWIFT_LOG_CUDA_REDIRECTS") == "1"
+        self._audit = audit_enabled()
 
     def _record(self, what: str) -> None:
         if not self._log:
@@ -88,19 +91,25 @@ class CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             self._record("Tensor.cuda()")
-            return args[0]
+            return self._placed(args[0])
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             cpu_type = func(*args)
             return cpu_type.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else cpu_type
-        if func is torch.Tensor.to:
-            args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
+        redirected = False
+        if func is torch.Tensor.to and any(_is_cuda_device(a) for a in args):
+            args, redirected = tuple("cpu" if _is_cuda_device(a) else a for a in args), True
         if kwargs.get("pin_memory"):
             self._record(f"pin_memory=True in {getattr(func, '__name__', func)}")
             kwargs = {**kwargs, "pin_memory": False}
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             self._record(f"device=cuda in {getattr(func, '__name__', func)}")
-            kwargs = {**kwargs, "device": "cpu"}
-        return func(*args, **kwargs)
+            kwargs, redirected = {**kwargs, "device": "cpu"}, True
+        result = func(*args, **kwargs)
+        return self._placed(result) if redirected else result
+
+    def _placed(self, result):
+        """What a CUDA run would have on the GPU; the device audit records it (compat/device_audit.py)."""
+        return note_on_device(result) if self._audit else result
 
 
 def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False):
@@ -217,6 +226,9 @@ def apply_cpu_shims() -> None:
     # 4. + 5. Hard-coded CUDA placement and `.type()` string checks: one TorchFunctionMode.
     _mode = CudaToCpuMode()
     _mode.__enter__()
+    # 6. Tests only (MSWIFT_DEVICE_AUDIT=1): our collectives must get what a CUDA run has on the GPU.
+    if audit_enabled():
+        install_device_audit()
     _applied = True
 
 

@@ -2,6 +2,7 @@
 
 from megatron_swift.distributed.runtime import (
     DistributedContext,
+    comm_device,
     destroy_distributed,
     init_distributed,
     on_rank_zero_agreed,
@@ -11,6 +12,7 @@ from megatron_swift.distributed.spawn import WorkerError, run_workers
 __all__ = [
     "DistributedContext",
     "WorkerError",
+    "comm_device",
     "destroy_distributed",
     "init_distributed",
     "on_rank_zero_agreed",

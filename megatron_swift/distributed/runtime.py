@@ -91,6 +91,17 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234, timeout_minu
     return DistributedContext(rank, world_size, local_rank, device, backend)
 
 
+def comm_device() -> torch.device:
+    """Where tensors handed to collectives live: this rank's GPU (megatron's NCCL groups take nothing else), else
+    the CPU (gloo). Under the device audit a CPU run answers `cuda` as a GPU run does (the CPU shims then place
+    the tensor on the CPU and record it; see compat/device_audit.py)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    from megatron_swift.compat.device_audit import audit_enabled
+
+    return torch.device("cuda") if audit_enabled() else torch.device("cpu")
+
+
 def on_rank_zero_agreed(action) -> None:
     """Run `action()` on global rank 0 only; if it raises, rank 0 raises that and every other rank a ConfigError
     with its message, so no rank is left to fail later in a collective with a misleading error.

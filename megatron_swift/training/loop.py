@@ -17,13 +17,14 @@ from tqdm import tqdm
 
 from megatron_swift.compat import keep_checkpoint_writer_in_process
 from megatron_swift.data.batches import Batches
+from megatron_swift.distributed.runtime import comm_device
 from megatron_swift.training.config import JobConfig
 from megatron_swift.training.evaluate import validation_loss, validation_microbatches
 from megatron_swift.training.flops import peak_flops
 from megatron_swift.training.metrics import MetricsLogger
 from megatron_swift.training.optim import parameters_synced
 from megatron_swift.training.preemption import PreemptionFlag
-from megatron_swift.training.step import StepResult, comm_device, train_step
+from megatron_swift.training.step import StepResult, train_step
 
 
 def _mfu_fn(job: JobConfig, flops_per_token: float | None):

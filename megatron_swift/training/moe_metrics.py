@@ -51,7 +51,7 @@ def router_losses(config, num_microbatches: int) -> dict[str, float]:
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
-    from megatron_swift.training.step import comm_device
+    from megatron_swift.distributed.runtime import comm_device
 
     names = tracked_losses(config)
     if not names:
@@ -62,7 +62,8 @@ def router_losses(config, num_microbatches: int) -> dict[str, float]:
     for name in names:
         # A stage without MoE layers never creates the entry, yet joins the pipeline-stage sum.
         entry = tracker.setdefault(name, {"values": torch.zeros(num_layers, device=comm_device())})
-        values = entry["values"]
+        # megatron-core creates its entries on the loss's device (the GPU on GPU): collectives need that.
+        entry["values"] = values = entry["values"].to(comm_device())
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
         if entry.get("reduce_group") is not None:

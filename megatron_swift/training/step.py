@@ -20,6 +20,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from megatron_swift.distributed.runtime import comm_device
+
 
 @dataclass
 class StepResult:
@@ -103,26 +105,22 @@ def _forward_step(data_iterator, model, vocab_size: int):
 
 
 def global_loss_sum(losses: list[dict]) -> tuple[float, int]:
-    """(loss sum, loss tokens) over micro-batches and data/context-parallel ranks; sent from the last stage."""
+    """(loss sum, loss tokens) over micro-batches and data/context-parallel ranks; sent from the last stage.
+
+    The report lives on comm_device(): megatron's data-parallel and pipeline groups are NCCL on GPU."""
     from megatron.core import parallel_state as ps
 
-    report = torch.zeros(2, dtype=torch.float64)
+    report = torch.zeros(2, dtype=torch.float64, device=comm_device())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         for item in losses:
-            report += item["lm loss"].detach().double().cpu()
+            report += item["lm loss"].detach().double()
         dist.all_reduce(report, group=ps.get_data_parallel_group(with_context_parallel=True))
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        device_report = report.to(comm_device())
         dist.broadcast(
-            device_report, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+            report, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
         )
-        report = device_report.cpu()
     loss_sum, tokens = report.tolist()
     return loss_sum, int(tokens)
-
-
-def comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def run_schedule(chunks, microbatches: list[dict], vocab_size: int, forward_only: bool) -> list[dict]:
