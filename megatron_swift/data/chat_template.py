@@ -33,6 +33,9 @@ from megatron_swift.data.errors import DataError, RowProblem
 from megatron_swift.data.formats import Conversation
 from megatron_swift.data.segments import GLUE, Segment
 
+_NOT_PRINTED = ("the tokenizer's chat_template does not print assistant messages[{}] (neither its content nor its "
+                "tool calls are in the text), so there is nothing to train; use a built-in template")  # fmt: skip
+
 
 @dataclass(frozen=True)
 class _Piece:
@@ -117,22 +120,15 @@ class TokenizerTemplate:
         raise RowProblem("the tokenizer's chat_template renders this conversation differently when its contents "
                          "change, so its turns cannot be found; use a built-in template")  # fmt: skip
 
-    def _to_real(self, pieces: list[_Piece], marked_position: int) -> int:
-        """A position of the marked rendering outside any sentinel, in the real rendering."""
-        shift = 0
-        for piece in pieces:
-            if piece.marked[0] >= marked_position:
-                break
-            shift = piece.real[1] - piece.marked[1]
-        return marked_position + shift
-
     def _output(self, marked_messages: list[dict], i: int, tools) -> tuple[str, str]:
         """Assistant turn i as the model generates it: (the part before its first sentinel, the part after its last)."""
         turn = self._render(marked_messages[: i + 1], tools)
         prompt = self._render(marked_messages[:i], tools, generation_prompt=True)
-        own = [m for m in self.sentinel.finditer(turn) if m.group(0) in _sentinels_of(marked_messages[i])]
+        names = [c["function"]["name"] for c in marked_messages[i].get("tool_calls", [])]
+        sentinels = {marked_messages[i]["content"], *names} - {""}
+        own = [m for m in self.sentinel.finditer(turn) if m.group(0) in sentinels]
         if not own:
-            raise RowProblem(f"the tokenizer's chat_template does not print assistant messages[{i}]")
+            raise RowProblem(_NOT_PRINTED.format(i))
         # The generation prompt's tail after its last sentinel (end of the previous message, then the assistant
         # header) must follow that sentinel in the turn's rendering: the model's output starts after it.
         earlier = list(self.sentinel.finditer(prompt))
@@ -166,7 +162,7 @@ class TokenizerTemplate:
                 continue
             own = [p for p in pieces if p.message == i]
             if not own:
-                raise RowProblem(f"the tokenizer's chat_template does not print assistant messages[{i}]")
+                raise RowProblem(_NOT_PRINTED.format(i))
             lead, trail = self._output(marked_messages, i, tools)
             first, last = own[0].marked[0], own[-1].marked[1]
             if not marked.startswith(trail, last):
@@ -175,19 +171,24 @@ class TokenizerTemplate:
             kept = next(
                 n for n in range(min(len(lead), first), -1, -1) if marked[first - n : first] == lead[len(lead) - n :]
             )
-            spans.append((self._to_real(pieces, first - kept), self._to_real(pieces, last + len(trail)), i))
+            spans.append((_to_real(pieces, first - kept), _to_real(pieces, last + len(trail)), i))
         return _cut(real, spans, pieces, messages)
 
 
-def _sentinels_of(message: dict) -> set[str]:
-    names = [c["function"]["name"] for c in message.get("tool_calls", [])]
-    return {v for v in [message["content"], *names] if v}
+def _to_real(pieces: list[_Piece], marked_position: int) -> int:
+    """A position of the marked rendering outside any sentinel, in the real rendering."""
+    shift = 0
+    for piece in pieces:
+        if piece.marked[0] >= marked_position:
+            break
+        shift = piece.real[1] - piece.marked[1]
+    return marked_position + shift
 
 
 def _cut(real: str, spans: list[tuple[int, int, int]], pieces: list[_Piece], messages: list[dict]) -> list[Segment]:
     """Segments of `real`: assistant spans; each other message up to the end of its value; the rest GLUE."""
     ends = [(p.real[1], p.message) for p in pieces if messages[p.message]["role"] != "assistant"]
-    events = sorted([(s, e, i) for s, e, i in spans] + [(e, e, i) for e, i in ends])
+    events = sorted(spans + [(e, e, i) for e, i in ends])
     out, done = [], 0
     for start, end, i in events:
         role = messages[i]["role"]

@@ -20,6 +20,7 @@ from megatron_swift.data.errors import DataError, RowProblem
 from megatron_swift.data.formats import Conversation
 from megatron_swift.data.segments import GLUE, Segment
 
+RENDERING = 2  # part of the sample cache key: bump when a template's output changes, so older entries are not reused
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
                 "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")  # fmt: skip
