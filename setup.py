@@ -38,7 +38,9 @@ setup(
         "quant-gpu": ["optimum>=1.20", "gptqmodel>=2.0", "llmcompressor>=0.6"],
         # triton: the kernel tests run the Triton kernels on CPU through its interpreter (TRITON_INTERPRET=1);
         # tested with 3.9 (the interpreter's bf16 handling differs between versions, see tests/kernel_ops).
-        "dev": ["pytest>=8", "ruff>=0.6", "accelerate>=1.0", "torchao>=0.14", "triton>=3.9", "psutil>=5.9"],
+        # gguf: tests/references.py reads llama.cpp's GGUF vocabularies (converted once by transformers).
+        # psutil: the preemption tests signal the processes of a running job (tests/test_slurm.py).
+        "dev": ["pytest>=8", "ruff>=0.6", "accelerate>=1.0", "torchao>=0.14", "triton>=3.9", "gguf>=0.17", "psutil>=5.9"],
     },
     entry_points={
         "console_scripts": [

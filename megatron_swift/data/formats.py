@@ -1,8 +1,11 @@
 """Row formats, detected per row or forced, normalised to one internal form.
 
 Chat rows become a `Conversation`: OpenAI-style messages (roles system/user/assistant/tool, string
-contents, assistant `tool_calls` as `{"type": "function", "function": {"name", "arguments": dict}}`)
-plus optional tool schemas. Pretraining rows become plain text. Accepted inputs:
+contents, assistant `tool_calls` as `{"id"?, "type": "function", "function": {"name", "arguments": dict}}`,
+tool messages' `tool_call_id` kept when given: some templates print them, e.g. Mistral-Nemo's) plus optional
+tool schemas. Arguments given as a JSON string (OpenAI's wire format) are decoded: chat templates print them
+with `tojson` and expect an object (a string would be printed as a quoted, escaped JSON string), and vLLM's
+OpenAI server decodes them the same way before rendering. Pretraining rows become plain text. Accepted inputs:
 
 - messages:       {"messages": [{"role", "content", "tool_calls"?}, ...], "tools"?: [...]}
 - sharegpt:       {"conversations": [{"from": "human"|"gpt"|"system"|"tool"|..., "value"}], "system"?, "tools"?}
@@ -66,7 +69,10 @@ def _tool_calls(calls, where: str) -> list[dict]:
                 raise RowProblem(f"{where}.tool_calls[{j}].arguments is not valid JSON") from None
         if not isinstance(arguments, dict):
             raise RowProblem(f"{where}.tool_calls[{j}].arguments must be an object")
-        normalised.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+        call_id = {"id": _string(call["id"], f"{where}.tool_calls[{j}].id")} if "id" in call else {}
+        normalised.append(
+            {**call_id, "type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        )
     return normalised
 
 
@@ -100,6 +106,8 @@ def _messages(messages) -> list[dict]:
                                "tool_calls": _tool_calls(message["tool_calls"], where)})  # fmt: skip
         else:
             normalised.append({"role": role, "content": _string(content, f"{where}.content")})
+            if role == "tool" and "tool_call_id" in message:
+                normalised[-1]["tool_call_id"] = _string(message["tool_call_id"], f"{where}.tool_call_id")
     return normalised
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_swift.data.errors import DataError
-from megatron_swift.data.templates import Segment
+from megatron_swift.data.segments import Segment
 
 LOSS_SCALES = ("default", "last_round", "all")
 TRUNCATION = ("delete", "left", "right")

@@ -25,7 +25,7 @@ from megatron_swift.data.labels import LossPolicy, TruncationCounts, parse_role_
 from megatron_swift.data.packing import PackedCollate, PaddedCollate, pack, padding_fraction
 from megatron_swift.data.sources import load_rows, split_rows
 from megatron_swift.data.streaming import StreamingBatches
-from megatron_swift.data.templates import make_template
+from megatron_swift.data.templates import RENDERING, make_template
 
 
 @dataclass
@@ -54,9 +54,9 @@ def encode_dataset(data, encoder: Encoder, seed: int, progress: bool) -> tuple[l
     cache = None
     if data.cache_dir:
         options = {name: getattr(data, name) for name in ("format", "loss_scale", "role_loss_scale", "skip_bad_rows")}
+        options.update(task=encoder.task, seed=seed, rendering=RENDERING)
         template = encoder.template.name if encoder.template else None
-        cache = SampleCache(data.cache_dir, cache_key(data.dataset, encoder.tokenizer, template,
-                                                      {**options, "task": encoder.task, "seed": seed}))  # fmt: skip
+        cache = SampleCache(data.cache_dir, cache_key(data.dataset, encoder.tokenizer, template, options))
         cached = cache.load()
         if cached is not None:
             return cached

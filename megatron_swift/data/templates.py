@@ -1,13 +1,11 @@
-"""Chat templates: a conversation as text segments, each tagged with the role that owns it.
+"""Built-in chat templates (`BUILTIN`) and `make_template`, which picks one or the tokenizer's own (chat_template.py).
 
-The segments concatenate to the exact text the model sees; labels (labels.py) come from the roles,
-so the rendered tokens and the loss mask can never disagree. Two kinds of template:
-
-- `TokenizerTemplate`: the tokenizer's own Jinja `chat_template`, rendered by
-  `tokenizer.apply_chat_template`; turn boundaries come from rendering prefixes of the conversation,
-  so the tokens equal `apply_chat_template`'s exactly.
-- built-in templates (`BUILTIN`): chatml, qwen (ChatML + Qwen2.5's default system), agent (ChatML
-  with Hermes / Qwen2.5 tool calling), llama3, mistral, plain. Python string building: no Jinja cost.
+Each built-in renders, token for token, the chat template of one real model (tests compare them with the
+originals on real vocabularies): chatml (OpenHermes-2.5's ChatML), qwen (Qwen2.5-Instruct, with its tool
+calling), agent (Qwen2.5-Instruct without its default system prompt), llama3 (Meta-Llama-3-Instruct),
+llama3_1 (Llama-3.1-Instruct, with tools), mistral (Mistral-7B-Instruct-v0.2), mistral_nemo
+(Mistral-Nemo-Instruct-2407, with tools); plain has no chat markup. Python string building: no Jinja cost.
+Conversations a real template refuses (e.g. Llama-3.1 with parallel tool calls) are refused the same way.
 
 Tool calling (agent, qwen): tool schemas go into the system prompt, each assistant tool call is
 `render_tool_call(name, arguments)`, tool results are `<tool_response>` blocks inside a user turn.
@@ -16,25 +14,23 @@ Tool calling (agent, qwen): tool schemas go into the system prompt, each assista
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
+from megatron_swift.data.chat_template import TokenizerTemplate
 from megatron_swift.data.errors import DataError, RowProblem
 from megatron_swift.data.formats import Conversation
+from megatron_swift.data.segments import GLUE, Segment
 
-GLUE = "template"  # role of the template's own tokens between turns (trained only with loss_scale=all)
+RENDERING = 2  # part of the sample cache key: bump when a template's output changes, so older entries are not reused
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
                 "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")  # fmt: skip
 TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
                 '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
                 "<args-json-object>}\n</tool_call>")  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Segment:
-    text: str
-    role: str  # system / user / assistant / tool, or GLUE
-    turn: int  # index of the message it belongs to (-1 for GLUE)
+LLAMA31_DATES = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+LLAMA31_TOOLS = ("Given the following functions, please respond with a JSON for a function call with its proper "
+                 "arguments that best answers the given prompt.\n\nRespond in the format {\"name\": function name, "
+                 '"parameters": dictionary of argument name and its value}.Do not use variables.\n\n')  # fmt: skip
 
 
 def render_tool_call(name: str, arguments: dict | str) -> str:
@@ -54,7 +50,8 @@ class BuiltinTemplate:
     special_tokens: tuple[str, ...] = ()
 
     def __init__(self, tokenizer):
-        missing = [t for t in self.special_tokens if t not in tokenizer.get_vocab()]
+        vocab = tokenizer.get_vocab()  # once: it builds a dict of the whole vocabulary (~0.3 s for 150k tokens)
+        missing = [t for t in self.special_tokens if t not in vocab]
         if missing:
             raise DataError(f"data.template={self.name}: the tokenizer has no token(s) {missing}; "
                             "choose the template of this model family (or template=tokenizer)")  # fmt: skip
@@ -112,41 +109,148 @@ class QwenTemplate(AgentTemplate):
 
 
 class Llama3Template(BuiltinTemplate):
+    """Meta-Llama-3-Instruct's template: header per message, trimmed content, `<|eot_id|>`; no tools."""
+
     name = "llama3"
     special_tokens = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
     def segments(self, conversation: Conversation) -> list[Segment]:
-        if conversation.tools or any(m["role"] == "tool" or "tool_calls" in m for m in conversation.messages):
-            raise RowProblem("template llama3 does not render tools; use template=tokenizer with a Llama-3.1 tokenizer")
+        _no_tools(self.name, conversation, "llama3_1")
         out = [Segment("<|begin_of_text|>", GLUE, -1)]
         for i, message in enumerate(conversation.messages):
-            header = f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n"
-            body = message["content"].strip() + "<|eot_id|>"
-            if message["role"] == "assistant":
-                out += self._assistant(i, header, body)
+            out += self._turn(i, message["role"], message["role"], message["content"].strip())
+        return out
+
+    @staticmethod
+    def _turn(turn: int, role: str, header_role: str, body: str) -> list[Segment]:
+        header = f"<|start_header_id|>{header_role}<|end_header_id|>\n\n"
+        if role == "assistant":
+            return BuiltinTemplate._assistant(turn, header, body + "<|eot_id|>")
+        return [Segment(header + body + "<|eot_id|>", role, turn)]
+
+
+class Llama31Template(Llama3Template):
+    """Llama-3.1-Instruct's template: a system header always (knowledge and today's date), tools as JSON schemas in
+    the first user message, one tool call per assistant message as `{"name", "parameters"}`, results as `ipython`."""
+
+    name = "llama3_1"
+
+    def segments(self, conversation: Conversation) -> list[Segment]:
+        messages, tools = conversation.messages, conversation.tools
+        first = int(messages[0]["role"] == "system")
+        system = ("Environment: ipython\n" if tools else "") + LLAMA31_DATES + (messages[0]["content"].strip() * first)
+        out = [Segment("<|begin_of_text|>", GLUE, -1),
+               Segment(f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>", "system" if first else GLUE,
+                       0 if first else -1)]  # fmt: skip
+        if tools:
+            if len(messages) == first or messages[first]["role"] != "user":
+                raise RowProblem("template llama3_1 puts the tools into the first user message, and there is none")
+            schemas = "".join(json.dumps(tool, indent=4, ensure_ascii=False) + "\n\n" for tool in tools)
+            out += self._turn(first, "user", "user", LLAMA31_TOOLS + schemas + messages[first]["content"].strip())
+            first += 1
+        for i in range(first, len(messages)):
+            message, role = messages[i], messages[i]["role"]
+            if role == "tool":  # the template prints a string result with `tojson`: quoted and escaped
+                out += self._turn(i, role, "ipython", json.dumps(message["content"], ensure_ascii=False))
+            elif "tool_calls" in message:
+                if len(message["tool_calls"]) != 1:
+                    raise RowProblem(f"template llama3_1: messages[{i}] has parallel tool calls; Llama-3.1 makes one "
+                                     "tool call per message (its template refuses more)")  # fmt: skip
+                function = message["tool_calls"][0]["function"]
+                arguments = json.dumps(function["arguments"], ensure_ascii=False)
+                out += self._turn(i, role, role, f'{{"name": "{function["name"]}", "parameters": {arguments}}}')
             else:
-                out.append(Segment(header + body, message["role"], i))
+                out += self._turn(i, role, role, message["content"].strip())
         return out
 
 
 class MistralTemplate(BuiltinTemplate):
-    """Mistral-Instruct: `<s>[INST] user [/INST]answer</s>`, the system prompt heading the first user turn."""
+    """Mistral-7B-Instruct-v0.2's template: `<s> [INST] system\n\nquestion [/INST] answer</s>`; no tools."""
 
     name, special_tokens = "mistral", ("<s>", "</s>")
 
     def segments(self, conversation: Conversation) -> list[Segment]:
+        _no_tools(self.name, conversation, "mistral_nemo")
         messages = conversation.messages
-        if conversation.tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
-            raise RowProblem("template mistral does not render tools; use template=tokenizer")
-        system = messages[0]["content"] + "\n\n" if messages[0]["role"] == "system" else ""
+        first = int(messages[0]["role"] == "system")
+        system = messages[0]["content"] + "\n\n" if first else ""
+        _alternating(self.name, messages, first)
         out = [Segment("<s>", GLUE, -1)]
-        for i, message in enumerate(messages):
-            if message["role"] == "user":
-                out.append(Segment(f"[INST] {system}{message['content']} [/INST]", "user", i))
-                system = ""
-            elif message["role"] == "assistant":
-                out.append(Segment(message["content"] + "</s>", "assistant", i))
+        for i in range(first, len(messages)):
+            content = messages[i]["content"]
+            if messages[i]["role"] == "user":
+                out.append(Segment(f" [INST] {system if i == first else ''}{content} [/INST]", "user", i))
+            else:
+                out.append(Segment(f" {content}</s>", "assistant", i))
         return out
+
+
+class MistralNemoTemplate(BuiltinTemplate):
+    """Mistral-Nemo-Instruct-2407's template: `<s>[INST]question[/INST]answer</s>`, tools before the last user
+    message, `[TOOL_CALLS]` with 9-character ids, `[TOOL_RESULTS]`. Like the original, the system prompt is
+    printed only in front of a final user message: a conversation that ends with an answer has none."""
+
+    name = "mistral_nemo"
+    special_tokens = ("<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]",
+                      "[TOOL_RESULTS]", "[/TOOL_RESULTS]")  # fmt: skip
+
+    def segments(self, conversation: Conversation) -> list[Segment]:
+        messages, tools = conversation.messages, conversation.tools
+        first = int(messages[0]["role"] == "system")
+        _alternating(self.name, messages, first, skip_tools=True)
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        out = [Segment("<s>", GLUE, -1)]
+        for i in range(first, len(messages)):
+            message, role = messages[i], messages[i]["role"]
+            if role == "user":
+                # the original compares messages by value: an earlier copy of the last user message gets the tools too
+                text = _nemo_tools(tools) if tools and message == messages[last_user] else ""
+                system = messages[0]["content"] + "\n\n" if first and i + 1 == len(messages) else ""
+                out.append(Segment(f"{text}[INST]{system}{message['content']}[/INST]", "user", i))
+            elif "tool_calls" in message:  # the message's content is not printed
+                calls = [json.dumps(c["function"], ensure_ascii=False)[:-1] + f', "id": "{_nemo_id(c.get("id"), i)}"}}'
+                         for c in message["tool_calls"]]  # fmt: skip
+                out.append(Segment("[TOOL_CALLS][" + ", ".join(calls) + "]</s>", "assistant", i))
+            elif role == "assistant":
+                out.append(Segment(message["content"] + "</s>", "assistant", i))
+            else:
+                call_id = _nemo_id(message.get("tool_call_id"), i)
+                text = f'[TOOL_RESULTS]{{"content": {message["content"]}, "call_id": "{call_id}"}}[/TOOL_RESULTS]'
+                out.append(Segment(text, "tool", i))
+        return out
+
+
+def _nemo_tools(tools: list[dict]) -> str:
+    """Mistral-Nemo's tool list: each function's fields in order, strings printed raw (unescaped), others as JSON."""
+    functions = []
+    for tool in tools:
+        fields = [f'"{key}": ' + (f'"{value}"' if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+                  for key, value in tool["function"].items() if key != "return"]  # fmt: skip
+        functions.append('{"type": "function", "function": {' + ", ".join(fields) + "}}")
+    return "[AVAILABLE_TOOLS][" + ", ".join(functions) + "][/AVAILABLE_TOOLS]"
+
+
+def _nemo_id(value, turn: int) -> str:
+    if not isinstance(value, str) or len(value) != 9:
+        raise RowProblem(f"template mistral_nemo: messages[{turn}] needs a tool call id of 9 characters (tool_calls "
+                         f"'id' / tool message 'tool_call_id'), got {value!r}")  # fmt: skip
+    return value
+
+
+def _alternating(name: str, messages: list[dict], first: int, skip_tools: bool = False) -> None:
+    """Mistral's templates refuse anything but user, assistant, user, ... after an optional first system message
+    (Mistral-Nemo's leaves tool calls and tool results out of that count)."""
+    turns = [i for i in range(first, len(messages))
+             if not (skip_tools and (messages[i]["role"] == "tool" or "tool_calls" in messages[i]))]  # fmt: skip
+    for k, i in enumerate(turns):
+        if messages[i]["role"] != ("user", "assistant")[k % 2]:
+            raise RowProblem(f"template {name}: after an optional system message, roles must alternate user/assistant "
+                             f"(messages[{i}] is {messages[i]['role']})")  # fmt: skip
+
+
+def _no_tools(name: str, conversation: Conversation, instead: str) -> None:
+    if conversation.tools or any(m["role"] == "tool" or "tool_calls" in m for m in conversation.messages):
+        raise RowProblem(f"template {name} does not render tools; use template {instead} or tokenizer")
 
 
 class PlainTemplate(BuiltinTemplate):
@@ -163,60 +267,9 @@ class PlainTemplate(BuiltinTemplate):
         ]
 
 
-BUILTIN = {t.name: t for t in (ChatMLTemplate, AgentTemplate, QwenTemplate, Llama3Template, MistralTemplate,
-                               PlainTemplate)}  # fmt: skip
+BUILTIN = {t.name: t for t in (ChatMLTemplate, AgentTemplate, QwenTemplate, Llama3Template, Llama31Template,
+                               MistralTemplate, MistralNemoTemplate, PlainTemplate)}  # fmt: skip
 TEMPLATES = ("auto", "tokenizer", *BUILTIN)
-
-
-class TokenizerTemplate:
-    """The tokenizer's Jinja chat template; turn boundaries from rendering prefixes of the conversation."""
-
-    name = "tokenizer"
-
-    def __init__(self, tokenizer):
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError("data.template=tokenizer: the tokenizer has no chat_template; choose a built-in template")
-        self.tokenizer = tokenizer
-
-    def _render(self, messages: list[dict], tools, generation_prompt: bool = False) -> str | None:
-        try:
-            return self.tokenizer.apply_chat_template(
-                messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
-            )
-        except Exception:  # a template may refuse a prefix (e.g. it must end with a user turn): no boundary there
-            return None
-
-    def segments(self, conversation: Conversation) -> list[Segment]:
-        messages, tools = conversation.messages, conversation.tools
-        full = self._render(messages, tools)
-        if full is None:
-            raise RowProblem("the tokenizer's chat_template cannot render this conversation")
-        out: list[Segment] = []
-        done, closed = 0, True  # characters already in segments; whether the last message ended at `done`
-
-        def cut(end: int, role: str, turn: int) -> None:
-            nonlocal done
-            out.append(Segment(full[done:end], role, turn))
-            done = end
-
-        for i, message in enumerate(messages):
-            if message["role"] == "assistant":
-                prompt = self._render(messages[:i], tools, generation_prompt=True) if i else None
-                end = self._render(messages[: i + 1], tools)
-                if prompt is None or end is None or not full.startswith(prompt) or not full.startswith(end):
-                    raise RowProblem(f"the tokenizer's chat_template does not render assistant turn messages[{i}] as "
-                                     "a prefix of the conversation; use a built-in template")  # fmt: skip
-                cut(len(prompt), GLUE if closed else messages[i - 1]["role"], -1 if closed else i - 1)
-                cut(len(end), "assistant", i)
-                closed = True
-            else:
-                end = self._render(messages[: i + 1], tools)
-                closed = end is not None and full.startswith(end) and len(end) >= done
-                if closed:
-                    cut(len(end), message["role"], i)
-        if done < len(full):
-            cut(len(full), GLUE if closed else messages[-1]["role"], -1 if closed else len(messages) - 1)
-        return [s for s in out if s.text]
 
 
 def make_template(name: str, tokenizer):

@@ -48,7 +48,9 @@ class DataSection:
     dataset: list[str] = field(default_factory=list)
     format: Literal["auto", "messages", "sharegpt", "alpaca", "query_response", "text"] = "auto"
     # auto: the tokenizer's chat_template when it has one, else chatml
-    template: Literal["auto", "tokenizer", "chatml", "qwen", "agent", "llama3", "mistral", "plain"] = "auto"
+    template: Literal[
+        "auto", "tokenizer", "chatml", "qwen", "agent", "llama3", "llama3_1", "mistral", "mistral_nemo", "plain"
+    ] = "auto"
     seq_length: int = 512
     max_length: int | None = None  # tokens per sample (default and maximum: seq_length + 1)
     truncation_strategy: Literal["delete", "left", "right"] = "right"
