@@ -38,7 +38,18 @@ setup(
         "quant-gpu": ["optimum>=1.20", "gptqmodel>=2.0", "llmcompressor>=0.6"],
         # triton: the kernel tests run the Triton kernels on CPU through its interpreter (TRITON_INTERPRET=1);
         # tested with 3.9 (the interpreter's bf16 handling differs between versions, see tests/kernel_ops).
-        "dev": ["pytest>=8", "ruff>=0.6", "accelerate>=1.0", "torchao>=0.14", "triton>=3.9"],
+        # rouge-score, jieba, rouge-chinese: imported by the EvalScope ToolBench scorer files that
+        # tests/evalscope_reference.py loads from the pinned evalscope wheel (evalscope itself is not installed).
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "accelerate>=1.0",
+            "torchao>=0.14",
+            "triton>=3.9",
+            "rouge-score>=0.1.2",
+            "jieba>=0.42",
+            "rouge-chinese>=1.0",
+        ],
     },
     entry_points={
         "console_scripts": [
