@@ -40,7 +40,20 @@ setup(
         # tested with 3.9 (the interpreter's bf16 handling differs between versions, see tests/kernel_ops).
         # gguf: tests/references.py reads llama.cpp's GGUF vocabularies (converted once by transformers).
         # psutil: the preemption tests signal the processes of a running job (tests/test_slurm.py).
-        "dev": ["pytest>=8", "ruff>=0.6", "accelerate>=1.0", "torchao>=0.14", "triton>=3.9", "gguf>=0.17", "psutil>=5.9"],
+        # rouge-score, jieba, rouge-chinese: imported by the EvalScope ToolBench scorer files that
+        # tests/evalscope_reference.py loads from the pinned evalscope wheel (evalscope itself is not installed).
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "accelerate>=1.0",
+            "torchao>=0.14",
+            "triton>=3.9",
+            "gguf>=0.17",
+            "psutil>=5.9",
+            "rouge-score>=0.1.2",
+            "jieba>=0.42",
+            "rouge-chinese>=1.0",
+        ],
     },
     entry_points={
         "console_scripts": [

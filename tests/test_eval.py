@@ -98,12 +98,83 @@ def test_cli_scores_row_predictions_without_a_model(tmp_path):
     assert qa == {"rows": 3, "exact_match": 1 / 3, "normalized_match": 2 / 3}
 
 
+def agent_row(reference: str, prediction: str, tools: list | None = None) -> str:
+    """One agent JSONL line in ToolBench's ReAct format, with the prediction to score."""
+    messages = [{"role": "user", "content": "Find x."}, {"role": "assistant", "content": reference}]
+    tools = [{"name": "search"}] if tools is None else tools
+    return json.dumps({"tools": tools, "messages": messages, "prediction": prediction})
+
+
+def test_cli_counts_and_reports_agent_rows_it_leaves_out(tmp_path, capsys):
+    call = 'Action: search\nAction Input: {"query": "x"}'
+    give_up = 'Action: Finish\nAction Input: {"return_type": "give_up_and_restart"}'  # ToolBench's give-up
+    data = tmp_path / "agent.jsonl"
+    lines = [
+        agent_row(call, call),  # 1 scored
+        '{"tools": [',  # 2 bad row: not JSON
+        agent_row(call, call, tools=[]),  # 3 bad row: no tools
+        agent_row(give_up, give_up),  # 4 scored
+        agent_row('Action: Finish\nAction Input: {"return_type": "restart"}', give_up),  # 5 unreadable reference
+        agent_row("Action: search\nAction Input: query=x", call),  # 6 scored, but out of argument F1
+    ]
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "r"
+    assert eval_main(["--agent", str(data), "--out", str(out)]) == 2  # a bad row stops the run, naming the flag
+    err = capsys.readouterr().err
+    assert f"error: {data}:2: invalid JSON" in err and "(or skip and count such rows with --skip-bad-rows)" in err
+    assert not out.exists()
+
+    assert eval_main(["--agent", str(data), "--skip-bad-rows", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    entry = report["data"]["agent"]
+    assert (entry["rows"], entry["scored_rows"], entry["bad_rows"], entry["unreadable_references"]) == (6, 3, 2, 1)
+    assert entry["unreadable_reference_arguments"] == 1
+    for count, lines_named in [("bad_rows", [2, 3]), ("unreadable_references", [5]),
+                               ("unreadable_reference_arguments", [6])]:  # fmt: skip
+        assert [e.split(": ")[0] for e in entry[f"{count}_examples"]] == [f"{data}:{n}" for n in lines_named]
+    # Rows 1, 4 and 6: every plan and tool name matches; only row 1 has readable reference arguments.
+    agent = report["results"]["predictions"]["agent"]
+    assert (agent["steps"], agent["call_steps"], agent["f1_steps"]) == (3, 2, 1)
+    assert (agent["plan_em"], agent["act_em"], agent["argument_f1"]) == (1.0, 1.0, 1.0)
+    printed = capsys.readouterr().out
+    assert f"agent data {data}: 3 of 6 rows scored; bad rows skipped (--skip-bad-rows): 2 (first: {data}:2:" in printed
+    assert f"rows with an unreadable reference, left out: 1 (first: {data}:5:" in printed
+
+    only_unreadable = tmp_path / "unreadable.jsonl"
+    only_unreadable.write_text(lines[4] + "\n")
+    assert eval_main(["--agent", str(only_unreadable), "--out", str(tmp_path / "r2")]) == 2
+    assert "no row can be scored (0 bad, 1 with an unreadable reference)" in capsys.readouterr().err
+
+
+def test_cli_skip_bad_rows_in_perplexity_data(models, tmp_path, capsys):
+    good = SFT_DATA.read_text().splitlines()[:4]
+    clean, with_bad = tmp_path / "clean.jsonl", tmp_path / "bad.jsonl"
+    clean.write_text("\n".join(good) + "\n")
+    with_bad.write_text("\n".join([*good[:2], '{"messages": [}', *good[2:]]) + "\n")  # line 3 is not JSON
+    argv = ["--model", f"base={models['base']}", "--seq-length", "256"]
+    assert eval_main([*argv, "--perplexity", str(with_bad), "--out", str(tmp_path / "r0")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {with_bad}:3: invalid JSON" in err and "(or skip and count such rows with --skip-bad-rows)" in err
+
+    reports = {}
+    for name, path in (("clean", clean), ("bad", with_bad)):
+        assert eval_main([*argv, "--perplexity", str(path), "--skip-bad-rows", "--out", str(tmp_path / name)]) == 0
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    entry = reports["bad"]["data"]["perplexity:base"]
+    assert (entry["rows"], entry["scored_rows"], entry["bad_rows"]) == (5, 4, 1)
+    assert [e.split(": ")[0] for e in entry["bad_rows_examples"]] == [f"{with_bad}:3"]
+    # Skipping the bad row leaves the loss of the others unchanged.
+    assert reports["bad"]["results"]["base"]["perplexity"] == reports["clean"]["results"]["base"]["perplexity"]
+    assert f"perplexity:base data {with_bad}: 4 of 5 rows scored" in capsys.readouterr().out
+
+
 def test_bad_input_is_one_error_line_before_any_model_work(models, tmp_path, capsys):
     bad = tmp_path / "agent.jsonl"
     good = json.loads((DATA / "agent_sample.jsonl").read_text().splitlines()[0])
     bad.write_text(json.dumps(good) + "\n" + json.dumps({**good, "tools": []}) + "\n")
     assert eval_main(["--model", str(models["base"]), "--agent", str(bad), "--out", str(tmp_path / "r")]) == 2
-    assert f"error: {bad}:2: agent rows need a non-empty 'tools' list" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"error: {bad}:2: agent rows need a non-empty 'tools' list (or skip and count such rows with --skip" in err
     broken = tmp_path / "qa.jsonl"
     broken.write_text('{"question": "q", "answer": "a"}\n{"question": \n')
     assert eval_main(["--model", str(models["base"]), "--qa", str(broken)]) == 2

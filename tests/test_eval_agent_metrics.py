@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from megatron_swift.eval.agent_metrics import INVALID, ToolCall, parse_turn, score_agent, tool_names
+from megatron_swift.eval.agent_metrics import INVALID, ToolCall, argument_f1, parse_turn, score_agent, tool_names
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {}}},  # OpenAI style
@@ -168,3 +168,27 @@ def test_tool_names_and_no_call_steps():
     assert tool_names([*TOOLS, "junk", {"function": 3}]) == {"get_weather", "search", "book_flight"}
     summary = score_agent(["hi"], [parse_turn("hello there")], [set()]).summary()
     assert summary["act_em"] is None and summary["argument_f1"] is None and summary["rouge_l"] == 0.0
+
+
+def test_toolbench_give_up_and_finish_inputs():
+    give_up = parse_turn(react("Finish", json.dumps({"return_type": "give_up_and_restart"})))
+    assert give_up.plan == "give_up" == parse_turn(GIVE_UP).plan
+    no_answer = parse_turn(react("Finish", json.dumps({"return_type": "give_answer"})))
+    assert (no_answer.plan, no_answer.answer) == ("finish", "")
+    assert parse_turn(react("Finish", json.dumps({"return_type": "restart"}))) == INVALID
+    assert parse_turn("Action: f").calls == (ToolCall("f", {}),)  # no Action Input: no arguments
+    assert parse_turn("Action: f\nAction Input:").calls == (ToolCall("f", None),)  # an empty one is unreadable
+
+
+def test_reference_arguments_not_json_leave_the_step_out_of_f1_only():
+    references = [parse_turn(hermes(PARIS)), parse_turn(react("get_weather", "city=Paris"))]
+    assert not references[1].arguments_readable
+    # Both predictions name the right tool; the first also has the right arguments (F1 1), the second
+    # would score 0 if its step counted.
+    scores = score_agent([hermes(PARIS), hermes(ROME)], references, [tool_names(TOOLS)] * 2)
+    summary = scores.summary()
+    assert (summary["call_steps"], summary["f1_steps"]) == (2, 1)
+    assert (summary["act_em"], summary["argument_f1"]) == (1.0, 1.0)
+    assert scores.per_step[1]["argument_f1"] is None
+    with pytest.raises(ValueError, match="leave its step out of F1"):  # never silently scored as `{}`
+        argument_f1(ToolCall("get_weather", {}), references[1].calls[0])

@@ -102,11 +102,13 @@ def iter_rows(path: Path, bad: BadRows) -> Iterator[Row]:
                 yield Row(f"{path}:{number}", data)
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line or record number, row) for every row of one file, all read first; a bad row raises DataError."""
-    rows = [(int(row.where.rsplit(":", 1)[1]), row.data) for row in iter_rows(Path(path), BadRows())]
+def read_jsonl(path: str | Path, bad: BadRows | None = None) -> list[tuple[int, dict]]:
+    """(line or record number, row) for every row of one file, all read first; a bad row goes to `bad`
+    (by default: raises DataError)."""
+    bad = bad if bad is not None else BadRows()
+    rows = [(int(row.where.rsplit(":", 1)[1]), row.data) for row in iter_rows(Path(path), bad)]
     if not rows:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows" + (f" ({bad.count} bad)" if bad.count else ""))
     return rows
 
 

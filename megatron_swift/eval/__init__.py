@@ -2,5 +2,5 @@
 masks, generation accuracy, ToolBench-style agent metrics, and side-by-side reports.
 
 CLI: `python -m megatron_swift.eval` (`mswift-eval`); modules: perplexity, generation,
-agent_metrics, report, suite (one run), loading.
+agent_metrics, datasets (rows read and left out), report, suite (one run), loading.
 """

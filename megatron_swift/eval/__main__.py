@@ -2,11 +2,14 @@
 
     mswift-eval --model base=HF_DIR --model tuned=HF_DIR2 \\
         [--perplexity DATA.jsonl [--task sft|pretrain] [--seq-length N]] \\
-        [--qa QA.jsonl] [--agent AGENT.jsonl] [--max-new-tokens N] [--backend hf|vllm] --out REPORT_DIR
+        [--qa QA.jsonl] [--agent AGENT.jsonl] [--max-new-tokens N] [--backend hf|vllm] \\
+        [--skip-bad-rows] --out REPORT_DIR
 
 Writes REPORT_DIR/report.json, REPORT_DIR/report.md (printed too) and the predictions of each model.
 Without --model, QA / agent rows are scored from their own "prediction" fields. Bad input (missing
-directories, malformed rows with file:line, vLLM without a GPU) prints one `error:` line and exits 2.
+directories, malformed rows with file:line, vLLM without a GPU) prints one `error:` line and exits 2;
+with --skip-bad-rows, malformed rows are skipped instead. Rows left out (skipped, or agent rows whose
+reference turn cannot be read) are counted in report.json's `data` section and in a summary line.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model (vllm backend)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="cpu", help="torch device for the transformers backend")
+    parser.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows (else stop)")
     parser.add_argument("--out", default="eval_report", help="report directory")
     return parser
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_swift.data.errors import BadRows, RowProblem
 from megatron_swift.eval.loading import EvalInputError
 
 _ROLES = ("system", "user", "assistant", "tool")
@@ -33,41 +34,46 @@ class PromptRow:
 
 
 def _row(where: str, row: dict) -> PromptRow:
+    """The row as a PromptRow; raises RowProblem (without the file:line, which the caller adds) if malformed."""
     if "question" in row:
         messages, reference = [{"role": "user", "content": row["question"]}], row.get("answer")
     else:
         messages = row.get("messages")
         if not isinstance(messages, list) or len(messages) < 2:
-            raise EvalInputError(f"{where}: a row needs 'question' + 'answer', or 'messages' ending in the reference")
+            raise RowProblem("a row needs 'question' + 'answer', or 'messages' ending in the reference")
         messages, reference = messages[:-1], messages[-1]
         if not isinstance(reference, dict) or reference.get("role") != "assistant":
-            raise EvalInputError(f"{where}: the last message must be the reference assistant turn")
+            raise RowProblem("the last message must be the reference assistant turn")
         reference = reference.get("content")
     if not isinstance(reference, str):
-        raise EvalInputError(f"{where}: the reference answer must be a string")
+        raise RowProblem("the reference answer must be a string")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in _ROLES:
-            raise EvalInputError(f"{where}: messages[{i}] needs a role of {'/'.join(_ROLES)}")
+            raise RowProblem(f"messages[{i}] needs a role of {'/'.join(_ROLES)}")
         if not isinstance(message.get("content"), str):
-            raise EvalInputError(f"{where}: messages[{i}].content must be a string")
+            raise RowProblem(f"messages[{i}].content must be a string")
     tools = row.get("tools")
     if tools is not None and not isinstance(tools, list):
-        raise EvalInputError(f"{where}: 'tools' must be a list")
+        raise RowProblem("'tools' must be a list")
     prediction = row.get("prediction")
     if prediction is not None and not isinstance(prediction, str):
-        raise EvalInputError(f"{where}: 'prediction' must be a string")
+        raise RowProblem("'prediction' must be a string")
     return PromptRow(where, messages, reference, tools, prediction)
 
 
-def read_prompt_rows(path: str | Path) -> list[PromptRow]:
-    """Every row of a JSONL file, validated before any model work; errors name file:line."""
-    from megatron_swift.data import DataError, read_jsonl
+def read_prompt_rows(path: str | Path, bad: BadRows | None = None) -> list[PromptRow]:
+    """The well-formed rows of a JSONL file, read before any model work. A malformed row raises DataError
+    naming file:line, or with `bad.skip` is counted in `bad` and left out."""
+    from megatron_swift.data import read_jsonl
 
-    try:
-        rows = read_jsonl(path)
-    except DataError as exc:
-        raise EvalInputError(str(exc)) from None
-    return [_row(f"{path}:{number}", row) for number, row in rows]
+    bad = bad if bad is not None else BadRows(option="--skip-bad-rows")
+    rows = []
+    for number, data in read_jsonl(path, bad):
+        try:
+            rows.append(_row(f"{path}:{number}", data))
+        except RowProblem as exc:
+            bad.report(f"{path}:{number}", str(exc))
+    return rows
 
 
 def render_prompt(tokenizer, row: PromptRow) -> list[int]:

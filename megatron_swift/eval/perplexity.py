@@ -14,16 +14,32 @@ from pathlib import Path
 import torch
 
 from megatron_swift.data.encode import Sample
+from megatron_swift.data.errors import BadRowError, BadRows
 from megatron_swift.data.packing import PaddedCollate
 
 
-def encode_rows(path: str | Path, tokenizer, seq_length: int, task: str = "sft") -> list[Sample]:
-    """Rows of a dataset -> samples of token ids and loss weights, exactly as training builds them (unshuffled)."""
+def encode_rows(path: str | Path, tokenizer, seq_length: int, task: str = "sft", bad: BadRows | None = None
+                ) -> list[Sample]:  # fmt: skip
+    """Rows of a dataset -> samples of token ids and loss weights, exactly as training builds them (unshuffled).
+
+    A bad row raises DataError; with `bad`, the error names `bad.option`, and with `bad.skip` bad rows
+    are skipped and added to `bad` (count and first examples) as training's `data.skip_bad_rows` does.
+    """
     from megatron_swift.data import build_train_data
     from megatron_swift.training.config import DataSection
 
-    data = DataSection(dataset=[str(path)], seq_length=seq_length, shuffle=False)
-    items = build_train_data(data, tokenizer, task, 1, 0).batches.items
+    skip = bad is not None and bad.skip
+    data = DataSection(dataset=[str(path)], seq_length=seq_length, shuffle=False, skip_bad_rows=skip)
+    try:
+        train_data = build_train_data(data, tokenizer, task, 1, 0)
+    except BadRowError as exc:
+        if bad is None:
+            raise
+        raise BadRowError(exc.where, exc.problem, bad.option) from None  # the caller's option, not training's
+    if bad is not None:  # the pipeline counted them in its own BadRows
+        bad.count += train_data.stats["bad_rows"]
+        bad.examples += train_data.stats.get("bad_examples", [])
+    items = train_data.batches.items
     return [items[i] for i in range(len(items))]
 
 

@@ -2,6 +2,7 @@
 
 Results are `{model name: {section: {metric: value}}}`; the table has one row per metric and one
 column per model, plus a difference column (last minus first) when exactly two models are compared.
+Under the table, one line per dataset that left rows or steps out (the report's `data` section).
 """
 
 from __future__ import annotations
@@ -56,10 +57,36 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# A `data` count -> what the summary line calls it.
+LEFT_OUT = {
+    "bad_rows": "bad rows skipped (--skip-bad-rows)",
+    "unreadable_references": "rows with an unreadable reference, left out",
+    "unreadable_reference_arguments": "steps whose reference tool arguments are not JSON, left out of argument F1",
+}
+
+
+def data_lines(data: dict[str, dict]) -> list[str]:
+    """One line per dataset that left something out: the counts and the first file:line reasons."""
+    lines = []
+    for kind, entry in data.items():
+        parts = [
+            f"{what}: {entry[count]} (first: {'; '.join(entry[f'{count}_examples'])})"
+            for count, what in LEFT_OUT.items()
+            if entry[count]
+        ]
+        if parts:
+            lines.append(f"{kind} data {entry['path']}: {entry['scored_rows']} of {entry['rows']} rows scored; "
+                         + "; ".join(parts))  # fmt: skip
+    return lines
+
+
 def write_report(out_dir: str | Path, report: dict, title: str = "Evaluation") -> str:
-    """Write report.json (everything) and report.md (the table); returns the markdown."""
+    """Write report.json (everything) and report.md (the table, then the data lines); returns the markdown."""
     out_dir = Path(out_dir)
     markdown = f"# {title}\n\n" + markdown_table(report["results"])
+    notes = data_lines(report.get("data", {}))
+    if notes:
+        markdown += "\n" + "".join(f"- {line}\n" for line in notes)
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out_dir / "report.md", markdown)
     return markdown

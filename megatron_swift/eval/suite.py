@@ -1,4 +1,5 @@
-"""One evaluation run: every requested dataset on every model, validated up front, as report results."""
+"""One evaluation run: every requested dataset on every model, validated up front, as report results
+(`data`: what each dataset left out, see datasets.py; `results`: the figures per model)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_swift.eval.agent_metrics import parse_turn, score_agent, tool_names
+from megatron_swift.data.errors import BadRows
+from megatron_swift.eval.agent_metrics import score_agent
+from megatron_swift.eval.datasets import data_entry, read_agent, read_qa
 from megatron_swift.eval.generation import (
     PromptRow,
     generate_hf,
     generate_vllm,
     qa_accuracy,
-    read_prompt_rows,
     render_prompt,
     vllm_engine,
 )
@@ -37,6 +39,7 @@ class EvalConfig:
     tensor_parallel_size: int = 1  # vllm backend only
     dtype: str = "auto"
     device: str = "cpu"
+    skip_bad_rows: bool = False  # skip and count malformed rows instead of stopping at the first
     out: str | None = None  # where predictions-MODEL-{qa,agent}.jsonl go (next to the report)
 
     def problems(self) -> list[str]:
@@ -61,19 +64,6 @@ class EvalConfig:
             if not (Path(path) / "config.json").is_file():
                 found.append(f"--model {name}={path}: not an HF model directory (no config.json)")
         return found
-
-
-def _agent_references(rows: list[PromptRow]):
-    references, tools = [], []
-    for row in rows:
-        if not row.tools:
-            raise EvalInputError(f"{row.where}: agent rows need a non-empty 'tools' list")
-        reference = parse_turn(row.reference)
-        if reference.plan == "invalid":
-            raise EvalInputError(f"{row.where}: the reference assistant turn is not a readable tool call or answer")
-        references.append(reference)
-        tools.append(tool_names(row.tools))
-    return references, tools
 
 
 def _predictions(generate, rows: list[PromptRow]) -> list[str]:
@@ -114,10 +104,10 @@ def evaluate(config: EvalConfig) -> dict:
     problems = config.problems()
     if problems:
         raise EvalInputError("; ".join(problems))
-    qa_rows = read_prompt_rows(config.qa_data) if config.qa_data else None
-    agent_rows = read_prompt_rows(config.agent_data) if config.agent_data else None
-    agent_refs = _agent_references(agent_rows) if agent_rows else None
+    qa = read_qa(config.qa_data, config.skip_bad_rows) if config.qa_data else None
+    agent = read_agent(config.agent_data, config.skip_bad_rows) if config.agent_data else None
 
+    data = {kind: dataset.report() for kind, dataset in (("qa", qa), ("agent", agent)) if dataset}
     results = {}
     for name, model_dir in config.models.items() or [(PREDICTIONS_ONLY, None)]:
         result, generate = {}, None
@@ -125,22 +115,24 @@ def evaluate(config: EvalConfig) -> dict:
             tokenizer = load_tokenizer(model_dir)
             samples = None
             if config.perplexity_data:  # encoded (and so validated) before the model is loaded
-                samples = encode_rows(config.perplexity_data, tokenizer, config.seq_length, config.task)
+                bad = BadRows(skip=config.skip_bad_rows, option="--skip-bad-rows")
+                samples = encode_rows(config.perplexity_data, tokenizer, config.seq_length, config.task, bad)
+                data[f"perplexity:{name}"] = data_entry(config.perplexity_data, len(samples), bad)
             model = load_model(model_dir, config.dtype, config.device) if samples or config.backend == "hf" else None
             if samples:
                 result["perplexity"] = masked_loss(model, samples, config.batch_size)
-            if qa_rows or agent_rows:
+            if qa or agent:
                 if config.backend == "vllm":
                     model = None  # free the transformers copy before vLLM takes the GPU memory
                 generate = _generator(config, model_dir, model, tokenizer)
-        if qa_rows:
-            predictions = _predictions(generate, qa_rows)
-            _save_predictions(config, name, "qa", qa_rows, predictions)
-            result["qa"] = qa_accuracy(predictions, [row.reference for row in qa_rows])
-        if agent_rows:
-            predictions = _predictions(generate, agent_rows)
-            _save_predictions(config, name, "agent", agent_rows, predictions)
-            result["agent"] = score_agent(predictions, *agent_refs).summary()
+        if qa:
+            predictions = _predictions(generate, qa.rows)
+            _save_predictions(config, name, "qa", qa.rows, predictions)
+            result["qa"] = qa_accuracy(predictions, [row.reference for row in qa.rows])
+        if agent:
+            predictions = _predictions(generate, agent.rows)
+            _save_predictions(config, name, "agent", agent.rows, predictions)
+            result["agent"] = score_agent(predictions, agent.references, agent.tools).summary()
         results[name] = result
     settings = {k: v for k, v in vars(config).items() if k != "out"}
-    return {"settings": settings, "results": results}
+    return {"settings": settings, "data": data, "results": results}
