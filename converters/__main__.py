@@ -96,6 +96,9 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_swift.quiet import silence_known_noise
+
+    silence_known_noise()
     from megatron_swift.checkpoint.hf import CheckpointError
     from megatron_swift.config import ConfigError
     from megatron_swift.distributed import WorkerError

@@ -7,13 +7,16 @@ python examples/make_tiny_model.py --family all --out /tmp/tiny   # /tmp/tiny/<f
 import argparse
 from pathlib import Path
 
-import torch
-
-from megatron_swift.models import all_families
-from megatron_swift.models.tiny import make_tiny_model
+from megatron_swift.quiet import silence_known_noise
 
 
 def main() -> None:
+    silence_known_noise()  # before torch / torchao are imported
+    import torch
+
+    from megatron_swift.models import all_families
+    from megatron_swift.models.tiny import make_tiny_model
+
     names = sorted(all_families())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", required=True, choices=[*names, "all"])

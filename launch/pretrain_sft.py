@@ -13,6 +13,7 @@ if __package__ in (None, ""):  # run as a script by torchrun: make the repo impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_swift.config import ConfigError, load_config
+from megatron_swift.quiet import silence_known_noise
 from megatron_swift.training.config import JobConfig
 
 
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML job file; --section.field value pairs override it")
     known, overrides = parser.parse_known_args(argv)
+    silence_known_noise()
     from megatron_swift.checkpoint.hf import CheckpointError
     from megatron_swift.data import DataError
     from megatron_swift.models import UnsupportedModelError

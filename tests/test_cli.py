@@ -37,3 +37,23 @@ def test_cli_convert_tp2_check_export_and_load_cleanly(tiny_models, tmp_path):
     _run("-m", "converters", "mcore-to-hf", "--mcore", str(mcore), "--out", str(back))
     _, info = AutoModelForCausalLM.from_pretrained(back, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+
+
+def test_known_third_party_notices_are_silenced_unless_verbose():
+    """What the entry points import prints dozens of known notices (megatron-core's Apex/TE fallbacks, torchao's
+    CUDA libraries): silenced to one summary line; MSWIFT_VERBOSE=1 shows them (so the filters match real ones)."""
+    import os
+
+    from megatron_swift.quiet import SUMMARY
+
+    code = ("from megatron_swift.quiet import silence_known_noise; silence_known_noise(); "
+            "import megatron.core.optimizer, megatron.core.models.gpt.gpt_layer_specs, torchao")  # fmt: skip
+    runs = {}
+    for verbose in ("0", "1"):
+        env = {**os.environ, "MSWIFT_VERBOSE": verbose, "RANK": "0"}
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[verbose] = result.stderr.splitlines()
+    assert runs["0"] == [SUMMARY]
+    noisy = "\n".join(runs["1"])
+    assert "Apex are not installed" in noisy and "Apex is not installed" in noisy and SUMMARY not in noisy

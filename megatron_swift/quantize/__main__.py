@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_swift.quiet import silence_known_noise
+
+    silence_known_noise()
     from megatron_swift.data import DataError
     from megatron_swift.eval.loading import EvalInputError
     from megatron_swift.quantize.run import QuantizeError, quantize_model

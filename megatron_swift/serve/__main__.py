@@ -70,6 +70,9 @@ def prepare(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_swift.quiet import silence_known_noise
+
+    silence_known_noise()
     from megatron_swift._optional import vllm_unavailable_reason
 
     command, problems, dry_run = prepare(argv)
