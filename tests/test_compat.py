@@ -12,6 +12,7 @@ from megatron_swift.compat import (
     DEFINED_SYMBOLS,
     DEVICE_AUDIT_SYMBOLS,
     PATCHED_SYMBOLS,
+    UPSTREAM_INTERNALS,
     apply_cpu_shims,
     device_redirect_suspended,
 )
@@ -187,3 +188,39 @@ def test_checkpoint_writer_and_device_audit_symbols_exist_and_no_manager_process
     keep_checkpoint_writer_in_process()
     assert isinstance(filesystem_async._get_write_results_queue(), queue.Queue)
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize(
+    ("module", "path", "fragment", "user"), UPSTREAM_INTERNALS, ids=[i[1] for i in UPSTREAM_INTERNALS]
+)
+def test_megatron_internals_we_rely_on_are_still_there(module, path, fragment, user):
+    import importlib
+    import inspect
+
+    obj = importlib.import_module(module)
+    for part in path.split("."):
+        assert hasattr(obj, part), f"{module}.{path} is gone; look at {user}"
+        obj = getattr(obj, part)
+    if fragment is not None:
+        assert fragment in inspect.getsource(obj), f"{module}.{path} no longer holds {fragment!r}; look at {user}"
+
+
+@cpu_only
+def test_device_redirect_is_left_on_destroy():
+    """The redirect mode is entered by init_distributed and left by destroy_distributed (scoped, not process-wide)."""
+    import torch.overrides
+
+    from megatron_swift.compat.cpu import CudaToCpuMode
+    from megatron_swift.config import ParallelConfig
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+
+    def active() -> bool:
+        return any(isinstance(mode, CudaToCpuMode) for mode in torch.overrides._get_current_function_mode_stack())
+
+    init_distributed(ParallelConfig())
+    assert active() and torch.zeros(1, device="cuda").device.type == "cpu"
+    destroy_distributed()
+    assert not active()
+    init_distributed(ParallelConfig())
+    assert active()
+    destroy_distributed()

@@ -176,9 +176,11 @@ _MULTI_TENSOR_SITES = (
 
 
 def apply_cpu_shims() -> None:
-    """Install every CPU shim (idempotent). Raises if CUDA is available."""
+    """Install every CPU shim and enter the device redirect (idempotent; init_distributed calls it, and
+    destroy_distributed leaves the redirect with `leave_device_redirect`). Raises if CUDA is available."""
     global _applied, _mode
     if _applied:
+        _enter_device_redirect()
         return
     if torch.cuda.is_available():
         raise RuntimeError("apply_cpu_shims() called on a machine with CUDA: the GPU path must not be patched")
@@ -225,11 +227,27 @@ def apply_cpu_shims() -> None:
 
     # 4. + 5. Hard-coded CUDA placement and `.type()` string checks: one TorchFunctionMode.
     _mode = CudaToCpuMode()
-    _mode.__enter__()
+    _enter_device_redirect()
     # 6. Tests only (MSWIFT_DEVICE_AUDIT=1): our collectives must get what a CUDA run has on the GPU.
     if audit_enabled():
         install_device_audit()
     _applied = True
+
+
+def _redirect_active() -> bool:
+    return _mode is not None and _mode in torch.overrides._get_current_function_mode_stack()
+
+
+def _enter_device_redirect() -> None:
+    if _mode is not None and not _redirect_active():
+        _mode.__enter__()
+
+
+def leave_device_redirect() -> None:
+    """Leave the device redirect (destroy_distributed calls it): torch calls made after a run's megatron-core
+    work no longer pay the mode's Python dispatch. The symbol shims stay: they only replace CUDA-only calls."""
+    if _mode is not None and torch.overrides._get_current_function_mode() is _mode:
+        _mode.__exit__(None, None, None)
 
 
 @contextlib.contextmanager

@@ -135,3 +135,7 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    if not torch.cuda.is_available():
+        from megatron_swift.compat import leave_device_redirect
+
+        leave_device_redirect()  # init_distributed enters it again

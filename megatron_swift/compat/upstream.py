@@ -1,0 +1,24 @@
+"""megatron-core internals our code relies on without patching them (it subclasses or reads them).
+
+Not part of megatron-core's public API, so an upgrade may rename or change them; tests/test_compat.py checks each
+still exists and, where a behaviour is relied on, that the source still holds the fragment that shows it. A
+failing check names the user below that needs a look, instead of a run failing (or silently differing) later.
+"""
+
+from __future__ import annotations
+
+# (module, attribute path, a fragment its source must hold or None, who relies on it and how)
+UPSTREAM_INTERNALS: tuple[tuple[str, str, str | None, str], ...] = (
+    ("megatron.core.models.gpt.gpt_model", "GPTModel._postprocess", "output_weight",
+     "models/kernel_modules.py overrides it to hand hidden states to the fused linear + cross-entropy"),
+    ("megatron.core.transformer.dot_product_attention", "DotProductAttention.__init__", "context_parallel_size == 1",
+     "models/attention.py builds its parent from a CP-1 copy of the config (the assert it works around)"),
+    ("megatron.core.optimizer.optimizer", "ChainedOptimizer.__init__", "self.chained_optimizers",
+     "training/optim.py inner_optimizers reads the optimizers a ChainedOptimizer holds"),
+    ("megatron.core.optimizer.optimizer", "MegatronOptimizer.__init__", "self.optimizer = optimizer",
+     "training/optim.py torch_adams reads the torch optimizer inside (fused Adam, checkpoint step fixes)"),
+    ("megatron.core.transformer.moe.moe_utils", "save_to_aux_losses_tracker", "reduce_group_has_dp",
+     "training/moe_metrics.py reduces the tracker's entries by their values / reduce_group / avg_group keys"),
+    ("megatron.core.models.common.embeddings.rotary_pos_embedding", "RotaryEmbedding._apply_scaling",
+     "high_freq_factor", "models/hf_config.py accepts Llama-3 rope scaling only with the factors it hard-codes"),
+)  # fmt: skip
