@@ -48,11 +48,18 @@ class _DropMatching(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
+_installed = False
+
+
 def silence_known_noise(announce: bool = True) -> bool:
-    """Install the filters unless MSWIFT_VERBOSE=1; prints SUMMARY once (stderr, global rank 0) when `announce`.
-    Returns whether anything was silenced."""
+    """Install the filters unless MSWIFT_VERBOSE=1 (once per process); prints SUMMARY then (stderr, global rank 0)
+    when `announce`. Returns whether known notices are silenced."""
+    global _installed
     if os.environ.get(VERBOSE_ENV) == "1":
         return False
+    if _installed:
+        return True
+    _installed = True
     for pattern, category in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=category)
     for name, pattern in KNOWN_LOG_RECORDS:

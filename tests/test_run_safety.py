@@ -12,6 +12,7 @@ import torch
 from launch.pretrain_sft import main
 from megatron_swift.checkpoint.hf import CheckpointError
 from megatron_swift.config import ConfigError
+from megatron_swift.quiet import SUMMARY
 from tests.train_matrix import job_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ def _train_fails(capsys, hf: Path | None, *overrides: str) -> str:
     base = ["--model.hf", str(hf)] if hf else []
     code = main([*base, "--data.dataset", DATA, "--data.seq_length", "32", "--train.global_batch_size", "4",
                  "--train.train_iters", "2", *overrides])  # fmt: skip
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.removeprefix(SUMMARY + "\n")  # the quiet-notices line, first in a process
     assert code == 2, err
     assert "Traceback" not in err and err.startswith("error: "), err
     return err
