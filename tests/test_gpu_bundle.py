@@ -119,6 +119,9 @@ def test_summary_keeps_every_figure_and_the_failures_log(tmp_path):
         assert figure in text, figure
 
 
+# ---- slow (pytest -m slow): a timeout, then downloads, offline installs and the smoke modes ----
+
+
 @pytest.mark.slow
 def test_run_all_moves_on_after_a_failure_and_a_timeout(tmp_path):
     """A stand-in interpreter: the conversion check fails at once, the training check never ends (it is stopped
@@ -144,9 +147,6 @@ esac
     assert [s for _, s, _ in statuses[2:]] == ["skipped"] * 4, statuses
     assert summary["checks"][0]["log_tail"] == ["conversion broke"]
     assert 18 <= summary["checks"][1]["seconds"] <= 22 and summary["checks"][1]["cap_seconds"] == 20
-
-
-# ---- slow: download, offline installs, smoke modes ----
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -244,7 +244,7 @@ def stand_in_substitutes() -> dict[str, str]:
         "torch": re.search(r"^torch==\S+", (REPO / "requirements-cpu.txt").read_text(), re.M).group(0),
         # The image's numpy 2.5 needs Python >= 3.12; and with numpy >= 2.4 the Triton 3.6 interpreter, which only
         # --smoke uses (the GPU compiles the kernels), fails ("only 0-dimensional arrays can be converted to
-        # Python scalars"), so kernels_gpu.py --smoke fails on the image itself.
+        # Python scalars"): the image's own numpy would fail kernels_gpu.py --smoke.
         "numpy": "numpy<2.4",
     }
 

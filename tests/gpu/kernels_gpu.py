@@ -61,8 +61,8 @@ def bench_ms(fn, device: str) -> float:
 
 
 def copy_ms(nbytes: int, device: str) -> float:
-    """A device-to-device copy moving `nbytes` in total (half read, half written)."""
-    src = torch.empty(max(1, nbytes // 4), dtype=torch.uint8, device=device)
+    """A device-to-device copy moving `nbytes` in total (half read, half written): nbytes / 2 one-byte elements."""
+    src = torch.empty(max(1, nbytes // 2), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     return bench_ms(lambda: dst.copy_(src), device)
 
