@@ -234,6 +234,11 @@ def apply_cpu_shims() -> None:
     _applied = True
 
 
+def cpu_shims_applied() -> bool:
+    """Whether this process installed the CPU shims (never true on a GPU run: a check for the GPU path)."""
+    return _applied
+
+
 def _redirect_active() -> bool:
     return _mode is not None and _mode in torch.overrides._get_current_function_mode_stack()
 

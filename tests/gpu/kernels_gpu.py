@@ -15,8 +15,6 @@ Prints one table; writes gpu_kernels.json to --out.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,6 +25,7 @@ import torch
 
 if "--smoke" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: kernels/, tests/gpu/common.py
 
 from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from kernels.fused_linear_cross_entropy.autograd import CHUNK_ELEMENTS
@@ -37,6 +36,7 @@ from kernels.rotary import apply_rotary
 from kernels.rotary import reference as rotary_reference
 from kernels.swiglu import swiglu
 from kernels.swiglu.reference import swiglu as swiglu_reference
+from tests.gpu.common import device_for, environment, parser, write_result
 
 FULL = {"tokens": 8192, "hidden": 4096, "ffn": 14336, "heads": 32, "head_dim": 128, "batch": 2,
         "ce_tokens": 4096, "ce_hidden": 1024, "vocab": 151936}  # fmt: skip
@@ -61,8 +61,8 @@ def bench_ms(fn, device: str) -> float:
 
 
 def copy_ms(nbytes: int, device: str) -> float:
-    """A device-to-device copy moving `nbytes` in total (half read, half written)."""
-    src = torch.empty(max(1, nbytes // 4), dtype=torch.uint8, device=device)
+    """A device-to-device copy moving `nbytes` in total (half read, half written): nbytes / 2 one-byte elements."""
+    src = torch.empty(max(1, nbytes // 2), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     return bench_ms(lambda: dst.copy_(src), device)
 
@@ -193,27 +193,22 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("gpu-results"))
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    args = parser.parse_args()
-    if not args.smoke and not torch.cuda.is_available():
-        raise SystemExit("tests/gpu/kernels_gpu.py needs a CUDA GPU (or --smoke on CPU)")
-    device = "cpu" if args.smoke else "cuda"
-    rows = run(SMOKE if args.smoke else FULL, device, compile_reference=not (args.smoke or args.no_compile))
+    cli = parser(__doc__)
+    cli.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    args = cli.parse_args()
+    device = device_for("tests/gpu/kernels_gpu.py", args.smoke)
+    rows = run(SMOKE if args.smoke else FULL, device.type, compile_reference=not (args.smoke or args.no_compile))
     print(table(rows))
     memory_bound = [r for r in rows if r["op"] in ("rmsnorm", "swiglu", "rotary")]
     summary = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter smoke run)",
+        **environment(device),
         "rows": rows,
         "all_correct": all(r["correct"] for r in rows),
         "memory_bound_meet_bandwidth_target": all(
             r[key] >= BANDWIDTH_TARGET for r in memory_bound for key in r if key.endswith("_vs_copy")
         ),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_kernels.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_result(args.out, "gpu_kernels.json", summary)
     if not summary["all_correct"]:
         raise SystemExit("a kernel differs from its reference (see the table)")
 

@@ -12,7 +12,6 @@ Prints a table and writes gpu_moe.json to --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # launch/ is a directory of the repo, not installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: launch/ and tests/ are not installed
 
 from megatron_swift.distributed import destroy_distributed, init_distributed
 from megatron_swift.models.tiny import make_tiny_model
@@ -28,6 +27,7 @@ from megatron_swift.training.config import JobConfig, TrainSection
 from megatron_swift.training.job import build_model, check_job
 from megatron_swift.training.optim import wrap_for_training
 from megatron_swift.training.step import train_step
+from tests.gpu.common import device_for, environment, parser, write_result
 
 SEQ, MICRO_BATCH, STEPS, REL_TOL = 64, 2, 3, 1e-5
 
@@ -57,12 +57,8 @@ def run_variant(hf_dir: Path, data: Path, dispatcher: str, capacity: float | Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("gpu-results"))
-    parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args()
-    if not torch.cuda.is_available() and not args.smoke:
-        raise SystemExit("tests/gpu/moe_gpu.py needs a CUDA GPU (or --smoke)")
+    args = parser(__doc__).parse_args()
+    header = environment(device_for("tests/gpu/moe_gpu.py", args.smoke))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     dispatchers = ["allgather"] if args.smoke else ["allgather", "alltoall"]
     rows, failures = [], []
@@ -79,10 +75,8 @@ def main() -> None:
                     worst = max(abs(a - b) / abs(b) for a, b in zip(run[key], reference[key], strict=True))
                     if worst > REL_TOL:
                         failures.append(f"{run['dispatcher']} capacity={capacity} {key}: {worst:.2e} > {REL_TOL}")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_moe.json").write_text(json.dumps({"device": device, "runs": rows, "failures": failures}, indent=2))
-    print(f"\n{device}\n| dispatcher | capacity | losses | load-balancing loss |\n|---|---|---|---|")
+    write_result(args.out, "gpu_moe.json", {**header, "runs": rows, "failures": failures})
+    print(f"\n{header}\n| dispatcher | capacity | losses | load-balancing loss |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['dispatcher']} | {r['capacity_factor']} | {r['losses']} | {r['load_balancing']} |")
     if failures:

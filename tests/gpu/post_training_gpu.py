@@ -1,6 +1,7 @@
 """Post-training checks to run when a GPU machine is lent (never collected by the CPU suite; not yet run).
 
     python tests/gpu/post_training_gpu.py [--out DIR]
+    python tests/gpu/post_training_gpu.py --smoke      # CPU, the transformers parts: checks the script
 
 On a tiny Qwen2 and an HF-side fine-tune of it: perplexity and generation on the GPU with
 transformers; when vLLM is installed, the same greedy generations through `--backend vllm`
@@ -11,7 +12,6 @@ back with its perplexity. Prints one JSON object and writes it to --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -22,7 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for tests.tiny_tuning
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for tests.tiny_tuning and tests.gpu
 
 from megatron_swift._optional import vllm_unavailable_reason
 from megatron_swift.eval.suite import EvalConfig, evaluate
@@ -30,6 +30,7 @@ from megatron_swift.models.tiny import make_tiny_model
 from megatron_swift.quantize.methods import unavailable_reason
 from megatron_swift.quantize.run import quantize_model
 from megatron_swift.serve.command import ServeConfig, build_vllm_command
+from tests.gpu.common import device_for, environment, parser, write_result
 from tests.tiny_tuning import SFT_DATA, fine_tune
 
 DATA = SFT_DATA.parent
@@ -69,33 +70,29 @@ def _serve_once(tuned: Path, port: int = 8765) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--device", default="cuda", help="cpu: a smoke run of the transformers parts")
-    args = parser.parse_args()
+    args = parser(__doc__).parse_args()
+    result = environment(device_for("tests/gpu/post_training_gpu.py", args.smoke))
+    device = "cpu" if args.smoke else "cuda"
     work = Path(tempfile.mkdtemp())
     tuned = fine_tune(make_tiny_model("qwen2", work / "base"), work / "tuned")
-    result: dict = {}
-    result["hf"], hf_predictions = _eval(tuned, "hf", work / "eval-hf", args.device)
+    result["hf"], hf_predictions = _eval(tuned, "hf", work / "eval-hf", device)
     reason = vllm_unavailable_reason()
     if reason:
-        result["vllm"] = f"skipped: {reason}"
+        result["vllm_backend"] = f"skipped: {reason}"
     else:
-        result["vllm"], vllm_predictions = _eval(tuned, "vllm", work / "eval-vllm", args.device)
+        result["vllm_backend"], vllm_predictions = _eval(tuned, "vllm", work / "eval-vllm", device)
         same = sum(a == b for a, b in zip(hf_predictions, vllm_predictions, strict=True))
         result["vllm_greedy_agreement_with_hf"] = same / len(hf_predictions)
         result["vllm_serve_answer"] = _serve_once(tuned)
-    result["int8"] = quantize_model(tuned, work / "int8", "int8", SFT_DATA, seq_length=64, device=args.device)
+    result["int8"] = quantize_model(tuned, work / "int8", "int8", SFT_DATA, seq_length=64, device=device)
     fp8_reason = unavailable_reason("fp8")
     result["fp8"] = (
         f"skipped: {fp8_reason}"
         if fp8_reason
-        else quantize_model(tuned, work / "fp8", "fp8", SFT_DATA, seq_length=64, device=args.device)
+        else quantize_model(tuned, work / "fp8", "fp8", SFT_DATA, seq_length=64, device=device)
     )
     print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "post_training_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, "post_training_gpu.json", result)
 
 
 if __name__ == "__main__":
