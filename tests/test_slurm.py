@@ -27,6 +27,7 @@ def _slurm_env(tmp_path: Path) -> dict:
     }
 
 
+@pytest.mark.slow  # each step is covered by the default suite (test_cli, the preemption tests); this is the chain
 def test_convert_train_export_single_node(tiny_models, tmp_path):
     out = tmp_path / "pipeline"
     result = subprocess.run(
