@@ -11,6 +11,7 @@ from megatron_swift.compat import (
     CHECKPOINT_WRITER_SYMBOLS,
     DEFINED_SYMBOLS,
     DEVICE_AUDIT_SYMBOLS,
+    FULLY_RESHARDABLE_SYMBOLS,
     PATCHED_SYMBOLS,
     UPSTREAM_INTERNALS,
     apply_cpu_shims,
@@ -185,9 +186,42 @@ def test_checkpoint_writer_and_device_audit_symbols_exist_and_no_manager_process
 
     from megatron_swift.compat import keep_checkpoint_writer_in_process
 
+    before = set(multiprocessing.active_children())  # what earlier tests in this process left running
     keep_checkpoint_writer_in_process()
     assert isinstance(filesystem_async._get_write_results_queue(), queue.Queue)
-    assert not multiprocessing.active_children()
+    assert set(multiprocessing.active_children()) <= before
+
+
+def test_fully_reshardable_range_fix_applies_exactly_until_megatron_has_it():
+    """compat/distrib_optimizer.py shifts the ranges megatron's fully_reshardable save cuts by while megatron's code
+    slices by the padded ranges, and stays out once it holds upstream's fix; what it reads still exists."""
+    import importlib
+    import inspect
+    from types import SimpleNamespace
+
+    from megatron_swift.compat import compact_param_index_maps
+    from megatron_swift.compat.distrib_optimizer import PADDED_SLICE, UPSTREAM_FIX, slices_padded_ranges
+
+    for module, path in FULLY_RESHARDABLE_SYMBOLS:
+        obj = importlib.import_module(module)
+        for part in path.split("."):
+            assert hasattr(obj, part), f"{module}.{path} is gone; look at compat/distrib_optimizer.py"
+            obj = getattr(obj, part)
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    source = inspect.getsource(DistributedOptimizer.sharded_param_state_fully_reshardable)
+    assert (PADDED_SLICE in source) != (UPSTREAM_FIX in source), "neither the known bug nor upstream's fix"
+    assert slices_padded_ranges() == (PADDED_SLICE in source)
+    # Buckets of 256 / 128 / 64 elements holding 200 / 100 / 16 (the rest is end padding).
+    buckets = [
+        SimpleNamespace(grad_data=torch.empty(n), numel_unpadded=u) for n, u in ((256, 200), (128, 100), (64, 16))
+    ]
+    index_map = {"a": (0, 200, 0), "b": (256, 356, 1), "c": (384, 400, 2)}
+    buffer = SimpleNamespace(buckets=buckets, param_index_map=index_map)
+    with compact_param_index_maps([SimpleNamespace(buffers=[buffer])]):
+        compact = {"a": (0, 200, 0), "b": (200, 300, 1), "c": (300, 316, 2)}
+        assert buffer.param_index_map == (compact if slices_padded_ranges() else index_map)
+    assert buffer.param_index_map is index_map
 
 
 @pytest.mark.parametrize(

@@ -167,6 +167,32 @@ def test_lora_resume_is_bitwise_at_dp2_and_tp2_with_dropout(tiny_models, tmp_pat
         assert len(first) == len(second) == 3 and first + second == six, setup
 
 
+def test_resume_at_another_tp_is_refused_only_for_adapters_on_the_gated_fc1(tiny_models, tmp_path):
+    """An adapter on the gated linear_fc1 (all-linear) stores lora_B in the row order of its TP split: resuming it at
+    another TP is refused, naming the field. Adapters on the other linears resume at TP1 from TP2 (distributed
+    optimizer) with the losses of an uninterrupted TP1 run, within 1e-5."""
+    from megatron_swift.distributed.spawn import WorkerError
+
+    llama = tiny_models["llama"]
+    tp2, distopt = {"tensor_model_parallel_size": 2}, {"use_distributed_optimizer": True}
+    others = {**LORA, "target_modules": ["linear_qkv", "linear_proj", "linear_fc2"]}
+    resharded, refused = {"save": str(tmp_path / "others")}, {"save": str(tmp_path / "all_linear")}
+    cases = [
+        (llama, tp2, distopt, others, {}, resharded),
+        (llama, {}, {**distopt, "train_iters": 6}, others, {}, resharded),
+        (llama, {}, {**distopt, "train_iters": 6}, others),  # straight at TP1 (DP2)
+        (llama, tp2, {"train_iters": 1}, LORA, {}, refused),
+        (llama, {}, {"train_iters": 2}, LORA, {}, refused),
+    ]
+    with pytest.raises(WorkerError, match=r"gated linear_fc1 .*tensor_model_parallel_size: saved 2, now 1"):
+        run_cases(cases, DATA, tmp_path / "runs", world_size=2)
+    # The cases before the refused one ran to the end: their losses are in their metrics.
+    resumed, straight = ([json.loads(line)["loss"] for line in (tmp_path / "runs" / f"case{i}" / "logs" /
+                          "metrics.jsonl").read_text().splitlines()] for i in (1, 2))  # fmt: skip
+    assert len(resumed) == 3 and len(straight) == 6
+    assert resumed == pytest.approx(straight[3:], rel=1e-5)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
 def test_peft_adapter_continues_training_and_exports_back_exactly(family, tiny_models, tmp_path):
     """A PEFT adapter trained on HF (its own lora_A per projection) is taken in as is: training with lr 0

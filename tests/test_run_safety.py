@@ -91,6 +91,24 @@ def test_loading_a_checkpoint_never_runs_code_from_it(trained_world, tmp_path):
     assert not marker.exists()
 
 
+def test_resume_across_ep_1_and_ep_2_without_the_distributed_optimizer_is_refused(trained_world, tmp_path):
+    """torch's optimizer state comes per optimizer of megatron's chain, and the experts have one of their own only at
+    EP > 1: a checkpoint recorded at EP 2 resumed at EP 1 is refused naming the field (it failed with KeyError)."""
+    from megatron_swift.config import ConfigError
+    from megatron_swift.training.checkpoint import load_checkpoint
+
+    w = trained_world
+    ckpt = w["save"](tmp_path / "save", 1)
+    state_file = ckpt / "train_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["layout"]["expert_model_parallel_size"] == 1 and not state["layout"]["use_distributed_optimizer"]
+    load_checkpoint(ckpt, w["chunks"], w["optimizer"], w["scheduler"])  # as saved: resumes
+    state["layout"]["expert_model_parallel_size"] = 2
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=r"parallel\.expert_model_parallel_size: saved 2, now 1\. Resume at EP > 1"):
+        load_checkpoint(ckpt, w["chunks"], w["optimizer"], w["scheduler"])
+
+
 def test_save_total_limit_keeps_the_newest_writes_and_never_latest(trained_world, tmp_path):
     """`latest` moved back to iter 3 while iter 6 exists, then a run resumes and saves iter 4 with limit 1:
     iter 4 (just written, `latest`) stays; by name, iter 6 would have been kept and iter 4 deleted."""

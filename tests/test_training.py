@@ -128,6 +128,7 @@ def test_distributed_optimizer_checkpoints_with_overlapped_gather_save_updated_w
     overlapped = {"use_distributed_optimizer": True, "overlap_grad_reduce": True, "overlap_param_gather": True,
                   "ddp_bucket_size": 20000}  # fmt: skip
     save = {name: {"save": str(tmp_path / name / "ckpt")} for name in ("plain", "overlapped", "straight")}
+    save["plain"]["optimizer_layout"] = "dp_reshardable"  # the layout whose refusal is checked below
     distopt = {"use_distributed_optimizer": True}
     cases = [
         (llama, {}, distopt, None, {}, save["plain"]),
@@ -143,12 +144,48 @@ def test_distributed_optimizer_checkpoints_with_overlapped_gather_save_updated_w
     # Bucket boundaries differ, so reductions round differently in the last bits (measured <= 1.2e-7).
     worst = max((saved["plain"][k] - saved["overlapped"][k]).abs().max().item() for k in saved["plain"])
     assert worst <= 1e-6, worst
-    # Its optimizer state is stored per DP shard: resuming at another TP is refused, naming the fields.
+    # A dp_reshardable checkpoint's optimizer state is stored per DP shard: resuming it at another TP is refused,
+    # naming the fields, whatever the resuming job's own optimizer_layout (the checkpoint's is read from it).
     from megatron_swift.distributed.spawn import WorkerError
 
-    at_tp2 = [(llama, {"tensor_model_parallel_size": 2}, {**distopt, "train_iters": 6}, None, {}, save["plain"])]
-    with pytest.raises(WorkerError, match=r"parallel\.tensor_model_parallel_size: saved 1, now 2"):
+    plain_dir = {"save": save["plain"]["save"]}  # resumed with the default optimizer_layout
+    at_tp2 = [(llama, {"tensor_model_parallel_size": 2}, {**distopt, "train_iters": 6}, None, {}, plain_dir)]
+    with pytest.raises(WorkerError, match=r"\(dp_reshardable\).*parallel\.tensor_model_parallel_size: saved 1, now 2"):
         run_cases(at_tp2, DATA, tmp_path / "tp2", world_size=2)
+
+
+def test_distributed_optimizer_checkpoints_resume_at_another_tp_pp_vpp_and_ep(tiny_models, tmp_path):
+    """The default optimizer_layout (fully_reshardable) resumes at another layout with the losses of an uninterrupted
+    run there (within 1e-5): TP2 -> TP1 (DP2), PP2 -> TP2, PP2 with virtual stages -> TP2, and for the MoE model EP2
+    -> EP1 -> EP2 (the experts' own optimizer at EP2 is part of the dense one at EP1). A dp_reshardable checkpoint
+    (the layout written before) still resumes at its layout, bitwise."""
+    llama, mixtral = tiny_models["llama"], tiny_models["mixtral"]
+    three = {"use_distributed_optimizer": True}
+    six, nine = {**three, "train_iters": 6}, {**three, "train_iters": 9}
+    tp2, pp2 = {"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}
+    vpp, ep2 = {**pp2, "virtual_pipeline_model_parallel_size": 2}, {"expert_model_parallel_size": 2}
+    ckpt = {name: {"save": str(tmp_path / name)} for name in ("tp2", "dp", "pp2", "vpp", "ep2")}
+    cases = [
+        (llama, tp2, three, None, {}, ckpt["tp2"]), (llama, {}, six, None, {}, ckpt["tp2"]),
+        (llama, {}, three, None, {}, {**ckpt["dp"], "optimizer_layout": "dp_reshardable"}),
+        (llama, {}, six, None, {}, ckpt["dp"]),  # resumes with the default layout set
+        (llama, {}, six),  # straight at DP2
+        (llama, pp2, three, None, {}, ckpt["pp2"]), (llama, tp2, six, None, {}, ckpt["pp2"]),
+        (llama, vpp, three, None, {}, ckpt["vpp"]), (llama, tp2, six, None, {}, ckpt["vpp"]),
+        (llama, tp2, six),  # straight at TP2
+        (mixtral, ep2, three, None, {}, ckpt["ep2"]), (mixtral, {}, six, None, {}, ckpt["ep2"]),
+        (mixtral, {}, six),  # straight at EP1
+        (mixtral, ep2, nine, None, {}, ckpt["ep2"]),  # back at EP2 from the EP1 run's step 6
+        (mixtral, ep2, nine),  # straight at EP2
+    ]  # fmt: skip
+    losses = run_cases(cases, DATA, tmp_path / "runs", world_size=2)
+    for resumed, straight, name in [(1, 4, "TP2 -> TP1"), (6, 9, "PP2 -> TP2"), (8, 9, "PP2 VPP2 -> TP2"),
+                                    (11, 12, "EP2 -> EP1"), (13, 14, "EP1 -> EP2")]:  # fmt: skip
+        got, expected = losses[resumed], losses[straight][-3:]
+        assert len(got) == 3, name
+        worst = max(abs(a - b) / abs(b) for a, b in zip(got, expected, strict=True))
+        assert worst <= REL_TOL, (name, got, expected, worst)
+    assert losses[2] + losses[3] == losses[4]  # dp_reshardable, same layout: bitwise
 
 
 @pytest.mark.parametrize(

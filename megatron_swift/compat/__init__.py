@@ -12,15 +12,18 @@ from megatron_swift.compat.cpu import (
     leave_device_redirect,
 )
 from megatron_swift.compat.device_audit import DEVICE_AUDIT_SYMBOLS
+from megatron_swift.compat.distrib_optimizer import FULLY_RESHARDABLE_SYMBOLS, compact_param_index_maps
 from megatron_swift.compat.upstream import UPSTREAM_INTERNALS
 
 __all__ = [
     "CHECKPOINT_WRITER_SYMBOLS",
     "DEFINED_SYMBOLS",
     "DEVICE_AUDIT_SYMBOLS",
+    "FULLY_RESHARDABLE_SYMBOLS",
     "PATCHED_SYMBOLS",
     "UPSTREAM_INTERNALS",
     "apply_cpu_shims",
+    "compact_param_index_maps",
     "cpu_shims_applied",
     "cuda_redirects",
     "device_redirect_suspended",

@@ -21,4 +21,18 @@ UPSTREAM_INTERNALS: tuple[tuple[str, str, str | None, str], ...] = (
      "training/moe_metrics.py reduces the tracker's entries by their values / reduce_group / avg_group keys"),
     ("megatron.core.models.common.embeddings.rotary_pos_embedding", "RotaryEmbedding._apply_scaling",
      "high_freq_factor", "models/hf_config.py accepts Llama-3 rope scaling only with the factors it hard-codes"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.load_state_dict", 's["step"] = step',
+     "training/checkpoint.py _adam_steps_set_aside / _restore_adam_steps: one step tensor put into every torch "
+     "Adam state, then the loaded parameter state copied key by key"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.checkpoint_fully_reshardable_formats", None,
+     "training/checkpoint.py _check_resume_layout: the layouts that resume at another TP / PP / EP"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.sharded_param_state_fully_reshardable",
+     "distrib_optim_fully_reshardable_mem_efficient", "training/checkpoint.py OPTIMIZER_LAYOUTS: gather with gloo "
+     "on DP rank 0 only"),
+    ("megatron.core.optimizer.optimizer", "ChainedOptimizer.sharded_state_dict", "chained_optim_avoid_prefix",
+     "training/checkpoint.py OPTIMIZER_LAYOUTS: tensor keys without the chain index, the same at any EP"),
+    ("megatron.core.optimizer.optimizer", "ChainedOptimizer.load_state_dict", "sorted(state_dict.items())",
+     "training/checkpoint.py _fit_to_optimizer_chain: a chain's state is {index: each optimizer's state}"),
+    ("megatron.core.optimizer.optimizer", "param_group_identifier_keys", None,
+     "training/checkpoint.py _fit_to_optimizer_chain: is_expert_parallel is part of a param group's identity"),
 )  # fmt: skip

@@ -117,6 +117,10 @@ class CheckpointSection:
     save_total_limit: int | None = None
     load: str | None = None  # resume from this checkpoints dir (default: `save`, when it has a `latest`)
     no_save_optim: bool = False  # model weights only: smaller, exportable, loadable with model.load, not resumable
+    # How the distributed optimizer's state is written: fully_reshardable resumes at any TP/PP/EP/DP (each DP
+    # group's state is gathered on one rank to be written); dp_reshardable (every rank writes its own shard:
+    # faster saves at large DP) resumes at another DP size only. Either loads whatever the setting.
+    optimizer_layout: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
 
 
 @dataclass

@@ -162,7 +162,8 @@ def run_job(job: JobConfig, ctx, args) -> list:
                                job.model.make_vocab_size_divisible_by, lora=lora_run_meta(job))  # fmt: skip
                 described.append(True)
             path = save_checkpoint(ckpt.save, step, chunks, optimizer, scheduler, batches.consumed_samples,
-                                   ckpt.save_total_limit, save_optimizer=not ckpt.no_save_optim)  # fmt: skip
+                                   ckpt.save_total_limit, save_optimizer=not ckpt.no_save_optim,
+                                   optimizer_layout=ckpt.optimizer_layout)  # fmt: skip
             if ctx.is_main:
                 print(f"saved checkpoint {path}")
 
