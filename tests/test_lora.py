@@ -167,6 +167,7 @@ def test_lora_resume_is_bitwise_at_dp2_and_tp2_with_dropout(tiny_models, tmp_pat
         assert len(first) == len(second) == 3 and first + second == six, setup
 
 
+@pytest.mark.slow  # a refusal rule; the resharded resume itself is in test_training's default suite
 def test_resume_at_another_tp_is_refused_only_for_adapters_on_the_gated_fc1(tiny_models, tmp_path):
     """An adapter on the gated linear_fc1 (all-linear) stores lora_B in the row order of its TP split: resuming it at
     another TP is refused, naming the field. Adapters on the other linears resume at TP1 from TP2 (distributed
