@@ -34,7 +34,10 @@ def test_cli_convert_tp2_check_export_and_load_cleanly(tiny_models, tmp_path):
     # The gate really gates: nothing is exactly equal across a PP2 -> TP1 reshard... unless it is; use --tol -1.
     _run("-m", "converters", "check", "--hf", str(hf), "--mcore", str(mcore), "--tol", "-1", expect=1)
 
-    _run("-m", "converters", "mcore-to-hf", "--mcore", str(mcore), "--out", str(back))
+    # Streamed by two worker processes, each writing its own shards (~0.2 MB each here).
+    _run("-m", "converters", "mcore-to-hf", "--mcore", str(mcore), "--out", str(back), "--workers", "2",
+         "--max-shard-size-gb", "0.0002")  # fmt: skip
+    assert len(list(back.glob("model-*-of-*.safetensors"))) >= 2
     _, info = AutoModelForCausalLM.from_pretrained(back, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
 
