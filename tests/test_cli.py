@@ -60,3 +60,14 @@ def test_known_third_party_notices_are_silenced_unless_verbose():
     assert runs["0"] == [SUMMARY]
     noisy = "\n".join(runs["1"])
     assert "Apex are not installed" in noisy and "Apex is not installed" in noisy and SUMMARY not in noisy
+
+
+def test_mcore_to_hf_flags_reach_the_exporter(monkeypatch, tmp_path):
+    import converters.convert
+    from converters.__main__ import run
+
+    calls = []
+    monkeypatch.setattr(converters.convert, "mcore_to_hf", lambda *args: calls.append(args) or Path(args[1]))
+    argv = ["mcore-to-hf", "--mcore", "M", "--out", str(tmp_path), "--workers", "3", "--max-shard-size-gb", "0.5"]
+    assert run([*argv, "--merge-lora"]) == 0
+    assert calls == [("M", str(tmp_path), None, 2**29, "merge", 3)]

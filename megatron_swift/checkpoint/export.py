@@ -176,20 +176,17 @@ def plan_export(
         base_source = BASE_HF if "hf" in lora_base else BASE
         where = lora_base["hf"] if "hf" in lora_base else full_model_weights_dir(Path(lora_base["load"]))
         sources[base_source] = str(Path(where).absolute())
-    items, seen = [], set()
+    items = []
     for name, param, _ in canonical_parameters(chunk):
         if name.endswith(ADAPTER_KEYS):
             continue  # merged into their base weight below
-        if args.share_embeddings_and_output_weights:  # the output layer is the embedding: exported once
-            name = TIED_ALIASES.get(name, name)
+        if args.share_embeddings_and_output_weights:  # at PP1 megatron-core has no output weight then, but
+            name = TIED_ALIASES.get(name, name)  # if it had, plan_shards would refuse the second embedding
         try:
             rule, bindings = args.family.mapping.resolve(name)
         except KeyError as exc:
             raise CheckpointError(f"family {args.family.name}: {exc.args[0]}") from None
         hf_names = rule.hf_names(bindings)
-        if hf_names[0] in seen:
-            continue
-        seen.update(hf_names)
         shapes = [tuple(t.shape) for t in rule.to_hf(param, args.dims)]
         outputs = tuple(PlannedTensor(n, out_dtype, s) for n, s in zip(hf_names, shapes, strict=True))
         if id(param) not in regions:
