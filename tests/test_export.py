@@ -177,14 +177,15 @@ def test_export_memory_is_a_few_largest_tensors_not_the_model(tmp_path):
     assert _hf_tensors(tmp_path / "hf").keys() == _hf_tensors(source).keys()
 
 
-def _in_model_export(ckpt: Path, out_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """What mcore-to-hf wrote before it streamed: the whole TP1 model loaded (base, adapters, merge), then its
-    tensors through the rules. The reference the streaming export must equal bit for bit."""
+def _in_model_export(ckpt: Path, out_dtype: torch.dtype) -> tuple[dict, dict]:
+    """What mcore-to-hf wrote before it streamed: the whole TP1 model loaded (base, adapters), then its PEFT
+    adapter tensors, and after the merge its tensors through the rules. The reference the streaming export
+    must equal bit for bit: (merged HF tensors, PEFT adapter tensors)."""
     from converters.convert import build_chunks, model_args_for_checkpoint
     from megatron_swift.checkpoint.engine import hf_tensors_from_chunk, load_hf_into_chunks
-    from megatron_swift.checkpoint.hf import HFCheckpoint
+    from megatron_swift.checkpoint.hf import HFCheckpoint, load_hf_config
     from megatron_swift.checkpoint.mcore import full_model_weights_dir, load_model, model_weights_dir
-    from megatron_swift.checkpoint.peft import apply_lora_with_adapter
+    from megatron_swift.checkpoint.peft import apply_lora_with_adapter, peft_adapter_tensors
     from megatron_swift.config import ParallelConfig
     from megatron_swift.distributed import destroy_distributed, init_distributed
     from megatron_swift.models import dtype_from_name
@@ -202,8 +203,10 @@ def _in_model_export(ckpt: Path, out_dtype: torch.dtype) -> dict[str, torch.Tens
         config = LoraConfig(**meta["lora"]["config"])
         apply_lora_with_adapter(chunks, config, args, ckpt / "hf", meta["lora"]["seed"])
         load_model(chunks, model_weights_dir(ckpt))
+        _, adapter = peft_adapter_tensors(chunks[0], args, config, load_hf_config(ckpt / "hf"), out_dtype)
         merge_lora(chunks)
-        return {name: tensor.clone() for name, tensor in hf_tensors_from_chunk(chunks[0], args, out_dtype)}
+        merged = {name: tensor.clone() for name, tensor in hf_tensors_from_chunk(chunks[0], args, out_dtype)}
+        return merged, adapter
     finally:
         destroy_distributed()
 
@@ -211,7 +214,8 @@ def _in_model_export(ckpt: Path, out_dtype: torch.dtype) -> dict[str, torch.Tens
 @pytest.mark.parametrize("base", ["hf", "load"])
 def test_streamed_lora_merge_equals_the_in_model_merge(base, tiny_models, converted, tmp_path):
     """Frozen weights from the base (HF through the rules, or a converted checkpoint), trained ones (adapters,
-    modules_to_save) from the run: the same bits as loading everything into the model and merging there."""
+    modules_to_save) from the run: the same bits as loading everything into the model and merging there; the
+    adapter-only export (trained tensors only, the base never read) equals the in-model one too."""
     from converters.convert import mcore_to_hf
     from megatron_swift.training.job import train
     from tests.train_matrix import job_for
@@ -223,9 +227,12 @@ def test_streamed_lora_merge_equals_the_in_model_merge(base, tiny_models, conver
     job.checkpoint.save = str(tmp_path / "ckpt")
     train(job)
     exported = _hf_tensors(mcore_to_hf(tmp_path / "ckpt", tmp_path / "merged", lora="merge", dtype="bf16"))
-    expected = _in_model_export(tmp_path / "ckpt", torch.bfloat16)
-    assert exported.keys() == expected.keys()
-    assert all(torch.equal(exported[name], tensor) for name, tensor in expected.items())
+    adapter = _hf_tensors(mcore_to_hf(tmp_path / "ckpt", tmp_path / "adapter", lora="adapter", dtype="bf16"))
+    expected, expected_adapter = _in_model_export(tmp_path / "ckpt", torch.bfloat16)
+    for got, want in ((exported, expected), (adapter, expected_adapter)):
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[name], tensor) for name, tensor in want.items())
+    assert any(name.endswith("lm_head.weight") for name in adapter)  # modules_to_save, read from the run
     original = _hf_tensors(tiny_models["llama"])
     changed = [n for n in original if not torch.equal(original[n].to(torch.bfloat16), exported[n])]
     assert "lm_head.weight" in changed and "model.layers.0.self_attn.q_proj.weight" in changed  # it has teeth
