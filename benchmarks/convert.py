@@ -1,19 +1,26 @@
-"""Conversion throughput on a random Qwen2.5-0.5B-shaped bf16 checkpoint, against a bare safetensors copy.
+"""Conversion throughput and memory on a random Qwen2-shaped bf16 checkpoint, against a bare safetensors copy.
 
-Measures, in one run and on the same files:
+Measures, in one run and on the same files, each step both ways:
+  cold           fresh processes, as users run them: `python -m converters hf-to-mcore` / `mcore-to-hf`, and the
+                 bare copy as a `python -c` that imports torch + safetensors. Includes imports and start-up;
+                 each process's peak RSS (of it and its children, whichever is largest) is recorded.
+  warm           in this process (converters.convert.hf_to_mcore / mcore_to_hf), after a first run paid the
+                 one-time costs (imports, megatron-core initialisation).
+Steps:
   bare           read every tensor with safetensors and write them all again (same shards), then fsync: the
                  I/O baseline. Both converters fsync what they write before publishing it (megatron-core's
-                 checkpoint writer always does), so the baseline does too; `bare, no fsync` is shown beside it.
-  hf-to-mcore    converters.convert.hf_to_mcore at TP1, dtype of the source (bf16)
-  mcore-to-hf    converters.convert.mcore_to_hf of that checkpoint back to HF safetensors
+                 checkpoint writer always does), so the baseline does too; `bare, no fsync` (warm) beside it.
+  hf-to-mcore    at TP1, dtype of the source (bf16)
+  mcore-to-hf    that checkpoint back to HF safetensors (the streaming exporter, one process)
+  round trip     hf-to-mcore + mcore-to-hf against two bare copies
 
-Throughput is checkpoint tensor bytes / seconds, best of --repeats; ratio = conversion throughput / bare
-throughput, with a target of >= 0.5. The first (cold) run of each converter in the process also pays one-time
-costs (importing megatron-core, starting its checkpoint writer's helper process); it is reported separately.
-Results go to OUT/convert.json and OUT/convert.md.
+Throughput is checkpoint tensor bytes / seconds, best of --repeats; ratio = bare seconds / step seconds (per
+direction, and for the round trip), with a target of >= 0.5. Peak RSS / model bytes comes from the cold runs.
+Results go to OUT/convert.{json,md} (OUT/convert-SHAPE.{json,md} for another --shape).
 
-    python benchmarks/convert.py                  # full 24-layer model, ~1 GB of bf16 tensors
-    python benchmarks/convert.py --layers 2       # quick smoke run
+    python benchmarks/convert.py                       # Qwen2.5-0.5B shape, ~1 GB of bf16 tensors
+    python benchmarks/convert.py --shape qwen2-1.5b    # the issue's 3.1 GB checkpoint
+    python benchmarks/convert.py --layers 2 --repeats 1   # quick smoke run
 """
 
 from __future__ import annotations
@@ -23,10 +30,14 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -34,6 +45,7 @@ import torch
 from results_io import write_results  # benchmarks/ is on sys.path when a benchmark runs as a script
 from safetensors.torch import load_file, save_file
 
+import converters
 from converters.convert import hf_to_mcore, mcore_to_hf
 from megatron_swift.checkpoint.hf import INDEX_NAME, ShardedSafetensorsWriter
 from megatron_swift.fs import fsync_path
@@ -65,6 +77,48 @@ QWEN2_0_5B = {
     "eos_token_id": 151643,
     "use_cache": True,
 }
+QWEN2_1_5B = {**QWEN2_0_5B, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+              "num_attention_heads": 12, "max_window_layers": 28, "sliding_window": 32768}  # fmt: skip
+SHAPES = {"qwen2-0.5b": ("Qwen2.5-0.5B", QWEN2_0_5B), "qwen2-1.5b": ("Qwen2-1.5B", QWEN2_1_5B)}
+# Fresh processes import the same checkout this process does (PYTHONPATH may point at another one).
+ROOT = Path(converters.__file__).resolve().parents[1]
+# The bare copy as a fresh process: only what reading and writing safetensors needs.
+BARE_SCRIPT = """
+import os, shutil, sys
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+out.mkdir(parents=True)
+for shard in sorted(src.glob("*.safetensors")):
+    save_file(load_file(shard), out / shard.name, metadata={"format": "pt"})
+    fd = os.open(out / shard.name, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+shutil.copy2(src / "model.safetensors.index.json", out / "model.safetensors.index.json")
+"""
+# Runs `-m MODULE ARGS` or `-c CODE ARGS` in this process and, at exit, writes its peak RSS and CPU seconds
+# (user + system, its own and its children's) to $MSWIFT_BENCH_RSS.
+# Read inside: the rusage a parent gets from wait4 also counts the parent's own peak at the spawn (Linux records
+# the pre-exec memory's high-water mark), which would credit every step with this benchmark's memory.
+PEAK_RSS_WRAPPER = """
+import atexit, json, os, resource, runpy, sys
+
+def report():
+    peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime  # children: checkpoint writers
+    with open(os.environ["MSWIFT_BENCH_RSS"], "w") as out:
+        json.dump({"rss": 1024 * max(peak, children.ru_maxrss), "cpu": cpu}, out)
+
+atexit.register(report)
+kind, target = sys.argv[1:3]
+if kind == "-m":
+    sys.argv = [target, *sys.argv[3:]]
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+else:
+    sys.argv = ["-c", *sys.argv[3:]]
+    exec(compile(target, "<benchmark>", "exec"), {"__name__": "__main__"})
+"""
 SEE_REFERENCE = "(see ../shared/reference/megatron-core-on-cpu.md)"
 BRIDGES = {  # package: (module, why it is absent here)
     "mcore-bridge": (
@@ -131,21 +185,60 @@ def bare_copy(hf_dir: Path, out: Path, durable: bool) -> None:
     shutil.copy2(hf_dir / INDEX_NAME, out / INDEX_NAME)
 
 
-def timed_round_robin(steps: dict[str, Callable[[Path], object]], work: Path, repeats: int) -> dict[str, list[float]]:
-    """Wall times of each step over `repeats` rounds, the steps interleaved within each round.
+@dataclass(frozen=True)
+class Run:
+    seconds: float  # wall clock
+    cpu_seconds: float  # user + system, the process's and its children's: less sensitive to a shared machine
+    rss_bytes: int | None = None  # peak RSS, measured for fresh processes only
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed_round_robin(steps: dict[str, Callable[[Path], object]], work: Path, repeats: int) -> dict[str, list[Run]]:
+    """Each step's runs over `repeats` rounds, the steps interleaved within each round; a step that runs a fresh
+    process returns its own `Run`, an in-process step is timed here.
 
     Interleaving makes every step see the same disk and page-cache conditions (writeback of the previous
-    round's files dominates the noise on this machine). Each output dir is recreated before its run.
+    round's files dominates the noise on this machine). Each output dir is recreated before its run and,
+    unless another step reads it (`KEEP`), removed after it, so the disk holds a few copies at most.
     """
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    results: dict[str, list[Run]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             out = work / name
             shutil.rmtree(out, ignore_errors=True)
-            start = time.perf_counter()
-            step(out)
-            times[name].append(time.perf_counter() - start)
-    return times
+            start, cpu = time.perf_counter(), _cpu_seconds()
+            measured = step(out)
+            if not isinstance(measured, Run):
+                measured = Run(time.perf_counter() - start, _cpu_seconds() - cpu)
+            results[name].append(measured)
+            if name not in KEEP:
+                shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
+KEEP = {"warm hf-to-mcore", "cold hf-to-mcore"}  # read by the mcore-to-hf steps
+
+
+def fresh_process(argv: list[str]) -> Run:
+    """A new Python process running `argv` from the repository root, with the checkout this process imported
+    first on the path. The RSS is the largest of the process and its waited-for children."""
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "log", "w+b") as log:
+        report = Path(tmp) / "report"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               "MSWIFT_BENCH_RSS": str(report)}  # fmt: skip
+        start = time.perf_counter()
+        code = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, *argv], cwd=ROOT, env=env, stdout=log,
+                              stderr=log).returncode  # fmt: skip
+        seconds = time.perf_counter() - start
+        if code:
+            log.seek(0)
+            raise RuntimeError(f"{argv[:3]} exited {code}:\n{log.read().decode()[-3000:]}")
+        measured = json.loads(report.read_text())
+        return Run(seconds, measured["cpu"], measured["rss"])
 
 
 def bridge_status() -> dict[str, str]:
@@ -180,48 +273,75 @@ def machine_info() -> dict:
     }
 
 
-def step_result(times: list[float], nbytes: int, bare_gbps: float | None = None) -> dict:
-    best = min(times)
-    gbps = nbytes / 1e9 / best
+def step_result(runs: list[Run], nbytes: int, bare: dict | None = None) -> dict:
+    """Best wall and CPU seconds of the runs; ratios against the bare copy's best (bare seconds / step seconds)."""
+    best, cpu = min(r.seconds for r in runs), min(r.cpu_seconds for r in runs)
     result = {
         "seconds": round(best, 3),
-        "gb_per_s": round(gbps, 4),
-        "cold_seconds": round(times[0], 3),
-        "all_seconds": [round(t, 3) for t in times],
+        "gb_per_s": round(nbytes / 1e9 / best, 4),
+        "cpu_seconds": round(cpu, 3),
+        "first_run_seconds": round(runs[0].seconds, 3),
+        "all_seconds": [round(r.seconds, 3) for r in runs],
     }
-    if bare_gbps is not None:
-        ratio = gbps / bare_gbps
-        result.update(ratio=round(ratio, 3), meets_target=ratio >= TARGET_RATIO)
+    if bare is not None:
+        ratio = bare["seconds"] / best
+        result.update(ratio=round(ratio, 3), meets_target=ratio >= TARGET_RATIO,
+                      cpu_ratio=round(bare["cpu_seconds"] / cpu, 3))  # fmt: skip
+    rss = [r.rss_bytes for r in runs if r.rss_bytes is not None]
+    if rss:
+        result.update(peak_rss_bytes=max(rss), peak_rss_per_model_byte=round(max(rss) / nbytes, 3))
     return result
 
 
-def run(work: Path, layers: int, repeats: int) -> dict:
-    config = {**QWEN2_0_5B, "num_hidden_layers": layers}
+def _round_trip(there: list[Run], back: list[Run]) -> list[Run]:
+    return [Run(a.seconds + b.seconds, a.cpu_seconds + b.cpu_seconds) for a, b in zip(there, back, strict=True)]
+
+
+def run(work: Path, shape: str, layers: int | None, repeats: int) -> dict:
+    name, base = SHAPES[shape]
+    config = {**base, "num_hidden_layers": layers or base["num_hidden_layers"]}
     hf_dir = work / "hf"
     sizes = write_random_checkpoint(hf_dir, config)
-    mcore_dir = work / "hf-to-mcore"
-    times = timed_round_robin(
+    to_mcore, to_hf = ["-m", "converters", "hf-to-mcore", "--hf"], ["-m", "converters", "mcore-to-hf", "--mcore"]
+    cold = timed_round_robin(
         {
-            "bare": lambda out: bare_copy(hf_dir, out, durable=True),
-            "bare, no fsync": lambda out: bare_copy(hf_dir, out, durable=False),
-            "hf-to-mcore": lambda out: hf_to_mcore(hf_dir, out),
-            "mcore-to-hf": lambda out: mcore_to_hf(mcore_dir, out),
+            "cold bare": lambda out: fresh_process(["-c", BARE_SCRIPT, str(hf_dir), str(out)]),
+            "cold hf-to-mcore": lambda out: fresh_process([*to_mcore, str(hf_dir), "--out", str(out)]),
+            "cold mcore-to-hf": lambda out: fresh_process([*to_hf, str(work / "cold hf-to-mcore"), "--out", str(out)]),
         },
         work,
         repeats,
     )
-    bare = step_result(times["bare"], sizes["bytes"])
+    warm = timed_round_robin(
+        {
+            "warm bare": lambda out: bare_copy(hf_dir, out, durable=True),
+            "warm bare, no fsync": lambda out: bare_copy(hf_dir, out, durable=False),
+            "warm hf-to-mcore": lambda out: hf_to_mcore(hf_dir, out),
+            "warm mcore-to-hf": lambda out: mcore_to_hf(work / "warm hf-to-mcore", out),
+        },
+        work,
+        repeats + 1,  # the first round pays the in-process one-time costs
+    )
+    nbytes = sizes["bytes"]
+    results = {}
+    for mode, measured in (("cold", cold), ("warm", warm)):
+        runs = {step.removeprefix(f"{mode} "): found for step, found in measured.items()}
+        steps = {"bare": step_result(runs["bare"], nbytes)}
+        if "bare, no fsync" in runs:
+            steps["bare, no fsync"] = step_result(runs["bare, no fsync"], nbytes)
+        for step in ("hf-to-mcore", "mcore-to-hf"):
+            steps[step] = step_result(runs[step], nbytes, steps["bare"])
+        twice = {"seconds": 2 * steps["bare"]["seconds"], "cpu_seconds": 2 * steps["bare"]["cpu_seconds"]}
+        steps["round trip"] = step_result(_round_trip(runs["hf-to-mcore"], runs["mcore-to-hf"]), 2 * nbytes, twice)
+        results[mode] = steps
     return {
-        "model": {"shape": "Qwen2.5-0.5B (random weights)", "layers": layers, "dtype": "bf16", **sizes},
+        "model": {"shape": f"{name} (random weights)", "layers": config["num_hidden_layers"], "dtype": "bf16", **sizes},
         "repeats": repeats,
         "target_ratio": TARGET_RATIO,
         "machine": machine_info(),
-        "steps": {
-            "bare": bare,
-            "bare, no fsync": step_result(times["bare, no fsync"], sizes["bytes"]),
-            "hf-to-mcore": step_result(times["hf-to-mcore"], sizes["bytes"], bare["gb_per_s"]),
-            "mcore-to-hf": step_result(times["mcore-to-hf"], sizes["bytes"], bare["gb_per_s"]),
-        },
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "cold": results["cold"],
+        "warm": results["warm"],
         "bridges": bridge_status(),
     }
 
@@ -237,19 +357,29 @@ def markdown(results: dict) -> str:
         ),
         (
             f"Machine: {machine['cpu_count']} CPUs ({machine['usable_cpus']} usable), torch {machine['torch']}, "
-            f"megatron-core {machine['megatron-core']}, Python {machine['python']}."
+            f"megatron-core {machine['megatron-core']}, Python {machine['python']}; load average at the end "
+            f"{' / '.join(map(str, results['load_average']))} (1 / 5 / 15 min; shared machine)."
         ),
         "",
-        f"| step | best seconds | GB/s | ratio to bare | ratio >= {results['target_ratio']} | first-run seconds |",
-        "|---|---:|---:|---:|---|---:|",
+        "Cold: fresh processes, as users run them (imports and start-up included). Warm: in-process, after a first",
+        "run. Ratio = bare seconds / step seconds (round trip: two bare copies / both directions); CPU ratio the",
+        "same with CPU seconds (user + system, children included), which a busy shared machine distorts less.",
+        "",
+        "| step | cold s | cold ratio | warm s | warm ratio | ratio >= 0.5 (cold / warm) | CPU ratio (cold / warm) "
+        "| peak RSS GB (cold) | peak RSS / model bytes |",
+        "|---|---:|---:|---:|---:|---|---|---:|---:|",
     ]
-    for name, step in results["steps"].items():
-        ratio = f"{step['ratio']:.3f}" if "ratio" in step else "-"
-        meets = ("yes" if step["meets_target"] else "no") if "meets_target" in step else "-"
-        lines.append(
-            f"| {name} | {step['seconds']:.3f} | {step['gb_per_s']:.3f} | {ratio} | {meets} | "
-            f"{step['cold_seconds']:.3f} |"
-        )
+    for name in ("bare", "bare, no fsync", "hf-to-mcore", "mcore-to-hf", "round trip"):
+        cold, warm = results["cold"].get(name), results["warm"].get(name)
+        cells = [name]
+        for step in (cold, warm):
+            cells += [f"{step['seconds']:.2f}", f"{step.get('ratio', '-')}"] if step else ["-", "-"]
+        measured = [s for s in (cold, warm) if s and "ratio" in s]
+        cells.append("/".join("yes" if s["meets_target"] else "no" for s in measured) or "-")
+        cells.append(" / ".join(str(s["cpu_ratio"]) for s in measured) or "-")
+        rss = (cold or {}).get("peak_rss_bytes")
+        cells += [f"{rss / 1e9:.2f}", f"{cold['peak_rss_per_model_byte']:.2f}"] if rss else ["-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Other converters:", ""]
     lines += [f"- {name}: {status}" for name, status in results["bridges"].items()]
     return "\n".join(lines) + "\n"
@@ -258,16 +388,18 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work-dir", type=Path, help="where checkpoints are written (default: a temporary dir)")
-    parser.add_argument("--layers", type=int, default=QWEN2_0_5B["num_hidden_layers"])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2-0.5b")
+    parser.add_argument("--layers", type=int, help="default: the shape's")
     args = parser.parse_args()
     if args.work_dir:
-        results = run(args.work_dir, args.layers, args.repeats)
+        results = run(args.work_dir, args.shape, args.layers, args.repeats)
     else:
         with tempfile.TemporaryDirectory(prefix="mswift-bench-") as tmp:
-            results = run(Path(tmp), args.layers, args.repeats)
-    write_results(args.out_dir, "convert", results, markdown(results))
+            results = run(Path(tmp), args.shape, args.layers, args.repeats)
+    name = "convert" if args.shape == "qwen2-0.5b" else f"convert-{args.shape}"  # the default keeps its old name
+    write_results(args.out_dir, name, results, markdown(results))
 
 
 if __name__ == "__main__":

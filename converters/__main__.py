@@ -1,7 +1,7 @@
 """`python -m converters` / `mswift-convert`: HF <-> megatron-core checkpoints, and a logits check.
 
     mswift-convert hf-to-mcore --hf DIR --out DIR [--tp N] [--pp N] [--ep N] [--dtype fp32|bf16|fp16]
-    mswift-convert mcore-to-hf --mcore DIR --out DIR [--dtype ...]
+    mswift-convert mcore-to-hf --mcore DIR --out DIR [--dtype ...] [--workers N]
     mswift-convert check --hf DIR --mcore DIR [--tp N] [--pp N] [--tol 1e-4]
 
 User errors (missing or foreign directories, truncated weights, unsupported architectures, layouts
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     to_hf.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's dtype")
     to_hf.add_argument("--max-shard-size-gb", type=float, default=4.0)
+    to_hf.add_argument(
+        "--workers", type=int, default=1, help="local processes writing disjoint shards (at most one per shard)"
+    )
     lora = to_hf.add_mutually_exclusive_group()
     lora.add_argument("--merge-lora", action="store_const", const="merge", dest="lora",
                       help="LoRA run: write the base model with the adapters merged in")  # fmt: skip
@@ -84,7 +87,8 @@ def run(argv: list[str] | None = None) -> int:
         out = hf_to_mcore(args.hf, args.out, _parallel(args), args.dtype, args.make_vocab_size_divisible_by)
         print(f"wrote megatron-core checkpoint: {out}")
     elif args.command == "mcore-to-hf":
-        out = mcore_to_hf(args.mcore, args.out, args.dtype, int(args.max_shard_size_gb * 1024**3), args.lora)
+        max_shard_bytes = int(args.max_shard_size_gb * 1024**3)
+        out = mcore_to_hf(args.mcore, args.out, args.dtype, max_shard_bytes, args.lora, args.workers)
         print(f"wrote {'PEFT adapter' if args.lora == 'adapter' else 'HF checkpoint'}: {out}")
     else:
         result = check(args.hf, args.mcore, _parallel(args), args.batch, args.seq, args.seed)

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_swift.checkpoint.engine import hf_tensors_from_chunk, load_hf_into_chunks
+from megatron_swift.checkpoint.engine import load_hf_into_chunks
+from megatron_swift.checkpoint.export import build_meta_chunks, load_trainable, plan_export, write_export
 from megatron_swift.checkpoint.hf import (
     CheckpointError,
     HFCheckpoint,
-    ShardedSafetensorsWriter,
     copy_side_files,
     ensure_generation_config,
     load_hf_config,
@@ -30,8 +30,6 @@ from megatron_swift.checkpoint.mcore import (
     check_output_dir,
     describe_model,
     dtype_name,
-    full_model_weights_dir,
-    load_model,
     model_weights_dir,
     read_meta,
     save_model,
@@ -42,7 +40,7 @@ from megatron_swift.distributed import destroy_distributed, init_distributed, ru
 from megatron_swift.models import build_model_chunks, dtype_from_name, transformer_config, translate
 from megatron_swift.models.hf_config import GPTModelArgs
 from megatron_swift.models.layout import model_layout_problems
-from megatron_swift.tuners.lora import LoraConfig, merge_lora
+from megatron_swift.tuners.lora import LoraConfig
 
 
 def _require_layout(args: GPTModelArgs, parallel: ParallelConfig) -> None:
@@ -128,8 +126,13 @@ def mcore_to_hf(
     dtype: str | None = None,
     max_shard_bytes: int = 4 * 1024**3,
     lora: str | None = None,
+    workers: int = 1,
 ) -> Path:
     """Export a megatron-core checkpoint (saved at any layout) as an HF safetensors directory.
+
+    Streams: each HF tensor is computed from only the stored tensors its rule needs and written into its
+    planned shard at once, so memory stays at a few of the largest tensors whatever the model's size;
+    `workers` local processes write disjoint shards (at most one process per shard).
 
     A LoRA training run's checkpoint holds only adapters: `lora="merge"` writes the base model with
     the adapters merged in, `lora="adapter"` writes a PEFT adapter (HF module names) only.
@@ -145,44 +148,40 @@ def mcore_to_hf(
         )
     if lora not in (None, "merge", "adapter"):
         raise ValueError(f"lora={lora!r}: choose merge or adapter")
+    if workers < 1:
+        raise ConfigError(f"workers={workers}: at least 1")
     check_output_dir(out)
+    # The model is built on the meta device (no memory) only to learn where each parameter is stored.
     init_distributed(ParallelConfig())
     try:
-        chunks = build_chunks(args, ParallelConfig(), dtype_from_name(meta["dtype"]))
-        lora_config = _load_lora_base(chunks, meta, args, mcore_dir) if lora else None
-        load_model(chunks, model_weights_dir(mcore_dir))
-        with atomic_output_dir(out) as tmp:
-            if lora == "adapter":
-                peft_config, tensors = peft_adapter_tensors(
-                    chunks[0], args, lora_config, load_hf_config(mcore_dir / HF_DIR), out_dtype
-                )
-                write_peft_adapter(tmp, peft_config, tensors, meta["lora"]["base"].get("hf") or meta["source"])
-                return out
-            if lora == "merge":
-                merge_lora(chunks)
-            copy_side_files(mcore_dir / HF_DIR, tmp)
-            writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
-            for name, tensor in tqdm(
-                hf_tensors_from_chunk(chunks[0], args, out_dtype), desc="mcore-to-hf", unit="tensor"
-            ):
-                writer.add(name, tensor)
-            writer.close()
-            _set_config_dtype(tmp / "config.json", out_dtype)
-            ensure_generation_config(tmp)
+        chunks = build_meta_chunks(args, dtype_from_name(meta["dtype"]))
+        lora_config = _apply_lora(chunks, meta, args, mcore_dir) if lora else None
+        if lora == "adapter":  # adapters and modules_to_save only: the frozen base is never read
+            load_trainable(chunks[0], model_weights_dir(mcore_dir))
+            peft_config, tensors = peft_adapter_tensors(
+                chunks[0], args, lora_config, load_hf_config(mcore_dir / HF_DIR), out_dtype
+            )
+        else:
+            base = meta["lora"]["base"] if lora else None
+            plan = plan_export(chunks[0], args, model_weights_dir(mcore_dir), out_dtype, max_shard_bytes, base)
     finally:
         destroy_distributed()
+    with atomic_output_dir(out) as tmp:
+        if lora == "adapter":
+            write_peft_adapter(tmp, peft_config, tensors, meta["lora"]["base"].get("hf") or meta["source"])
+            return out
+        copy_side_files(mcore_dir / HF_DIR, tmp)
+        write_export(plan, tmp, workers)
+        _set_config_dtype(tmp / "config.json", out_dtype)
+        ensure_generation_config(tmp)
     return out
 
 
-def _load_lora_base(chunks, meta: dict, args: GPTModelArgs, mcore_dir: Path) -> LoraConfig:
-    """Load the frozen base weights a LoRA run trained on, then put its adapters on (to be loaded next)."""
-    base = meta["lora"]["base"]
-    if "hf" in base:
-        load_hf_into_chunks(chunks, HFCheckpoint(base["hf"]), args)
-    else:
-        load_model(chunks, full_model_weights_dir(Path(base["load"])))
+def _apply_lora(chunks, meta: dict, args: GPTModelArgs, mcore_dir: Path) -> LoraConfig:
+    """Put a LoRA run's adapters on the meta-built chunks (their values are read later, from the checkpoint)."""
     lora_config = LoraConfig(**meta["lora"]["config"])
-    apply_lora_with_adapter(chunks, lora_config, args, mcore_dir / HF_DIR, meta["lora"]["seed"])
+    with torch.device("meta"):
+        apply_lora_with_adapter(chunks, lora_config, args, mcore_dir / HF_DIR, meta["lora"]["seed"])
     return lora_config
 
 

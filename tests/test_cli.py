@@ -34,7 +34,10 @@ def test_cli_convert_tp2_check_export_and_load_cleanly(tiny_models, tmp_path):
     # The gate really gates: nothing is exactly equal across a PP2 -> TP1 reshard... unless it is; use --tol -1.
     _run("-m", "converters", "check", "--hf", str(hf), "--mcore", str(mcore), "--tol", "-1", expect=1)
 
-    _run("-m", "converters", "mcore-to-hf", "--mcore", str(mcore), "--out", str(back))
+    # Streamed by two worker processes, each writing its own shards (~0.2 MB each here).
+    _run("-m", "converters", "mcore-to-hf", "--mcore", str(mcore), "--out", str(back), "--workers", "2",
+         "--max-shard-size-gb", "0.0002")  # fmt: skip
+    assert len(list(back.glob("model-*-of-*.safetensors"))) >= 2
     _, info = AutoModelForCausalLM.from_pretrained(back, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
 
@@ -57,3 +60,14 @@ def test_known_third_party_notices_are_silenced_unless_verbose():
     assert runs["0"] == [SUMMARY]
     noisy = "\n".join(runs["1"])
     assert "Apex are not installed" in noisy and "Apex is not installed" in noisy and SUMMARY not in noisy
+
+
+def test_mcore_to_hf_flags_reach_the_exporter(monkeypatch, tmp_path):
+    import converters.convert
+    from converters.__main__ import run
+
+    calls = []
+    monkeypatch.setattr(converters.convert, "mcore_to_hf", lambda *args: calls.append(args) or Path(args[1]))
+    argv = ["mcore-to-hf", "--mcore", "M", "--out", str(tmp_path), "--workers", "3", "--max-shard-size-gb", "0.5"]
+    assert run([*argv, "--merge-lora"]) == 0
+    assert calls == [("M", str(tmp_path), None, 2**29, "merge", 3)]

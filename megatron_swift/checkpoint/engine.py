@@ -2,7 +2,9 @@
 
 - `load_hf_into_chunks`: fill this rank's megatron-core model chunks straight from HF safetensors
   (each rank reads only the tensors its parameters need and keeps only its TP/EP shard).
-- `hf_tensors_from_chunk`: stream HF-named tensors out of an unsharded (TP1/PP1/EP1) model.
+- `hf_tensors_from_chunk`: HF-named tensors out of an unsharded (TP1/PP1/EP1) model in memory. The
+  exporter streams from the checkpoint instead (checkpoint/export.py); this is the in-model reference
+  its tests compare against.
 
 Nothing here knows a model family by name: families are data in megatron_swift/models/families.
 """
@@ -22,7 +24,7 @@ from megatron_swift.models.naming import canonical_parameters
 
 # With tied embeddings megatron keeps a copy of the embedding as the output layer on the last
 # pipeline stage; it is filled from the same HF tensor.
-_TIED_ALIASES = {"output_layer.weight": "embedding.word_embeddings.weight"}
+TIED_ALIASES = {"output_layer.weight": "embedding.word_embeddings.weight"}
 
 
 @dataclass
@@ -55,7 +57,7 @@ def _plan(chunks, args: GPTModelArgs) -> list[_Slot]:
     for chunk in chunks:
         for name, param, partition_dim in canonical_parameters(chunk):
             if args.share_embeddings_and_output_weights:
-                name = _TIED_ALIASES.get(name, name)
+                name = TIED_ALIASES.get(name, name)
             try:
                 rule, bindings = mapping.resolve(name)
             except KeyError as exc:

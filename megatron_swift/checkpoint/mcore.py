@@ -110,6 +110,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 def save_model(chunks, model_dir: Path) -> None:
     from megatron.core import dist_checkpointing
 
+    from megatron_swift.compat import keep_checkpoint_writer_in_process
+
+    # A conversion saves synchronously: without this, the first save of a process spawns megatron-core's
+    # Manager server (a new interpreter that re-imports the main module) only to pass results in-process.
+    keep_checkpoint_writer_in_process()
     model_dir.mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(model_sharded_state(chunks), str(model_dir), sharded_strategy=save_strategy())
 
