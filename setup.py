@@ -59,6 +59,7 @@ setup(
         "console_scripts": [
             "mswift-convert=converters.__main__:main",
             "mswift-eval=megatron_swift.eval.__main__:main",
+            "mswift-plan=megatron_swift.plan.cli:main",
             "mswift-quantize=megatron_swift.quantize.__main__:main",
             "mswift-serve=megatron_swift.serve.__main__:main",
         ]

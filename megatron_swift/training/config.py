@@ -209,6 +209,14 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
     return found
 
 
+def preflight_warnings(job: JobConfig, world_size: int, model_args, device_bytes: int | None = None) -> list[str]:
+    """What may fail but need not, so it is warned about and never refused: the planner's estimated peak memory
+    over the GPU's memory (megatron_swift/plan/; nothing on CPU)."""
+    from megatron_swift.plan.runtime import memory_warnings
+
+    return memory_warnings(job, world_size, model_args, device_bytes)
+
+
 def batch_problems(job: JobConfig, world_size: int) -> list[str]:
     """How the global batch and the sequence split over the layout; every one is reported, each on its own."""
     p, t, seq_length = job.parallel, job.train, job.data.seq_length

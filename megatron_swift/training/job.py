@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from pathlib import Path
 
 from megatron_swift.config import ConfigError
-from megatron_swift.training.config import JobConfig, environment_problems, precision, preflight
+from megatron_swift.training.config import JobConfig, environment_problems, precision, preflight, preflight_warnings
 
 
 def model_source(job: JobConfig) -> Path:
@@ -49,6 +50,9 @@ def check_job(job: JobConfig, world_size: int):
             problems.append(f"model.hf: {exc}")
     if problems:
         raise ConfigError("\n  ".join([f"{len(problems)} problem(s) in the job:", *problems]))
+    if int(os.environ.get("RANK", 0)) == 0:  # warned, never refused: an estimate is not a certainty
+        for warning in preflight_warnings(job, world_size, args):
+            print(f"warning: {warning}", file=sys.stderr)
     return args
 
 
@@ -117,6 +121,7 @@ def run_job(job: JobConfig, ctx, args) -> list:
     from megatron_swift.checkpoint.mcore import describe_model, latest_checkpoint
     from megatron_swift.data import build_train_data
     from megatron_swift.distributed import on_rank_zero_agreed
+    from megatron_swift.plan.runtime import startup_summary
     from megatron_swift.training.checkpoint import load_checkpoint, save_checkpoint
     from megatron_swift.training.flops import flops_per_token
     from megatron_swift.training.loop import run_training
@@ -124,6 +129,8 @@ def run_job(job: JobConfig, ctx, args) -> list:
     from megatron_swift.training.run_dirs import SaveDirLock, lora_run_meta
 
     ckpt = job.checkpoint
+    if ctx.is_main:
+        print(startup_summary(job, ctx.world_size, args))
     lock = SaveDirLock(ckpt.save) if ckpt.save else None
     if lock is not None:
         on_rank_zero_agreed(lock.acquire)

@@ -1,0 +1,315 @@
+"""mswift-plan: static memory equals the real run's tensors; activations within 15% of a measured peak;
+search speed and soundness; CLI contract; the training run's start-up estimate and preflight's warning."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_swift.config import ParallelConfig, load_config
+from megatron_swift.models.tiny import make_tiny_model
+from megatron_swift.plan.estimate import estimate
+from megatron_swift.plan.hardware import Cluster, device_named
+from megatron_swift.plan.layout import CPU, Layout, Ops
+from megatron_swift.plan.params import Inventory, stage_static
+from megatron_swift.training.config import JobConfig, preflight
+from megatron_swift.training.job import check_job
+from tests.plan_measure import run_measurements
+from tests.train_matrix import job_for
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = str(ROOT / "examples" / "data" / "sft_sample.jsonl")
+PLAN = ROOT / "examples" / "plan"
+# Large enough that activations, not fixed overheads, dominate a step's peak; small enough for 2 CPU cores.
+SHAPE = dict(hidden_size=256, intermediate_size=704, num_attention_heads=8, num_key_value_heads=4)
+SEQ = {"seq_length": 256}
+BF16 = {"bf16": True, "micro_batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def shaped(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("plan")
+    return {name: str(make_tiny_model(name, root / name, seed=i, **SHAPE))
+            for i, name in enumerate(("llama", "qwen2", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe"))}  # fmt: skip
+
+
+def _job(case: dict, world: int):
+    job = job_for(case["hf"], DATA, "unused", case["parallel"], case["train"], case.get("lora"), data=case.get("data"),
+                  **case.get("model", {}))  # fmt: skip
+    return job, check_job(job, world)
+
+
+def _static_by_rank(job, world: int, args) -> dict[int, object]:
+    """The planner's static bytes for every global rank (the estimate reports only each stage's busiest)."""
+    lay = Layout.from_job(job, world, args)
+    inventory = Inventory(args, lay, Ops.resolve(job, CPU), job.lora)
+    per_stage = world // lay.pp
+    return {pp * per_stage + s.rank_in_stage: s for pp in range(lay.pp) for s in stage_static(inventory, pp)}
+
+
+def _assert_static_exact(cases, measured, world):
+    for index, case in enumerate(cases):
+        job, args = _job(case, world)
+        planned = _static_by_rank(job, world, args)
+        for rank in range(world):
+            got, want = measured[(index, rank)], planned[rank]
+            assert (got["weights"], got["grads"], got["optimizer"]) == (want.weights, want.grads, want.optimizer), (
+                case["name"],
+                rank,
+            )
+
+
+def _cases_two_ranks(models):
+    llama, mixtral = models["llama"], models["mixtral"]
+    return [
+        dict(name="TP1 (DP2)", hf=llama, parallel={}, train=dict(BF16, global_batch_size=4), data=SEQ, profile=True),
+        dict(name="TP2 + SP", hf=llama, parallel=dict(tensor_model_parallel_size=2, sequence_parallel=True),
+             train=dict(BF16, global_batch_size=2), data=SEQ, profile=True),
+        dict(name="PP2", hf=llama, parallel=dict(pipeline_model_parallel_size=2),
+             train=dict(BF16, global_batch_size=8), data=SEQ, profile=True),
+        dict(name="PP2 x VPP2", hf=llama, parallel=dict(pipeline_model_parallel_size=2,
+             virtual_pipeline_model_parallel_size=2), train=dict(BF16, global_batch_size=8), data=SEQ),
+        dict(name="EP2", hf=mixtral, parallel=dict(expert_model_parallel_size=2), train=dict(BF16, global_batch_size=4),
+             data=SEQ),
+        dict(name="distributed optimizer DP2, tied embeddings", hf=models["qwen2"], parallel={},
+             train=dict(BF16, global_batch_size=4, use_distributed_optimizer=True), data=SEQ),
+        dict(name="distributed optimizer DP2, dense + MoE layers, overlapped buckets", hf=models["qwen3_moe"],
+             parallel={}, train=dict(BF16, global_batch_size=4, use_distributed_optimizer=True,
+             overlap_grad_reduce=True, ddp_bucket_size=20000), data=SEQ),
+        dict(name="distributed optimizer DP2 x EP2", hf=mixtral, parallel=dict(expert_model_parallel_size=2),
+             train=dict(BF16, global_batch_size=4, use_distributed_optimizer=True), data=SEQ),
+        dict(name="LoRA TP2 + SP", hf=llama, parallel=dict(tensor_model_parallel_size=2, sequence_parallel=True),
+             train=dict(BF16, global_batch_size=2), lora=dict(rank=8, modules_to_save=["output_layer"]), data=SEQ),
+        dict(name="full recompute (uniform), DP2", hf=llama, parallel={}, data=SEQ, profile=True,
+             train=dict(BF16, global_batch_size=4, recompute_granularity="full", recompute_method="uniform",
+                        recompute_num_layers=1)),
+        dict(name="selective recompute, TP2 + SP, qk-norm", hf=models["qwen3"], data=SEQ, profile=True,
+             parallel=dict(tensor_model_parallel_size=2, sequence_parallel=True),
+             train=dict(BF16, global_batch_size=2, recompute_granularity="selective")),
+        dict(name="MoE DP2", hf=mixtral, parallel={}, train=dict(BF16, global_batch_size=4), data=SEQ, profile=True),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(shaped, tmp_path_factory):
+    cases = _cases_two_ranks(shaped)
+    return cases, run_measurements(cases, DATA, tmp_path_factory.mktemp("runs2"), world_size=2)
+
+
+def test_static_memory_equals_the_real_runs_tensors(two_rank_runs):
+    """Weights, gradients and optimizer states per rank, to the byte, for every layout of the two-rank launch."""
+    cases, measured = two_rank_runs
+    _assert_static_exact(cases, measured, 2)
+
+
+def test_static_memory_equals_the_real_runs_tensors_at_tp2_pp2(shaped, tmp_path):
+    cases = [
+        dict(name="TP2 + PP2", hf=shaped["llama"], parallel=dict(tensor_model_parallel_size=2,
+             pipeline_model_parallel_size=2, sequence_parallel=True), train=dict(BF16, global_batch_size=4), data=SEQ),
+        dict(name="TP2 x DP2, distributed optimizer", hf=shaped["qwen2"], parallel=dict(tensor_model_parallel_size=2),
+             train=dict(BF16, global_batch_size=4, use_distributed_optimizer=True), data=SEQ),
+        # tied embeddings across stages: megatron-core gives them a bucket of their own, which moves DP shards
+        dict(name="PP2 x DP2, distributed optimizer, tied embeddings", hf=shaped["qwen2"], data=SEQ,
+             parallel=dict(pipeline_model_parallel_size=2),
+             train=dict(BF16, global_batch_size=4, use_distributed_optimizer=True)),
+    ]  # fmt: skip
+    _assert_static_exact(cases, run_measurements(cases, DATA, tmp_path, world_size=4), 4)
+
+
+def test_activation_estimate_within_15_percent_of_the_measured_peak(two_rank_runs):
+    """Estimated activations vs the profiler's peak of one step over the static memory (plus buffers the first
+    step made and kept), for the busiest rank of each stage."""
+    cases, measured = two_rank_runs
+    compared = 0
+    for index, case in enumerate(cases):
+        if not case.get("profile"):
+            continue
+        job, args = _job(case, 2)
+        planned = estimate(job, 2, args, target=CPU, with_time=False)
+        for stage in planned.ranks:
+            peaks = [m["dynamic_peak"] + m["persistent"] for (i, _), m in measured.items()
+                     if i == index and m["pp_rank"] == stage.pp_stage]  # fmt: skip
+            ratio = stage.activations_bytes / max(peaks)
+            assert 0.85 <= ratio <= 1.15, (case["name"], stage.pp_stage, ratio)
+            compared += 1
+    assert compared >= 7
+
+
+def test_activation_estimate_for_other_implementations_within_15_percent(shaped, tmp_path):
+    """One process: megatron's local attention ([s, s] probabilities), fp32 training (no norm copies), the fused
+    linear cross entropy (no logits), shared experts with a gate."""
+    llama = shaped["llama"]
+    cases = [
+        dict(name="local attention", hf=llama, parallel={}, train=BF16, data=SEQ, model=dict(attention="local")),
+        dict(name="fp32", hf=llama, parallel={}, train=dict(micro_batch_size=2), data=SEQ),
+        dict(name="fused linear cross entropy", hf=llama, parallel={}, train=BF16, data=SEQ,
+             model=dict(fused_linear_cross_entropy=True)),
+        dict(name="shared experts", hf=shaped["qwen2_moe"], parallel={}, train=BF16, data=SEQ),
+    ]  # fmt: skip
+    cases = [dict(case, train=dict(case["train"], global_batch_size=2), profile=True) for case in cases]
+    measured = run_measurements(cases, DATA, tmp_path, world_size=1)
+    for index, case in enumerate(cases):
+        job, args = _job(case, 1)
+        planned = estimate(job, 1, args, target=CPU, with_time=False).ranks[0]
+        peak = measured[(index, 0)]["dynamic_peak"] + measured[(index, 0)]["persistent"]
+        assert 0.85 <= planned.activations_bytes / peak <= 1.15, (case["name"], planned.activations_bytes / peak)
+
+
+def test_pipeline_in_flight_micro_batches_follow_megatrons_schedule_table():
+    from megatron.core.pipeline_parallel.schedules import get_schedule_table
+
+    from megatron_swift.plan.activations import in_flight_chunks
+
+    for pp, vpp, m in ((4, 1, 8), (4, 2, 8), (2, 4, 6), (4, 3, 4)):
+        layout = Layout.from_job(JobConfig(parallel=ParallelConfig(
+            pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)),
+            pp * 2, _args_of("llama3.1-8b"))  # fmt: skip
+        layout = dataclasses.replace(layout, num_microbatches=m)
+        for rank in range(pp):
+            chunks = in_flight_chunks(layout, rank)
+            warmup = pp - rank - 1 if vpp == 1 else 2 * (pp - rank - 1) + (vpp - 1) * pp
+            assert len(chunks) == min(warmup + 1, m * vpp)
+            if vpp > 1:  # the first forwards run the chunks in megatron-core's order
+                assert chunks == [c for _, c in get_schedule_table(m, vpp, pp)][: len(chunks)]
+
+
+def _args_of(name: str):
+    from megatron_swift.checkpoint.hf import load_hf_config
+    from megatron_swift.models import translate
+
+    return translate(load_hf_config(PLAN / name))
+
+
+def _job_file(name: str, world: int, *overrides: str):
+    job = load_config(JobConfig, PLAN / name, list(overrides))
+    return job, _args_of(Path(job.model.hf).name)
+
+
+@pytest.mark.parametrize(("config", "nodes"), [("llama3.1-70b_sft.yaml", 8), ("qwen3-235b-a22b_sft.yaml", 8)])
+def test_search_on_64_h100_is_fast_and_every_answer_is_valid(config, nodes):
+    from megatron_swift.plan.search import search
+
+    job, args = _job_file(config, 64)
+    cluster = Cluster(device_named("h100"), 8, nodes)
+    started = time.perf_counter()
+    found, accepted = search(job, args, cluster)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 10, elapsed
+    assert 0 < len(found) <= accepted
+    times = [c.estimate.time.step_s for c in found]
+    assert times == sorted(times)
+    for candidate in found[:5]:
+        assert not preflight(candidate.job, 64, args)
+        assert candidate.estimate.peak_bytes <= cluster.usable_bytes
+        # the printed overrides turn the job as written into exactly this layout
+        again, _ = _job_file(config, 64, *candidate.overrides())
+        assert (again.parallel, again.train) == (candidate.job.parallel, candidate.job.train)
+
+
+def test_search_drops_layouts_that_do_not_fit_and_prefers_less_recompute():
+    from megatron_swift.plan.search import search
+
+    job, args = _job_file("llama3.1-8b_sft.yaml", 8)
+    small = Cluster(device_named("h100", memory_gib=40), 8, 1)
+    found, _ = search(job, args, small)
+    assert found and all(c.estimate.peak_bytes <= small.usable_bytes for c in found)
+    roomy, _ = search(job, args, Cluster(device_named("h200"), 8, 1))
+    assert roomy[0].job.train.recompute_granularity is None
+    assert len(roomy) > len(found)
+
+
+def _plan(capsys, *argv):
+    from megatron_swift.plan.cli import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_json_has_the_fixed_fields_and_matches_the_estimate(capsys):
+    config = PLAN / "qwen2.5-14b_sft_8k.yaml"
+    code, out, _ = _plan(capsys, "--config", config, "--gpu", "a800", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert set(report) >= {"ranks", "step_time_s", "mfu"}
+    for rank in report["ranks"]:
+        assert set(rank) >= {"rank", "pp_stage", "weights_bytes", "grads_bytes", "optimizer_bytes",
+                             "activations_bytes", "total_bytes"}  # fmt: skip
+        parts = ("weights_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes")
+        assert rank["total_bytes"] == sum(rank[k] for k in parts)
+    job, args = _job_file("qwen2.5-14b_sft_8k.yaml", 8)
+    expected = estimate(job, 8, args, Cluster(device_named("a800"), 8, 1))
+    assert report["ranks"][0]["total_bytes"] == expected.ranks[0].total_bytes
+    assert report["step_time_s"] == round(expected.time.step_s, 4) and 0 < report["mfu"] < 1
+
+
+def test_cli_overrides_like_the_launcher_and_prints_the_table(capsys):
+    config = PLAN / "qwen2.5-14b_sft_8k.yaml"
+    code, out, _ = _plan(capsys, "--config", config, "--parallel.tensor_model_parallel_size", "8", "--json")
+    assert code == 0 and json.loads(out)["layout"]["tp"] == 8
+    code, out, _ = _plan(capsys, "--config", config, "--gpu", "a800")
+    assert code == 0 and "weights" in out and "step time" in out and re.search(r"^\s+0\s+0\s+0-47\s", out, re.M)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--config", "missing.yaml"], "missing.yaml"),
+        (["--config", PLAN / "qwen2.5-14b_sft_8k.yaml", "--gpu", "tpu"], "--gpu"),
+        (["--config", PLAN / "qwen2.5-14b_sft_8k.yaml", "--train.no_such_field", "1"], "no_such_field"),
+        (["--config", PLAN / "qwen2.5-14b_sft_8k.yaml", "--parallel.tensor_model_parallel_size", "3"],
+         "tensor_model_parallel_size"),
+        (["--config", PLAN / "qwen2.5-14b_sft_8k.yaml", "--model.hf", "/nonexistent"], "config.json"),
+    ],
+)  # fmt: skip
+def test_cli_errors_are_one_line_naming_the_field_or_file(capsys, argv, needle):
+    code, _, err = _plan(capsys, *argv)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and needle in errors[0], err
+
+
+def test_preflight_warns_but_does_not_refuse_when_the_estimate_exceeds_device_memory(shaped):
+    from megatron_swift.training.config import preflight_warnings
+
+    job, args = _job(dict(hf=shaped["llama"], parallel={}, train=BF16, data=SEQ), 1)
+    peak = estimate(job, 1, args, target=CPU, with_time=False).peak_bytes
+    (warning,) = preflight_warnings(job, 1, args, device_bytes=peak // 2)
+    assert "exceeds" in warning and "GiB" in warning
+    assert preflight_warnings(job, 1, args, device_bytes=peak * 2) == []
+    assert not preflight(job, 1, args)  # a warning, never a problem
+
+
+def test_training_run_prints_its_own_layouts_estimate_at_start(tiny_models, tmp_path, capsys):
+    from megatron_swift.plan.runtime import startup_summary
+    from tests.train_matrix import run_cases
+
+    run_cases([(tiny_models["llama"], {}, {"train_iters": 1})], DATA, tmp_path, world_size=1)
+    out = capsys.readouterr().out
+    job = job_for(str(tiny_models["llama"]), DATA, str(tmp_path), {}, {"train_iters": 1, "global_batch_size": 4})
+    assert startup_summary(job, 1, check_job(job, 1)) in out.splitlines()
+
+
+README_ROWS = re.compile(
+    r"^\| (?P<model>[^|]+?) \| `(?P<config>[^`]+)` \| (?P<argv>[^|]*?) \| (?P<gib>[\d.]+) \| (?P<step>[\d.]+) \| "
+    r"(?P<mfu>\d+)% \|",
+    re.M,
+)
+
+
+def test_readme_planner_table_is_what_the_planner_says(capsys):
+    text = (ROOT / "README.md").read_text()
+    rows = list(README_ROWS.finditer(text))
+    assert len(rows) >= 4
+    for row in rows:
+        argv = ["--config", ROOT / row["config"], *row["argv"].replace("`", "").split(), "--json"]
+        code, out, _ = _plan(capsys, *argv)
+        assert code == 0, row["model"]
+        report = json.loads(out)
+        peak = max(r["total_bytes"] for r in report["ranks"]) / 2**30
+        written = (row["gib"], row["step"], row["mfu"])
+        assert (f"{peak:.1f}", f"{report['step_time_s']:.2f}", f"{100 * report['mfu']:.0f}") == written, row["model"]
