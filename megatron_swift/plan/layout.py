@@ -138,8 +138,8 @@ class Layout:
         etp = p.expert_tensor_parallel_size or tp
         dp = world // (tp * pp * cp)
         bucket = None
-        if t.overlap_grad_reduce:  # megatron-core's default bucket size
-            bucket = t.ddp_bucket_size or max(40_000_000, 1_000_000 * dp * cp)
+        if t.overlap_grad_reduce:  # megatron-core's default bucket size (its DP group without CP)
+            bucket = t.ddp_bucket_size or max(40_000_000, 1_000_000 * dp)
         full = t.recompute_granularity == "full"
         return cls(
             world=world,
