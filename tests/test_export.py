@@ -76,12 +76,12 @@ def test_shards_keep_each_rule_whole_and_respect_the_size_bound(tmp_path):
 # save wrote (TP-split weights, EP-split experts, PP-split layers, the tied output layer of the last stage).
 LAYOUTS = [
     ("qwen2", {"tensor_model_parallel_size": 2}, {"tie_word_embeddings": True}),
-    ("qwen3_moe", {"expert_model_parallel_size": 2}, {}),
-    ("llama", {"pipeline_model_parallel_size": 2}, {"tie_word_embeddings": True}),
+    pytest.param("qwen3_moe", {"expert_model_parallel_size": 2}, {}, marks=pytest.mark.slow),
+    pytest.param("llama", {"pipeline_model_parallel_size": 2}, {"tie_word_embeddings": True}, marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize(("family", "parallel", "overrides"), LAYOUTS, ids=[c[0] for c in LAYOUTS])
+@pytest.mark.parametrize(("family", "parallel", "overrides"), LAYOUTS, ids=["qwen2", "qwen3_moe", "llama"])
 def test_export_of_a_parallel_save_with_workers_is_bit_exact(family, parallel, overrides, tmp_path):
     from converters.convert import hf_to_mcore, mcore_to_hf
     from megatron_swift.config import ParallelConfig

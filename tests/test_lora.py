@@ -146,6 +146,7 @@ def test_lora_resume_is_bitwise(tiny_models, tmp_path):
     assert size < 0.5 * sum(p.stat().st_size for p in tiny_models["llama"].glob("*.safetensors"))
 
 
+@pytest.mark.slow  # test_lora_resume_is_bitwise covers one process in the default suite
 def test_lora_resume_is_bitwise_at_dp2_and_tp2_with_dropout(tiny_models, tmp_path):
     """3 steps + resume + 3 equal 6 straight, bitwise, with attention, hidden and LoRA dropout: LoRA at DP2
     (adapters sharded by the distributed optimizer, gradient reduction and parameter all-gather overlapped)

@@ -117,6 +117,7 @@ def test_static_memory_equals_the_real_runs_tensors(two_rank_runs):
     _assert_static_exact(cases, measured, 2)
 
 
+@pytest.mark.slow  # four ranks; TP1 / TP2 / EP2 / the distributed optimizer stay in the default suite
 def test_static_memory_equals_the_real_runs_tensors_at_tp2_pp2(shaped, tmp_path):
     cases = [
         dict(name="TP2 + PP2", hf=shaped["llama"], parallel=dict(tensor_model_parallel_size=2,

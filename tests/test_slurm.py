@@ -54,7 +54,9 @@ def _wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = 2
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("target", ["launcher", "every process", "ranks"])
+@pytest.mark.parametrize(  # one signal path in the default suite, the other two in the slow suite (CI runs both)
+    "target", ["launcher", *(pytest.param(t, marks=pytest.mark.slow) for t in ("every process", "ranks"))]
+)
 def test_preemption_signal_ends_with_a_complete_checkpoint_and_exit_zero(target, tiny_models, tmp_path):
     """train.sbatch on one node, 2 ranks, a checkpoint every 2 steps. SIGTERM after a checkpoint exists, to
     torchrun (a user's `kill`; torchrun forwards it to each rank's process group), to every process of the job

@@ -116,6 +116,7 @@ def test_preflight_names_the_field(tiny_models, tmp_path, parallel, train, world
     assert field in str(error.value)
 
 
+@pytest.mark.slow  # a multi-bucket overlap run; the slow suite runs in CI
 def test_distributed_optimizer_checkpoints_with_overlapped_gather_save_updated_weights_and_resume(
     tiny_models, tmp_path
 ):
@@ -154,23 +155,26 @@ def test_distributed_optimizer_checkpoints_with_overlapped_gather_save_updated_w
         run_cases(at_tp2, DATA, tmp_path / "tp2", world_size=2)
 
 
-def test_distributed_optimizer_checkpoints_resume_at_another_tp_pp_vpp_and_ep(tiny_models, tmp_path):
-    """The default optimizer_layout (fully_reshardable) resumes at another layout with the losses of an uninterrupted
-    run there (within 1e-5): TP2 -> TP1 (DP2), PP2 -> TP2, PP2 with virtual stages -> TP2, and for the MoE model EP2
-    -> EP1 -> EP2 (the experts' own optimizer at EP2 is part of the dense one at EP1). A dp_reshardable checkpoint
-    (the layout written before) still resumes at its layout, bitwise."""
+def _reshard_cases(tiny_models, tmp_path, which: str):
+    """(cases, [(resumed index, uninterrupted index, name)], bitwise pairs) of the resume-at-another-layout runs."""
     llama, mixtral = tiny_models["llama"], tiny_models["mixtral"]
     three = {"use_distributed_optimizer": True}
     six, nine = {**three, "train_iters": 6}, {**three, "train_iters": 9}
     tp2, pp2 = {"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}
     vpp, ep2 = {**pp2, "virtual_pipeline_model_parallel_size": 2}, {"expert_model_parallel_size": 2}
     ckpt = {name: {"save": str(tmp_path / name)} for name in ("tp2", "dp", "pp2", "vpp", "ep2")}
+    if which == "tp_pp":
+        cases = [
+            (llama, tp2, three, None, {}, ckpt["tp2"]), (llama, {}, six, None, {}, ckpt["tp2"]),
+            (llama, {}, six),  # straight at DP2
+            (llama, pp2, three, None, {}, ckpt["pp2"]), (llama, tp2, six, None, {}, ckpt["pp2"]),
+            (llama, tp2, six),  # straight at TP2
+        ]  # fmt: skip
+        return cases, [(1, 2, "TP2 -> TP1"), (4, 5, "PP2 -> TP2")], []
     cases = [
-        (llama, tp2, three, None, {}, ckpt["tp2"]), (llama, {}, six, None, {}, ckpt["tp2"]),
         (llama, {}, three, None, {}, {**ckpt["dp"], "optimizer_layout": "dp_reshardable"}),
         (llama, {}, six, None, {}, ckpt["dp"]),  # resumes with the default layout set
         (llama, {}, six),  # straight at DP2
-        (llama, pp2, three, None, {}, ckpt["pp2"]), (llama, tp2, six, None, {}, ckpt["pp2"]),
         (llama, vpp, three, None, {}, ckpt["vpp"]), (llama, tp2, six, None, {}, ckpt["vpp"]),
         (llama, tp2, six),  # straight at TP2
         (mixtral, ep2, three, None, {}, ckpt["ep2"]), (mixtral, {}, six, None, {}, ckpt["ep2"]),
@@ -178,14 +182,24 @@ def test_distributed_optimizer_checkpoints_resume_at_another_tp_pp_vpp_and_ep(ti
         (mixtral, ep2, nine, None, {}, ckpt["ep2"]),  # back at EP2 from the EP1 run's step 6
         (mixtral, ep2, nine),  # straight at EP2
     ]  # fmt: skip
+    return cases, [(4, 5, "PP2 VPP2 -> TP2"), (7, 8, "EP2 -> EP1"), (9, 10, "EP1 -> EP2")], [((0, 1), 2)]
+
+
+@pytest.mark.parametrize("which", ["tp_pp", pytest.param("vpp_ep_dp", marks=pytest.mark.slow)])
+def test_distributed_optimizer_checkpoints_resume_at_another_tp_pp_vpp_and_ep(which, tiny_models, tmp_path):
+    """The default optimizer_layout (fully_reshardable) resumes at another layout with the losses of an uninterrupted
+    run there (within 1e-5): TP2 -> TP1 (DP2) and PP2 -> TP2 (default suite); PP2 with virtual stages -> TP2, and for
+    the MoE model EP2 -> EP1 -> EP2 (the experts' own optimizer at EP2 is part of the dense one at EP1) (slow suite).
+    A dp_reshardable checkpoint (the layout written before) still resumes at its layout, bitwise."""
+    cases, resumes, bitwise = _reshard_cases(tiny_models, tmp_path, which)
     losses = run_cases(cases, DATA, tmp_path / "runs", world_size=2)
-    for resumed, straight, name in [(1, 4, "TP2 -> TP1"), (6, 9, "PP2 -> TP2"), (8, 9, "PP2 VPP2 -> TP2"),
-                                    (11, 12, "EP2 -> EP1"), (13, 14, "EP1 -> EP2")]:  # fmt: skip
+    for resumed, straight, name in resumes:
         got, expected = losses[resumed], losses[straight][-3:]
         assert len(got) == 3, name
         worst = max(abs(a - b) / abs(b) for a, b in zip(got, expected, strict=True))
         assert worst <= REL_TOL, (name, got, expected, worst)
-    assert losses[2] + losses[3] == losses[4]  # dp_reshardable, same layout: bitwise
+    for (first, then), straight in bitwise:  # dp_reshardable, same layout
+        assert losses[first] + losses[then] == losses[straight]
 
 
 @pytest.mark.parametrize(
