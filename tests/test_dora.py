@@ -14,9 +14,10 @@ LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _peft_dora_model(hf_dir, seed: int):
-    """HF + PEFT DoRA on every linear, random lora_B (and so a magnitude that is not the plain weight norm),
-    magnitudes perturbed, and lora_A tied across the projections megatron-core fuses (ours shares one there)."""
+def peft_dora_model(hf_dir, seed: int):
+    """HF + PEFT DoRA, random lora_B (and so a magnitude that is not the plain weight norm), magnitudes perturbed
+    (m / ||W + s B A|| is not 1: the norm counts from the first step), and lora_A tied across the projections
+    megatron-core fuses (ours shares one there)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -65,7 +66,7 @@ def test_dora_matches_peft_before_and_after_a_training_step(tiny_models, tmp_pat
     from megatron_swift.tuners.lora import LoraLinear
 
     hf_dir = tiny_models["llama"]
-    peft_model = _peft_dora_model(hf_dir, seed=5)
+    peft_model = peft_dora_model(hf_dir, seed=5)
     peft_model.save_pretrained(tmp_path / "peft")
     tokens, positions = _batch()
 
@@ -93,6 +94,7 @@ def test_dora_matches_peft_before_and_after_a_training_step(tiny_models, tmp_pat
         base_logits = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)(tokens).logits.detach()
         _step([p for p in model.parameters() if p.requires_grad], ours, tokens)
         _step([p for p in peft_model.parameters() if p.requires_grad], theirs, tokens)
+        model.eval(), peft_model.eval()
         with torch.no_grad():
             after = ours(), theirs()
         config, tensors = peft_adapter_tensors(model, args, job.lora, load_hf_config(hf_dir))
@@ -108,6 +110,65 @@ def test_dora_matches_peft_before_and_after_a_training_step(tiny_models, tmp_pat
                                          tmp_path / "exported")  # fmt: skip
     with torch.no_grad():
         assert (reloaded(tokens).logits - after[1]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["column", "row"])
+def test_dora_dropout_branch_matches_a_peft_layer(mode):
+    """In training with dropout PEFT computes W x from the dropped input (its second branch). One megatron-core
+    linear with our DoRA wrapper vs a PEFT DoRA nn.Linear holding the same tensors: outputs and every gradient
+    (input, A, B, magnitude) agree, both sides drawing the one dropout mask from the same seed."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer import TransformerConfig
+    from peft import LoraConfig, get_peft_model
+
+    from megatron_swift.config import ParallelConfig
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.tuners.lora import LoraLinear
+
+    hidden, out, rank = 16, 24, 4
+    generator = torch.Generator().manual_seed(2)
+    weight, bias = torch.randn(out, hidden, generator=generator), torch.randn(out, generator=generator)
+    lora_a, lora_b = torch.randn(rank, hidden, generator=generator), torch.randn(out, rank, generator=generator)
+    magnitude = torch.rand(out, generator=generator) + 0.5
+    x = torch.randn(5, 2, hidden, generator=generator)
+
+    reference = torch.nn.Sequential(torch.nn.Linear(hidden, out))
+    config = LoraConfig(r=rank, lora_alpha=8, target_modules=["0"], use_dora=True, lora_dropout=0.3)
+    reference = get_peft_model(reference, config).base_model.model[0]
+    with torch.no_grad():
+        reference.base_layer.weight.copy_(weight), reference.base_layer.bias.copy_(bias)
+        reference.lora_A["default"].weight.copy_(lora_a), reference.lora_B["default"].weight.copy_(lora_b)
+        reference.lora_magnitude_vector["default"].weight.copy_(magnitude)
+
+    init_distributed(ParallelConfig())
+    try:
+        cls = ColumnParallelLinear if mode == "column" else RowParallelLinear
+        kwargs = {"gather_output": False} if mode == "column" else {"input_is_parallel": True}
+        base = cls(hidden, out, config=TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=1),
+                   init_method=torch.nn.init.zeros_, bias=True, skip_bias_add=mode == "row", **kwargs)  # fmt: skip
+        with torch.no_grad():
+            base.weight.copy_(weight), base.bias.copy_(bias)
+        base.weight.requires_grad = base.bias.requires_grad = False
+        ours = LoraLinear(base, lora_a, lora_b, scale=2.0, dropout=0.3, use_dora=True, magnitude=magnitude)
+        ours_params = (ours.lora_A.weight, ours.lora_B.weight, ours.lora_magnitude_vector)
+        theirs_params = (reference.lora_A["default"].weight, reference.lora_B["default"].weight,
+                         reference.lora_magnitude_vector["default"].weight)  # fmt: skip
+        results = []
+        for layer, forward, params in ((ours, lambda x: sum(t for t in ours(x) if t is not None), ours_params),
+                                       (reference, reference, theirs_params)):  # fmt: skip
+            layer.train()
+            x_grad = x.clone().requires_grad_()
+            torch.manual_seed(11)
+            output = forward(x_grad)
+            output.square().sum().backward()
+            results.append([output.detach(), x_grad.grad, *(p.grad for p in params)])
+    finally:
+        destroy_distributed()
+    with torch.no_grad():
+        undropped = reference.eval()(x)
+    assert (results[1][0] - undropped).abs().max() > 1e-1  # dropout was on: the training branch ran
+    for ours_value, theirs_value in zip(results[0], results[1], strict=True):
+        assert (ours_value - theirs_value).abs().max() <= 1e-5 * theirs_value.abs().max()
 
 
 @pytest.mark.parametrize(

@@ -16,21 +16,51 @@ LORA_DROPOUT = {**LORA, "dropout": 0.1}
 MODEL_DROPOUT = {"attention_dropout": 0.1, "hidden_dropout": 0.1}
 
 
-def test_lora_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
-    llama, moe = tiny_models["llama"], tiny_models["qwen3_moe"]
-    reference = run_cases([(llama, {}, {}, LORA), (moe, {}, {}, LORA)], DATA, tmp_path / "ref", world_size=1)
-    cases = [
-        (llama, {"tensor_model_parallel_size": 2, "sequence_parallel": True}, {}, LORA),
-        (llama, {"tensor_model_parallel_size": 2}, {}, LORA),
-        (llama, {"pipeline_model_parallel_size": 2}, {}, LORA),
-        (moe, {"expert_model_parallel_size": 2, "expert_tensor_parallel_size": 1}, {}, LORA),
-    ]
-    results = run_cases(cases, DATA, tmp_path / "par", world_size=2)
-    expected = [reference[0]] * 3 + [reference[1]]
+TP2_SP = {"tensor_model_parallel_size": 2, "sequence_parallel": True}
+
+
+def _dora_from_peft(hf_dir, tmp_path) -> dict:
+    """DoRA started from a PEFT DoRA adapter whose magnitudes are not the weight norms, so that the row-parallel
+    norm's all-reduce over TP counts from the first step."""
+    from tests.test_dora import peft_dora_model
+
+    peft_dora_model(hf_dir, seed=4).save_pretrained(tmp_path / "dora")
+    return {"rank": 4, "alpha": 8.0, "use_dora": True, "adapter": str(tmp_path / "dora")}
+
+
+def _assert_same_losses(cases, results, expected) -> None:
     for case, losses, want in zip(cases, results, expected, strict=True):
         assert len(losses) == 3
         worst = max(abs(a - b) / abs(b) for a, b in zip(losses, want, strict=True))
+        print(f"{case[1]} {'dora' if case[3].get('use_dora') else 'lora'}: worst relative loss difference {worst:.2e}")
         assert worst <= 1e-5, (case[1], losses, want)
+
+
+def test_lora_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
+    """LoRA at TP2+SP / TP2 / PP2 / EP2, and DoRA at TP2+SP (TP2 / PP2 in the slow suite)."""
+    llama, moe = tiny_models["llama"], tiny_models["qwen3_moe"]
+    dora = _dora_from_peft(llama, tmp_path)
+    reference = run_cases([(llama, {}, {}, LORA), (moe, {}, {}, LORA), (llama, {}, {}, dora)], DATA, tmp_path / "ref",
+                          world_size=1)  # fmt: skip
+    cases = [
+        (llama, TP2_SP, {}, LORA),
+        (llama, {"tensor_model_parallel_size": 2}, {}, LORA),
+        (llama, {"pipeline_model_parallel_size": 2}, {}, LORA),
+        (moe, {"expert_model_parallel_size": 2, "expert_tensor_parallel_size": 1}, {}, LORA),
+        (llama, TP2_SP, {}, dora),
+    ]
+    results = run_cases(cases, DATA, tmp_path / "par", world_size=2)
+    _assert_same_losses(cases, results, [reference[0]] * 3 + [reference[1], reference[2]])
+
+
+@pytest.mark.slow
+def test_dora_tp2_and_pp2_match_single_process_losses(tiny_models, tmp_path):
+    llama = tiny_models["llama"]
+    dora = _dora_from_peft(llama, tmp_path)
+    (reference,) = run_cases([(llama, {}, {}, dora)], DATA, tmp_path / "ref", world_size=1)
+    cases = [(llama, layout, {}, dora) for layout in ({"tensor_model_parallel_size": 2},
+                                                      {"pipeline_model_parallel_size": 2})]  # fmt: skip
+    _assert_same_losses(cases, run_cases(cases, DATA, tmp_path / "par", world_size=2), [reference] * 2)
 
 
 def _train_lora(hf_dir, tmp_path, lora=LORA, iters=2, model=None, **train):

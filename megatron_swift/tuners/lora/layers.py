@@ -151,7 +151,12 @@ class LoraLinear(nn.Module):
         squares = adapted_weight(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scale)
         squares = squares.square().sum(dim=1)
         if self.mode == "row" and self.tp_size > 1:
+            from megatron_swift.distributed.runtime import comm_device
+
+            # At build time the base weight may still be on the CPU; the TP group (NCCL on GPU) takes comm_device().
+            device, squares = squares.device, squares.to(comm_device())
             torch.distributed.all_reduce(squares, group=self.tp_group)
+            squares = squares.to(device)
         return squares.sqrt()
 
     def _normalized_input(self, x: torch.Tensor) -> torch.Tensor:
