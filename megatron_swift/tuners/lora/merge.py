@@ -26,7 +26,7 @@ def merged_weight(
     computed here from whole rows unless given (`norm`: the full row norms of a row-parallel shard)."""
     adapted = adapted_weight(weight, lora_a, lora_b, scale)
     if magnitude is not None:
-        norm = adapted.norm(dim=1) if norm is None else norm.float()
+        norm = adapted.square().sum(dim=1).sqrt() if norm is None else norm.float()  # as LoraLinear.weight_norm
         adapted = adapted * (magnitude.float() / norm).unsqueeze(1)
     return adapted.to(weight.dtype)
 
