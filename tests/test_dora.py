@@ -115,8 +115,9 @@ def test_dora_matches_peft_before_and_after_a_training_step(tiny_models, tmp_pat
 @pytest.mark.parametrize("mode", ["column", "row"])
 def test_dora_dropout_branch_matches_a_peft_layer(mode):
     """In training with dropout PEFT computes W x from the dropped input (its second branch). One megatron-core
-    linear with our DoRA wrapper vs a PEFT DoRA nn.Linear holding the same tensors: outputs and every gradient
-    (input, A, B, magnitude) agree, both sides drawing the one dropout mask from the same seed."""
+    linear with a bias (added inside the column-parallel one, returned by the row-parallel one) and our DoRA
+    wrapper vs a PEFT DoRA nn.Linear holding the same tensors: outputs and every gradient (input, A, B,
+    magnitude) agree, both sides drawing the one dropout mask from the same seed; and so do eval outputs."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer import TransformerConfig
     from peft import LoraConfig, get_peft_model
@@ -162,10 +163,13 @@ def test_dora_dropout_branch_matches_a_peft_layer(mode):
             output = forward(x_grad)
             output.square().sum().backward()
             results.append([output.detach(), x_grad.grad, *(p.grad for p in params)])
+        with torch.no_grad():  # in eval the other branch: W x is the base output less the bias the layer added
+            ours_eval = sum(t for t in ours.eval()(x) if t is not None)
     finally:
         destroy_distributed()
     with torch.no_grad():
         undropped = reference.eval()(x)
+    assert (ours_eval - undropped).abs().max() <= 1e-5 * undropped.abs().max()
     assert (results[1][0] - undropped).abs().max() > 1e-1  # dropout was on: the training branch ran
     for ours_value, theirs_value in zip(results[0], results[1], strict=True):
         assert (ours_value - theirs_value).abs().max() <= 1e-5 * theirs_value.abs().max()
@@ -174,7 +178,12 @@ def test_dora_dropout_branch_matches_a_peft_layer(mode):
 @pytest.mark.parametrize(
     ("family", "lora", "message"),
     [
-        ("qwen3_moe", {"use_dora": True}, "lora.use_dora: DoRA on routed-expert linears is not supported"),
+        ("qwen3_moe", {"use_dora": True}, "lora.target_modules all-linear reaches them"),  # preflight
+        (
+            "qwen3_moe",
+            {"use_dora": True, "target_modules": [r"re:linear_fc1$"]},
+            "lora.use_dora: DoRA on routed-expert",
+        ),
         ("llama", {"use_dora": True, "adapter": "PEFT_LORA"}, "lora.use_dora=True but the adapter has use_dora=False"),
     ],
 )
@@ -186,13 +195,14 @@ def test_dora_refusals_name_the_field(tiny_models, tmp_path, family, lora, messa
     from megatron_swift.config import ConfigError
     from megatron_swift.distributed import destroy_distributed, init_distributed
     from megatron_swift.training.job import build_model, check_job
+    from megatron_swift.tuners.lora.layers import LoraError
 
     if lora.get("adapter") == "PEFT_LORA":
         model = AutoModelForCausalLM.from_pretrained(tiny_models[family])
         get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_LINEARS)).save_pretrained(tmp_path)
         lora = {**lora, "adapter": str(tmp_path)}
     job = job_for(str(tiny_models[family]), DATA, str(tmp_path / "out"), {}, {}, {"rank": 4, "alpha": 8.0, **lora})
-    with pytest.raises((ConfigError, CheckpointError), match=re.escape(message)):
+    with pytest.raises((ConfigError, CheckpointError, LoraError), match=re.escape(message)):
         args = check_job(job, 1)
         init_distributed(job.parallel)
         try:
