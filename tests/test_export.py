@@ -211,16 +211,17 @@ def _in_model_export(ckpt: Path, out_dtype: torch.dtype) -> tuple[dict, dict]:
         destroy_distributed()
 
 
-@pytest.mark.parametrize("base", ["hf", "load"])
-def test_streamed_lora_merge_equals_the_in_model_merge(base, tiny_models, converted, tmp_path):
+@pytest.mark.parametrize(("base", "dora"), [("hf", False), ("load", False), ("hf", True)])
+def test_streamed_lora_merge_equals_the_in_model_merge(base, dora, tiny_models, converted, tmp_path):
     """Frozen weights from the base (HF through the rules, or a converted checkpoint), trained ones (adapters,
     modules_to_save) from the run: the same bits as loading everything into the model and merging there; the
-    adapter-only export (trained tensors only, the base never read) equals the in-model one too."""
+    adapter-only export (trained tensors only, the base never read) equals the in-model one too. DoRA: the
+    magnitude read from the run, the row norms computed in the exporter as in the model."""
     from converters.convert import mcore_to_hf
     from megatron_swift.training.job import train
     from tests.train_matrix import job_for
 
-    lora = {"rank": 4, "alpha": 8.0, "init_b_zero": False, "modules_to_save": ["output_layer"]}
+    lora = {"rank": 4, "alpha": 8.0, "init_b_zero": False, "modules_to_save": ["output_layer"], "use_dora": dora}
     hf_dir = str(tiny_models["llama"]) if base == "hf" else None
     model = {} if base == "hf" else {"load": str(converted["llama"])}
     job = job_for(hf_dir, DATA, str(tmp_path / "out"), {}, {"train_iters": 2}, lora, **model)
@@ -233,6 +234,7 @@ def test_streamed_lora_merge_equals_the_in_model_merge(base, tiny_models, conver
         assert got.keys() == want.keys()
         assert all(torch.equal(got[name], tensor) for name, tensor in want.items())
     assert any(name.endswith("lm_head.weight") for name in adapter)  # modules_to_save, read from the run
+    assert any(name.endswith("lora_magnitude_vector") for name in adapter) == dora
     original = _hf_tensors(tiny_models["llama"])
     changed = [n for n in original if not torch.equal(original[n].to(torch.bfloat16), exported[n])]
     assert "lm_head.weight" in changed and "model.layers.0.self_attn.q_proj.weight" in changed  # it has teeth

@@ -16,21 +16,51 @@ LORA_DROPOUT = {**LORA, "dropout": 0.1}
 MODEL_DROPOUT = {"attention_dropout": 0.1, "hidden_dropout": 0.1}
 
 
-def test_lora_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
-    llama, moe = tiny_models["llama"], tiny_models["qwen3_moe"]
-    reference = run_cases([(llama, {}, {}, LORA), (moe, {}, {}, LORA)], DATA, tmp_path / "ref", world_size=1)
-    cases = [
-        (llama, {"tensor_model_parallel_size": 2, "sequence_parallel": True}, {}, LORA),
-        (llama, {"tensor_model_parallel_size": 2}, {}, LORA),
-        (llama, {"pipeline_model_parallel_size": 2}, {}, LORA),
-        (moe, {"expert_model_parallel_size": 2, "expert_tensor_parallel_size": 1}, {}, LORA),
-    ]
-    results = run_cases(cases, DATA, tmp_path / "par", world_size=2)
-    expected = [reference[0]] * 3 + [reference[1]]
+TP2_SP = {"tensor_model_parallel_size": 2, "sequence_parallel": True}
+
+
+def _dora_from_peft(hf_dir, tmp_path) -> dict:
+    """DoRA started from a PEFT DoRA adapter whose magnitudes are not the weight norms, so that the row-parallel
+    norm's all-reduce over TP counts from the first step."""
+    from tests.test_dora import peft_dora_model
+
+    peft_dora_model(hf_dir, seed=4).save_pretrained(tmp_path / "dora")
+    return {"rank": 4, "alpha": 8.0, "use_dora": True, "adapter": str(tmp_path / "dora")}
+
+
+def _assert_same_losses(cases, results, expected) -> None:
     for case, losses, want in zip(cases, results, expected, strict=True):
         assert len(losses) == 3
         worst = max(abs(a - b) / abs(b) for a, b in zip(losses, want, strict=True))
+        print(f"{case[1]} {'dora' if case[3].get('use_dora') else 'lora'}: worst relative loss difference {worst:.2e}")
         assert worst <= 1e-5, (case[1], losses, want)
+
+
+def test_lora_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
+    """LoRA at TP2+SP / TP2 / PP2 / EP2, and DoRA at TP2+SP (TP2 / PP2 in the slow suite)."""
+    llama, moe = tiny_models["llama"], tiny_models["qwen3_moe"]
+    dora = _dora_from_peft(llama, tmp_path)
+    reference = run_cases([(llama, {}, {}, LORA), (moe, {}, {}, LORA), (llama, {}, {}, dora)], DATA, tmp_path / "ref",
+                          world_size=1)  # fmt: skip
+    cases = [
+        (llama, TP2_SP, {}, LORA),
+        (llama, {"tensor_model_parallel_size": 2}, {}, LORA),
+        (llama, {"pipeline_model_parallel_size": 2}, {}, LORA),
+        (moe, {"expert_model_parallel_size": 2, "expert_tensor_parallel_size": 1}, {}, LORA),
+        (llama, TP2_SP, {}, dora),
+    ]
+    results = run_cases(cases, DATA, tmp_path / "par", world_size=2)
+    _assert_same_losses(cases, results, [reference[0]] * 3 + [reference[1], reference[2]])
+
+
+@pytest.mark.slow
+def test_dora_tp2_and_pp2_match_single_process_losses(tiny_models, tmp_path):
+    llama = tiny_models["llama"]
+    dora = _dora_from_peft(llama, tmp_path)
+    (reference,) = run_cases([(llama, {}, {}, dora)], DATA, tmp_path / "ref", world_size=1)
+    cases = [(llama, layout, {}, dora) for layout in ({"tensor_model_parallel_size": 2},
+                                                      {"pipeline_model_parallel_size": 2})]  # fmt: skip
+    _assert_same_losses(cases, run_cases(cases, DATA, tmp_path / "par", world_size=2), [reference] * 2)
 
 
 def _train_lora(hf_dir, tmp_path, lora=LORA, iters=2, model=None, **train):
@@ -51,25 +81,28 @@ def _logits(model, tokens):
 MOE_TARGETS = ["linear_qkv", "linear_proj", r"re:\.mlp\.experts\.local_experts\.\d+\.linear_fc[12]$"]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
-def test_merged_export_equals_base_plus_peft_adapter(family, tiny_models, tmp_path):
+@pytest.mark.parametrize(("family", "dora"), [("llama", False), ("qwen3_moe", False), ("llama", True)])
+def test_merged_export_equals_base_plus_peft_adapter(family, dora, tiny_models, tmp_path):
+    """DoRA: trained from PEFT's start (magnitude = row norms), two steps move the magnitude off the norms."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from converters.convert import mcore_to_hf
 
-    lora = {**LORA, "target_modules": MOE_TARGETS} if family == "qwen3_moe" else LORA
+    lora = {**LORA, "target_modules": MOE_TARGETS} if family == "qwen3_moe" else {**LORA, "use_dora": dora}
     _, ckpt = _train_lora(tiny_models[family], tmp_path, lora=lora)
     merged_dir = mcore_to_hf(ckpt, tmp_path / "merged", lora="merge")
     adapter_dir = mcore_to_hf(ckpt, tmp_path / "adapter", lora="adapter")
 
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert adapter_config["r"] == LORA["rank"] and adapter_config["lora_alpha"] == LORA["alpha"]
+    assert adapter_config["use_dora"] == dora
     tokens = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))
     merged = _logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32), tokens)
     base = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32)
     base_logits = _logits(base, tokens)
     with_adapter = _logits(PeftModel.from_pretrained(base, adapter_dir), tokens)
+    print(f"merged vs adapter-in-PEFT: max abs logit difference {(merged - with_adapter).abs().max():.2e}")
     assert (merged - with_adapter).abs().max() <= 1e-4
     assert (merged - base_logits).abs().max() > 1e-2  # the adapter changes the model: the check has teeth
 
@@ -130,20 +163,33 @@ def test_all_linear_trainable_count_matches_peft(family, tiny_models, tmp_path):
     assert ours == peft_count - shared_by_fusion, (ours, peft_count, shared_by_fusion)
 
 
-def test_lora_resume_is_bitwise(tiny_models, tmp_path):
-    """6 steps straight == 3 steps, a new job resuming from the adapter-only checkpoint, 3 more (dropout on)."""
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_resume_is_bitwise(tiny_models, tmp_path, dora):
+    """6 steps straight == 3 steps, a new job resuming from the adapter-only checkpoint, 3 more (dropout on).
+    DoRA with the distributed optimizer: the magnitude and its optimizer state are saved and restored."""
+    from torch.distributed.checkpoint import FileSystemReader
+
     from megatron_swift.checkpoint.mcore import latest_checkpoint
 
+    lora, train = (
+        ({**LORA_DROPOUT, "use_dora": True}, {"use_distributed_optimizer": True}) if dora else (LORA_DROPOUT, {})
+    )
+
     def run(out, iters):
-        return _train_lora(tiny_models["llama"], out, lora=LORA_DROPOUT, iters=iters, model=MODEL_DROPOUT)
+        return _train_lora(tiny_models["llama"], out, lora=lora, iters=iters, model=MODEL_DROPOUT, **train)
 
     straight, _ = run(tmp_path / "a", 6)
     first, ckpt = run(tmp_path / "b", 3)
     second, _ = run(tmp_path / "b", 6)
     assert [r.loss for r in first + second] == [r.loss for r in straight]
     # Only adapters (and their optimizer state) are saved: a small fraction of the model's bytes.
-    size = sum(p.stat().st_size for p in (latest_checkpoint(ckpt) / "model_optim").rglob("*") if p.is_file())
-    assert size < 0.5 * sum(p.stat().st_size for p in tiny_models["llama"].glob("*.safetensors"))
+    stored = latest_checkpoint(ckpt) / "model_optim"
+    keys = FileSystemReader(str(stored)).read_metadata().state_dict_metadata
+    assert not any(key.endswith("linear_qkv.weight") for key in keys)
+    assert any(key.endswith("linear_qkv.lora_magnitude_vector") for key in keys) == dora
+    if not dora:  # (with the distributed optimizer, per-tensor overhead dominates the tiny model's checkpoint)
+        size = sum(p.stat().st_size for p in stored.rglob("*") if p.is_file())
+        assert size < 0.5 * sum(p.stat().st_size for p in tiny_models["llama"].glob("*.safetensors"))
 
 
 @pytest.mark.slow  # test_lora_resume_is_bitwise covers one process in the default suite
@@ -162,6 +208,27 @@ def test_lora_resume_is_bitwise_at_dp2_and_tp2_with_dropout(tiny_models, tmp_pat
         cases += [(llama, parallel, train, lora, MODEL_DROPOUT, resumed),
                   (llama, parallel, {**train, "train_iters": 6}, lora, MODEL_DROPOUT, resumed),
                   (llama, parallel, {**train, "train_iters": 6}, lora, MODEL_DROPOUT, straight)]  # fmt: skip
+    results = run_cases(cases, DATA, tmp_path / "runs", world_size=2)
+    for index, setup in enumerate(setups):
+        first, second, six = results[3 * index : 3 * index + 3]
+        assert len(first) == len(second) == 3 and first + second == six, setup
+
+
+@pytest.mark.slow
+def test_dora_resume_is_bitwise_at_dp2_and_tp2_sp_with_dropout(tiny_models, tmp_path):
+    """DoRA (magnitude sharded by the distributed optimizer at DP2, with lora.dropout; split on column-parallel rows
+    and summed over the sequence split of row-parallel outputs at TP2+SP, model dropout only: lora.dropout under SP
+    does not resume bitwise, for LoRA as for DoRA, see the README): 3 steps + resume + 3 equal 6 straight."""
+    llama = tiny_models["llama"]
+    overlapped = {"use_distributed_optimizer": True, "overlap_grad_reduce": True, "overlap_param_gather": True}
+    setups = [({}, overlapped, {**LORA_DROPOUT, "use_dora": True}),
+              (TP2_SP, {"use_distributed_optimizer": True}, {**LORA, "use_dora": True})]  # fmt: skip
+    cases = []
+    for index, (parallel, train, dora) in enumerate(setups):
+        resumed, straight = ({"save": str(tmp_path / f"{name}{index}")} for name in ("resumed", "straight"))
+        cases += [(llama, parallel, train, dora, MODEL_DROPOUT, resumed),
+                  (llama, parallel, {**train, "train_iters": 6}, dora, MODEL_DROPOUT, resumed),
+                  (llama, parallel, {**train, "train_iters": 6}, dora, MODEL_DROPOUT, straight)]  # fmt: skip
     results = run_cases(cases, DATA, tmp_path / "runs", world_size=2)
     for index, setup in enumerate(setups):
         first, second, six = results[3 * index : 3 * index + 3]

@@ -13,7 +13,8 @@ few copies of the largest tensor, not the model; N processes write disjoint file
 
 A LoRA run's checkpoint holds only what it trained: frozen weights come from the run's base (its HF
 directory through the rules, or its megatron-core checkpoint), and each adapted weight gets
-W + scale * B @ A exactly as `tuners.lora.merge_lora` computes it in the model.
+W + scale * B @ A exactly as `tuners.lora.merge_lora` computes it in the model (DoRA: rescaled per row
+by its magnitude over the row norm, both read whole here).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class ExportItem:
     dtype: torch.dtype  # the parameter's dtype in the model: values are cast to it first, as loading did
     source: str  # MODEL, BASE or BASE_HF
     region: Region | None  # where the value is stored (MODEL / BASE)
-    adapter: tuple[Region, Region, torch.dtype, float] | None = None  # LoRA (A, B, their dtype, scale) to merge
+    # LoRA (A, B, their dtype, scale, DoRA magnitude or None) to merge
+    adapter: tuple[Region, Region, torch.dtype, float, Region | None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -140,8 +142,8 @@ def parameter_regions(chunk) -> dict[int, Region]:
     return regions
 
 
-def _adapters(chunk) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter, float]]:
-    """Canonical base-weight name -> (lora_A, lora_B, scale) of every LoRA-wrapped linear."""
+def _adapters(chunk) -> dict[str, tuple]:
+    """Canonical base-weight name -> (lora_A, lora_B, scale, DoRA magnitude or None) of every LoRA-wrapped linear."""
     from megatron_swift.tuners.lora import LoraLinear
 
     model = unwrap_model(chunk)
@@ -149,7 +151,7 @@ def _adapters(chunk) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter, 
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear):
             weight = canonical_name(f"{name}.weight", model.decoder.layers)
-            found[weight] = (module.lora_A.weight, module.lora_B.weight, module.scale)
+            found[weight] = (module.lora_A.weight, module.lora_B.weight, module.scale, module.lora_magnitude_vector)
     return found
 
 
@@ -194,8 +196,9 @@ def plan_export(
         source = base_source if base_source and not param.requires_grad else MODEL
         adapter = None
         if name in adapters:
-            lora_a, lora_b, scale = adapters[name]
-            adapter = (regions[id(lora_a)], regions[id(lora_b)], lora_a.dtype, scale)
+            lora_a, lora_b, scale, magnitude = adapters[name]
+            magnitude_region = regions[id(magnitude)] if magnitude is not None else None
+            adapter = (regions[id(lora_a)], regions[id(lora_b)], lora_a.dtype, scale, magnitude_region)
         region = None if source == BASE_HF else regions[id(param)]
         items.append(ExportItem(name, rule, outputs, param.dtype, source, region, adapter))
     _check_sources(_requirements(items), sources)
@@ -214,7 +217,8 @@ def _requirements(items: list[ExportItem]) -> dict[str, list[tuple[str, tuple[in
         else:
             needed.setdefault(item.source, []).append((item.region.key, item.region.global_shape))
         if item.adapter:
-            needed.setdefault(MODEL, []).extend((r.key, r.global_shape) for r in item.adapter[:2])
+            regions = [*item.adapter[:2], *([item.adapter[4]] if item.adapter[4] else [])]
+            needed.setdefault(MODEL, []).extend((r.key, r.global_shape) for r in regions)
     return needed
 
 
@@ -284,9 +288,10 @@ def hf_tensors(item: ExportItem, sources: _Sources, dims: ModelDims) -> list[tor
         value = sources.read(item.source, item.region)
     value = value.to(item.dtype)
     if item.adapter:
-        region_a, region_b, dtype, scale = item.adapter
+        region_a, region_b, dtype, scale, region_m = item.adapter
         lora_a, lora_b = (sources.read(MODEL, r).to(dtype) for r in (region_a, region_b))
-        value = merged_weight(value, lora_a, lora_b, scale)
+        magnitude = sources.read(MODEL, region_m).to(dtype) if region_m else None
+        value = merged_weight(value, lora_a, lora_b, scale, magnitude)
     return [t.to(planned.dtype) for t, planned in zip(item.rule.to_hf(value, dims), item.outputs, strict=True)]
 
 

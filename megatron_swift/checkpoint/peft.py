@@ -16,6 +16,10 @@ Import is the inverse. A PEFT adapter trained on HF usually has a different lora
 a fused linear; it is then taken in exactly as one adapter of rank k*r (A stacked, B block-diagonal,
 same scale), which computes the same output, and exported back with PEFT's `rank_pattern` /
 `alpha_pattern` for those modules.
+
+DoRA (`use_dora: true`): the magnitude has one entry per output row, and each row of a fused linear
+belongs to one projection, whose row norms of W + s B A are the same whether lora_A is shared or
+per projection; so the weight's rule splits it exactly like B (`lora_magnitude_vector` per projection).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from megatron_swift.checkpoint.hf import CheckpointError
 from megatron_swift.models.hf_config import GPTModelArgs
 from megatron_swift.models.naming import canonical_name, unwrap_model
 from megatron_swift.tuners.lora import LoraConfig, LoraLinear
-from megatron_swift.tuners.lora.layers import ADAPTER_KEYS
+from megatron_swift.tuners.lora.layers import ADAPTER_KEYS, MAGNITUDE
 
 PEFT_PREFIX = "base_model.model."
 _EXPERT = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])$")
@@ -93,7 +97,7 @@ def peft_adapter_tensors(chunk, args: GPTModelArgs, lora: LoraConfig, hf_config,
 
     skeleton = _hf_skeleton(hf_config)
     modules = dict(skeleton.named_modules())
-    linear_sources: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # HF module -> (A, B)
+    linear_sources: dict[str, tuple] = {}  # HF module -> (A, B, DoRA magnitude or None)
     param_sources: dict[tuple[str, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     fused = _fused_expert_params(args)
     for name, wrapper in _adapters(chunk):
@@ -101,8 +105,12 @@ def peft_adapter_tensors(chunk, args: GPTModelArgs, lora: LoraConfig, hf_config,
         rule, bindings = args.family.mapping.resolve(f"{name}.weight")
         hf_modules = [n.removesuffix(".weight") for n in rule.hf_names(bindings)]
         if all(m in modules for m in hf_modules):
-            for module, part in zip(hf_modules, rule.to_hf(lora_b, args.dims), strict=True):
-                linear_sources[module] = (lora_a, part)
+            magnitude = wrapper.lora_magnitude_vector
+            magnitudes = (
+                rule.to_hf(magnitude.detach(), args.dims) if magnitude is not None else [None] * len(hf_modules)
+            )
+            for module, part, mag in zip(hf_modules, rule.to_hf(lora_b, args.dims), magnitudes, strict=True):
+                linear_sources[module] = (lora_a, part, mag)
             continue
         expert = _EXPERT.match(name)
         if expert is None or expert.group(3) not in fused:
@@ -112,7 +120,7 @@ def peft_adapter_tensors(chunk, args: GPTModelArgs, lora: LoraConfig, hf_config,
 
     saved = _modules_to_save(chunk, args)
     rank_pattern, alpha_pattern = {}, {}
-    for module, (lora_a, _) in linear_sources.items():
+    for module, (lora_a, *_) in linear_sources.items():
         if lora_a.shape[0] != lora.rank:  # an imported adapter stacked over fused projections (see above)
             rank_pattern[re.escape(module)] = lora_a.shape[0]
             alpha_pattern[re.escape(module)] = _alpha_for_rank(lora, lora_a.shape[0])
@@ -128,6 +136,7 @@ def peft_adapter_tensors(chunk, args: GPTModelArgs, lora: LoraConfig, hf_config,
         # PEFT cannot apply dropout to parameter targets (3-D experts); dropout does not change inference.
         lora_dropout=0.0 if target_parameters else lora.dropout,
         use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
         target_modules=target_modules or None,
         target_parameters=target_parameters or None,
         modules_to_save=sorted({name.removesuffix(".weight").rsplit(".", 1)[-1] for name in saved}) or None,
@@ -144,7 +153,9 @@ def peft_adapter_tensors(chunk, args: GPTModelArgs, lora: LoraConfig, hf_config,
                                       f"{sorted(per_expert or {})}")  # fmt: skip
             lora_a, lora_b = _to_peft_experts([per_expert[e] for e in range(layer.num_experts)])
         else:
-            lora_a, lora_b = linear_sources.pop(path)
+            lora_a, lora_b, magnitude = linear_sources.pop(path)
+            if magnitude is not None:
+                tensors[f"{peft_name}.{MAGNITUDE}"] = magnitude
         tensors[f"{peft_name}.lora_A.weight"] = lora_a
         tensors[f"{peft_name}.lora_B.weight"] = lora_b
     tensors.update({PEFT_PREFIX + name: tensor for name, tensor in saved.items()})
@@ -206,7 +217,12 @@ class PeftAdapterSource:
         peft_config = PeftLoraConfig.from_pretrained(str(self.dir))
         mismatched = [
             f"lora.{ours}={getattr(lora, ours)} but the adapter has {theirs}={getattr(peft_config, theirs)}"
-            for ours, theirs in (("rank", "r"), ("alpha", "lora_alpha"), ("use_rslora", "use_rslora"))
+            for ours, theirs in (
+                ("rank", "r"),
+                ("alpha", "lora_alpha"),
+                ("use_rslora", "use_rslora"),
+                ("use_dora", "use_dora"),
+            )
             if getattr(lora, ours) != getattr(peft_config, theirs)
         ]
         if peft_config.rank_pattern or peft_config.alpha_pattern:
@@ -215,7 +231,7 @@ class PeftAdapterSource:
             raise CheckpointError(f"{self.dir}: " + "; ".join(mismatched))
         tensors = load_file(str(weights))
         peft_config.base_model_name_or_path = None  # only the layer names matter here; PEFT warns on a mismatch
-        self.linear: dict[str, tuple] = {}  # HF module -> (A, B)
+        self.linear: dict[str, tuple] = {}  # HF module -> (A, B, DoRA magnitude or None)
         self.params: dict[tuple[str, str], tuple] = {}  # (experts module, parameter) -> (A, B, experts)
         self.unread_experts: set[tuple[str, str, int]] = set()
         for peft_name, path, layer in _peft_lora_layers(_hf_skeleton(hf_config), peft_config):
@@ -224,15 +240,18 @@ class PeftAdapterSource:
                 self.params[(path, layer.parameter_name)] = (*pair, layer.num_experts)
                 self.unread_experts.update((path, layer.parameter_name, e) for e in range(layer.num_experts))
             else:
-                self.linear[path] = pair
+                self.linear[path] = (*pair, tensors.get(f"{peft_name}.{MAGNITUDE}"))
         self.fused = _fused_expert_params(args)
 
-    def __call__(self, name: str, rule, bindings) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, name: str, rule, bindings) -> tuple:
+        """(A, B) or (A, B, DoRA magnitude) of the linear `name`, megatron layout, full size."""
         hf_modules = [n.removesuffix(".weight") for n in rule.hf_names(bindings)]
         if all(m in self.linear for m in hf_modules):
-            pairs = [self.linear.pop(m) for m in hf_modules]
+            triples = [self.linear.pop(m) for m in hf_modules]
+            pairs = [(a, b) for a, b, _ in triples]
+            magnitude = () if triples[0][2] is None else (rule.to_mcore([m for *_, m in triples], self.args.dims),)
             if all(torch.equal(a, pairs[0][0]) for a, _ in pairs):
-                return pairs[0][0], rule.to_mcore([b for _, b in pairs], self.args.dims)
+                return pairs[0][0], rule.to_mcore([b for _, b in pairs], self.args.dims), *magnitude
             stacked_a = torch.cat([a for a, _ in pairs])
             blocks, start = [], 0
             for a, b in pairs:  # projection i reads only its own rank block of the stacked A
@@ -240,7 +259,7 @@ class PeftAdapterSource:
                 block[:, start : start + a.shape[0]] = b
                 blocks.append(block)
                 start += a.shape[0]
-            return stacked_a, rule.to_mcore(blocks, self.args.dims)
+            return stacked_a, rule.to_mcore(blocks, self.args.dims), *magnitude
         expert = _EXPERT.match(name)
         key = (hf_modules[0].rsplit(".", 2)[0], self.fused.get(expert.group(3))) if expert else None
         if key not in self.params:

@@ -15,6 +15,9 @@ from megatron_swift.models.layout import model_layout_problems
 from megatron_swift.training.moe import MoeSection, moe_overrides, moe_problems
 from megatron_swift.tuners.lora.config import LoraConfig
 
+# lora.target_modules entries that adapt an MoE model's routed experts (PEFT maps gate/up/down_proj onto them).
+DORA_EXPERT_REACHING = ("all-linear", "linear_fc1", "linear_fc2", "gate_proj", "up_proj", "down_proj")
+
 
 @dataclass
 class ModelSection:
@@ -202,6 +205,13 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
             found.append(
                 f"parallel.expert_tensor_parallel_size={etp}: LoRA on expert linears needs 1 (set "
                 "parallel.expert_tensor_parallel_size: 1)"
+            )
+        expert_targets = sorted(set(job.lora.target_modules) & set(DORA_EXPERT_REACHING))
+        if job.lora.use_dora and model_args is not None and model_args.is_moe and expert_targets:
+            found.append(
+                f"lora.use_dora: DoRA on routed-expert linears is not supported (PEFT has no DoRA for them), and "
+                f"lora.target_modules {', '.join(expert_targets)} reaches them; target linear_qkv / linear_proj or a "
+                "re: pattern that leaves out .local_experts."
             )
     found += moe_problems(job.moe, model_args.is_moe if model_args is not None else None)
     if model_args is not None:

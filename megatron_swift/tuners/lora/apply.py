@@ -88,8 +88,9 @@ def _init_full(shape, seed: int, zero: bool, dtype) -> torch.Tensor:
 
 
 def _adapter_shards(base: nn.Module, name: str, config: LoraConfig, family: Family, seed: int, initial=None):
-    """This rank's (A, B) for the base linear with canonical name `name`: cut from `initial(name, rule,
-    bindings)`'s full-size tensors when given (an imported adapter), else from seeded random ones."""
+    """This rank's (A, B, DoRA magnitude or None) for the base linear with canonical name `name`: cut from
+    `initial(name, rule, bindings)`'s full-size tensors when given (an imported adapter), else from seeded
+    random ones. A magnitude is only ever imported: a new one starts as PEFT's (see LoraLinear)."""
     mode = parallel_mode(base)
     group = getattr(base, "tp_group", None)
     size = group.size() if group is not None and mode != "duplicated" else 1
@@ -99,11 +100,22 @@ def _adapter_shards(base: nn.Module, name: str, config: LoraConfig, family: Fami
     in_full = in_local * size if mode == "row" else in_local
     rule, bindings = family.mapping.resolve(f"{name}.weight")  # the base weight's layout decides how B/A are cut
     dtype = base.weight.dtype
+    magnitude = None
     if initial is not None:
-        lora_a, lora_b = (t.to(dtype) for t in initial(name, rule, bindings))
+        lora_a, lora_b, *rest = initial(name, rule, bindings)
+        magnitude = rest[0] if rest else None
+        lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
         if lora_a.shape[1] != in_full or lora_b.shape[0] != out_full or lora_a.shape[0] != lora_b.shape[1]:
             raise LoraError(f"{name}: adapter shapes A {list(lora_a.shape)}, B {list(lora_b.shape)} do not fit "
                             f"the layer ([r, {in_full}], [{out_full}, r])")  # fmt: skip
+        if (magnitude is not None) != config.use_dora:
+            raise LoraError(f"{name}: lora.use_dora is {config.use_dora} but the adapter "
+                            f"{'has' if magnitude is not None else 'has no'} DoRA magnitude; set it as the adapter was "
+                            "trained")  # fmt: skip
+        if magnitude is not None:
+            magnitude = magnitude.to(dtype)
+            if magnitude.shape != (out_full,):
+                raise LoraError(f"{name}: DoRA magnitude of shape {list(magnitude.shape)} for {out_full} rows")
     else:
         name_seed = seed + zlib.crc32(name.encode())
         lora_a = _init_full((config.rank, in_full), name_seed, zero=False, dtype=dtype)
@@ -111,16 +123,18 @@ def _adapter_shards(base: nn.Module, name: str, config: LoraConfig, family: Fami
     if size > 1:
         if mode == "column":
             lora_b = rule.tp_shard(lora_b, 0, rank, size)
+            magnitude = rule.tp_shard(magnitude, 0, rank, size) if magnitude is not None else None
         else:
             lora_a = rule.tp_shard(lora_a, 1, rank, size)
-    return lora_a.contiguous(), lora_b.contiguous()
+    return lora_a.contiguous(), lora_b.contiguous(), magnitude
 
 
 def apply_lora(chunks: list, config: LoraConfig, family: Family, seed: int, initial=None) -> LoraReport:
     """Wrap the targeted linears of every chunk in place, freeze everything else but modules_to_save.
 
-    `initial(name, rule, bindings) -> (A, B)`: full-size starting adapters (megatron layout) of each
-    targeted linear, e.g. from a PEFT adapter (megatron_swift/checkpoint/peft.py); default: seeded random A, zero B.
+    `initial(name, rule, bindings) -> (A, B[, DoRA magnitude])`: full-size starting adapters (megatron layout)
+    of each targeted linear, e.g. from a PEFT adapter (megatron_swift/checkpoint/peft.py); default: seeded random
+    A, zero B (and with lora.use_dora PEFT's magnitude, the row norms of the adapted weight).
     """
     shorts, regexes = _linear_matcher(config, family)
     adapted, matched_regexes = [], set()
@@ -141,10 +155,13 @@ def apply_lora(chunks: list, config: LoraConfig, family: Family, seed: int, init
             if module_name.rsplit(".", 1)[-1] in shorts or hits:
                 targets.append((module_name, name, module))
         for module_name, name, module in targets:
-            lora_a, lora_b = _adapter_shards(module, name, config, family, seed, initial)
+            if config.use_dora and ".local_experts." in name:
+                raise LoraError(f"lora.use_dora: DoRA on routed-expert linears ({name}) is not supported (PEFT has "
+                                "no DoRA for experts); leave the experts out of lora.target_modules")  # fmt: skip
+            lora_a, lora_b, magnitude = _adapter_shards(module, name, config, family, seed, initial)
+            wrapper = LoraLinear(module, lora_a, lora_b, config.scale, config.dropout, config.use_dora, magnitude)
             parent_name, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, LoraLinear(module, lora_a, lora_b, config.scale,
-                                                                       config.dropout))  # fmt: skip
+            setattr(model.get_submodule(parent_name), child, wrapper)
             adapted.append(name)
         _unfreeze_modules_to_save(model, config.modules_to_save)
     unmatched = [p for p in config.target_modules if p.startswith("re:") and p not in matched_regexes]

@@ -15,6 +15,8 @@ class LoraConfig:
     alpha: float = 32.0
     dropout: float = 0.0
     use_rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    # DoRA (PEFT's use_dora): a trained magnitude per output feature rescales W + scale * B A (tuners/lora/layers.py).
+    use_dora: bool = False
     # Short megatron names (linear_qkv, linear_proj, linear_fc1, linear_fc2), HF names (q_proj, ..., mapped
     # through the family table), `all-linear`, or regular expressions over module paths (`re:...`).
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])

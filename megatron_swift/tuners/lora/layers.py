@@ -14,6 +14,16 @@ Sharding follows the base layer, so the adapter adds one small collective at mos
 State-dict keys of the base weights do not change (`...linear_qkv.weight`, not
 `...linear_qkv.base_layer.weight`), so base weights load from any converted or HF-derived
 checkpoint; the adapter adds `...linear_qkv.lora_A.weight` / `lora_B.weight`.
+
+DoRA (`magnitude` given; PEFT's semantics for nn.Linear): the output is rescaled per output feature
+by m / ||W + scale * B A|| (row norms, detached as in the DoRA paper and PEFT), i.e.
+base + (m / norm - 1) * W x + (m / norm) * scale * B A x. The magnitude m (`lora_magnitude_vector`)
+is sharded like the base output: column-parallel -> this rank's rows; row-parallel -> the full output,
+replicated, and the row norms need the squared sums of every TP rank's input columns (one all-reduce
+of an [out] vector). Under sequence parallelism a row-parallel output is split along the sequence, so
+m's gradient is partial per rank and megatron-core sums it (the `sequence_parallel` attribute, as for
+layer norms). With dropout in training, PEFT computes W x and B A x from the same dropped input (a
+second matmul with the base weight); otherwise W x is the base output without its bias.
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 BASE = "base_layer."
-ADAPTER_KEYS = ("lora_A.weight", "lora_B.weight")
+MAGNITUDE = "lora_magnitude_vector"
+ADAPTER_KEYS = ("lora_A.weight", "lora_B.weight", MAGNITUDE)
 
 
 class LoraError(ValueError):
@@ -47,8 +58,19 @@ def _group_size(group) -> int:
 
 
 class LoraLinear(nn.Module):
-    def __init__(self, base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout: float):
-        """`lora_a` / `lora_b` are this rank's shards, already initialised (see apply.py)."""
+    def __init__(
+        self,
+        base: nn.Module,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scale: float,
+        dropout: float,
+        use_dora: bool = False,
+        magnitude: torch.Tensor | None = None,
+    ):
+        """`lora_a` / `lora_b` are this rank's shards, already initialised (see apply.py). With `use_dora`,
+        `magnitude` is this rank's shard of the DoRA magnitude; None: PEFT's start, the row norms of
+        W + scale * B A (a collective over TP for a row-parallel base)."""
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
         super().__init__()
@@ -75,24 +97,67 @@ class LoraLinear(nn.Module):
             set_tensor_model_parallel_attributes(param, sharded, split[1] if sharded else -1, 1)
             # Expert weights are reduced over the expert-data-parallel group, not the data-parallel one.
             param.allreduce = getattr(base.weight, "allreduce", True)
+        self.lora_magnitude_vector = None
+        if use_dora:
+            if magnitude is None:
+                magnitude = self.weight_norm()
+            out_local = self.lora_B.weight.shape[0]
+            if magnitude.shape != (out_local,):
+                raise LoraError(f"DoRA magnitude of shape {list(magnitude.shape)} for a layer of {out_local} rows")
+            self.lora_magnitude_vector = nn.Parameter(magnitude.detach().to(lora_b.dtype).clone())
+            column_split = self.mode == "column" and self.tp_size > 1
+            set_tensor_model_parallel_attributes(self.lora_magnitude_vector, column_split, 0 if column_split else -1, 1)
+            self.lora_magnitude_vector.allreduce = getattr(base.weight, "allreduce", True)
+            # Row-parallel under SP: each rank scales its part of the sequence (see the module docstring).
+            self.lora_magnitude_vector.sequence_parallel = self.mode == "row" and self.sequence_parallel
         self.register_state_dict_post_hook(_drop_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        return self._branches(x, with_base=False)[0]
+
+    def _branches(self, x: torch.Tensor, with_base: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scale * B A dropout(x), and with `with_base` W dropout(x) without bias: DoRA's base term in
+        training with dropout), laid out like the base output."""
         from megatron.core.tensor_parallel import mappings
 
         x = self._normalized_input(x)
+        weight = self.base_layer.weight
         if self.tp_size == 1:
-            return self.lora_B(self.lora_A(self.dropout(x))) * self.scale
-        group = self.tp_group
+            x = self.dropout(x)
+            return self.lora_B(self.lora_A(x)) * self.scale, F.linear(x, weight) if with_base else None
+        group, base = self.tp_group, None
         if self.mode == "column":
             if self.sequence_parallel:  # the base gathers the sequence itself; the adapter must too
                 x = mappings.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=group)
-            hidden = mappings.copy_to_tensor_model_parallel_region(self.lora_A(self.dropout(x)), group=group)
-            return self.lora_B(hidden) * self.scale
-        hidden = mappings.reduce_from_tensor_model_parallel_region(self.lora_A(self.dropout(x)), group=group)
+            x = self.dropout(x)
+            hidden = mappings.copy_to_tensor_model_parallel_region(self.lora_A(x), group=group)
+            if with_base:  # x's gradient from this rank's rows is partial: all-reduced like the base layer's
+                base = F.linear(mappings.copy_to_tensor_model_parallel_region(x, group=group), weight)
+            return self.lora_B(hidden) * self.scale, base
+        x = self.dropout(x)
+        hidden = mappings.reduce_from_tensor_model_parallel_region(self.lora_A(x), group=group)
         out = self.lora_B(hidden) * self.scale
-        return mappings.scatter_to_sequence_parallel_region(out, group=group) if self.sequence_parallel else out
+        if with_base:
+            base = mappings.reduce_from_tensor_model_parallel_region(F.linear(x, weight), group=group)
+        if self.sequence_parallel:
+            out = mappings.scatter_to_sequence_parallel_region(out, group=group)
+            base = mappings.scatter_to_sequence_parallel_region(base, group=group) if with_base else None
+        return out, base
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """Row norms of W + scale * B A (fp32), this rank's rows; summed over TP for a row-parallel base."""
+        squares = adapted_weight(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scale)
+        squares = squares.square().sum(dim=1)
+        if self.mode == "row" and self.tp_size > 1:
+            from megatron_swift.distributed.runtime import comm_device
+
+            # At build time the base weight may still be on the CPU; the TP group (NCCL on GPU) takes comm_device().
+            device, squares = squares.device, squares.to(comm_device())
+            torch.distributed.all_reduce(squares, group=self.tp_group)
+            squares = squares.to(device)
+        return squares.sqrt()
 
     def _normalized_input(self, x: torch.Tensor) -> torch.Tensor:
         """Transformer Engine's LayerNormLinear normalises inside the layer; the adapter sees the same input."""
@@ -107,7 +172,15 @@ class LoraLinear(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         out, bias = self.base_layer(x, *args, **kwargs)
-        return out + self.lora_delta(x).to(out.dtype), bias
+        if self.lora_magnitude_vector is None:
+            return out + self.lora_delta(x).to(out.dtype), bias
+        dropped = self.training and not isinstance(self.dropout, nn.Identity)
+        lora, base = self._branches(x, with_base=dropped)
+        if base is None:  # W x is the base output, less a bias the layer added itself
+            inner_bias = getattr(self.base_layer, "bias", None)
+            base = out - inner_bias if bias is None and inner_bias is not None else out
+        factor = (self.lora_magnitude_vector / self.weight_norm().to(self.lora_magnitude_vector.dtype)).to(out.dtype)
+        return out + (factor - 1) * base.to(out.dtype) + factor * lora.to(out.dtype), bias
 
     # megatron-core reaches into its linears for these (qk-clip reads `linear_qkv.weight`; delayed
     # weight-gradient computation calls `backward_dw`): they concern the base layer.
@@ -123,7 +196,9 @@ class LoraLinear(nn.Module):
 
         state = self.base_layer.sharded_state_dict(prefix, sharded_offsets, metadata)
         adapter = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
-        axis = {"column": {"lora_B.weight": 0}, "row": {"lora_A.weight": 1}}.get(self.mode, {})
+        axis = {"column": {"lora_B.weight": 0, MAGNITUDE: 0}, "row": {"lora_A.weight": 1}}.get(self.mode, {})
+        if self.lora_magnitude_vector is not None:
+            adapter[MAGNITUDE] = self.lora_magnitude_vector
         state.update(
             make_sharded_tensors_for_checkpoint(
                 adapter,
@@ -145,5 +220,10 @@ def _drop_base_prefix(module, state_dict, prefix, local_metadata) -> None:
 def _add_base_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
     for key in [k for k in state_dict if k.startswith(prefix)]:
         rest = key[len(prefix) :]
-        if not rest.startswith((BASE, "lora_A.", "lora_B.")):
+        if not rest.startswith((BASE, "lora_A.", "lora_B.", MAGNITUDE)):
             state_dict[prefix + BASE + rest] = state_dict.pop(key)
+
+
+def adapted_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B A in fp32."""
+    return weight.float() + (lora_b.float() @ lora_a.float()) * scale
