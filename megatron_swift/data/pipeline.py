@@ -23,6 +23,7 @@ from megatron_swift.data.errors import BadRows, DataError
 from megatron_swift.data.indexed import TokenWindows, is_indexed_prefix
 from megatron_swift.data.labels import LossPolicy, TruncationCounts, parse_role_scales, truncate
 from megatron_swift.data.packing import PackedCollate, PaddedCollate, pack, padding_fraction
+from megatron_swift.data.pairs import PairCollate, PairEncoder, PairSample, fit_pairs
 from megatron_swift.data.sources import load_rows, split_rows
 from megatron_swift.data.streaming import StreamingBatches
 from megatron_swift.data.templates import RENDERING, make_template
@@ -43,9 +44,13 @@ class TrainData:
         return "data: " + ", ".join(f"{key}={value}" for key, value in self.stats.items())
 
 
-def make_encoder(data, tokenizer, task: str) -> Encoder:
-    template = make_template(data.template, tokenizer) if task == "sft" else None
-    policy = LossPolicy(data.loss_scale, {"tool": 0.0, **parse_role_scales(data.role_loss_scale)})
+def make_encoder(data, tokenizer, task: str) -> Encoder | PairEncoder:
+    template = make_template(data.template, tokenizer) if task in ("sft", "dpo") else None
+    # Preference pairs score the response (the turns after the last user turn) unless loss_scale says otherwise.
+    scope = "last_round" if task == "dpo" and data.loss_scale == "default" else data.loss_scale
+    policy = LossPolicy(scope, {"tool": 0.0, **parse_role_scales(data.role_loss_scale)})
+    if task == "dpo":
+        return PairEncoder(Encoder(tokenizer, template, policy, data.format, "sft"))
     return Encoder(tokenizer, template, policy, data.format, task)
 
 
@@ -59,7 +64,10 @@ def encode_dataset(data, encoder: Encoder, seed: int, progress: bool) -> tuple[l
         cache = SampleCache(data.cache_dir, cache_key(data.dataset, encoder.tokenizer, template, options))
         cached = cache.load()
         if cached is not None:
-            return cached
+            samples, info = cached
+            if encoder.task == "dpo":  # stored flat: chosen, rejected, chosen, ...
+                samples = [PairSample(*samples[i : i + 2]) for i in range(0, len(samples), 2)]
+            return samples, info
     bad = BadRows(skip=data.skip_bad_rows)
     rows = load_rows(data.dataset, seed, bad)
     samples = []
@@ -72,7 +80,8 @@ def encode_dataset(data, encoder: Encoder, seed: int, progress: bool) -> tuple[l
         raise DataError(f"{', '.join(data.dataset)}: no usable rows ({bad.count} bad)")
     info = {"rows": len(rows), "bad_rows": bad.count, "bad_examples": bad.examples}
     if cache is not None:
-        cache.save(samples, info)
+        flat = [side for pair in samples for side in (pair.chosen, pair.rejected)] if encoder.task == "dpo" else samples
+        cache.save(flat, info)
     return samples, info
 
 
@@ -116,7 +125,7 @@ def validation_items(validation: list[Sample], task: str, data, max_length: int,
 
 def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: int,
                      progress: bool = False) -> TrainData:  # fmt: skip
-    """`data` is a training.config.DataSection; `task` is "pretrain" or "sft"."""
+    """`data` is a training.config.DataSection; `task` is "pretrain", "sft" or "dpo" (preference pairs: pairs.py)."""
     seq_length = data.seq_length
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     max_length = data.max_length or seq_length + 1
@@ -145,6 +154,12 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
     stats |= {"samples": len(samples), "validation": len(validation)}
     if validation:
         held_out = {"eval_items": validation_items(validation, task, data, max_length, seed), "eval_collate": padded}
+    if task == "dpo":  # preflight refuses packing, streaming and validation splits for pairs
+        pairs = fit_pairs(samples, max_length, data.truncation_strategy, stats)
+        if not pairs:
+            raise DataError(f"no preference pair left to train on after truncation to {max_length} tokens; raise "
+                            "data.seq_length or change data.truncation_strategy")  # fmt: skip
+        return TrainData(batches(pairs, PairCollate(seq_length, pad_id)), len(pairs), validation, stats, **held_out)
     if task == "pretrain" and not data.packing:
         windows = TokenWindows.from_samples(samples, seq_length, seed, data.shuffle)
         stats["windows"] = len(windows)

@@ -13,6 +13,7 @@ from typing import Literal
 from megatron_swift.config import ParallelConfig
 from megatron_swift.models.layout import model_layout_problems
 from megatron_swift.training.moe import MoeSection, moe_overrides, moe_problems
+from megatron_swift.training.rlhf_config import RlhfSection, rlhf_problems
 from megatron_swift.tuners.lora.config import LoraConfig
 
 
@@ -69,7 +70,7 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    task: Literal["pretrain", "sft"] = "sft"
+    task: Literal["pretrain", "sft", "dpo"] = "sft"  # dpo: preference pairs, options in the `rlhf` section
     train_type: Literal["full", "lora"] = "full"  # lora: adapters from the `lora` section, base frozen
     micro_batch_size: int = 1
     global_batch_size: int = 8
@@ -139,6 +140,7 @@ class JobConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     lora: LoraConfig = field(default_factory=LoraConfig)
     moe: MoeSection = field(default_factory=MoeSection)
+    rlhf: RlhfSection = field(default_factory=RlhfSection)  # train.task dpo only
 
 
 def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
@@ -204,6 +206,7 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
                 "parallel.expert_tensor_parallel_size: 1)"
             )
     found += moe_problems(job.moe, model_args.is_moe if model_args is not None else None)
+    found += rlhf_problems(job)
     if model_args is not None:
         found += [f"model: {problem}" for problem in model_layout_problems(model_args, p) if problem not in found]
     return found

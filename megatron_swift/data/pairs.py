@@ -1,0 +1,125 @@
+"""Preference pairs (train.task dpo): ms-swift's row format, encoding with the SFT templates, fitting, collation.
+
+A row is a conversation in any chat format (formats.py) whose last message is the chosen assistant response,
+plus the rejected one:
+- `rejected_response`: a string replacing the content of the last assistant message, or
+- `rejected_messages`: the whole rejected conversation (messages format).
+
+Each side is rendered by the SFT template and masked by the SFT loss policy; with `data.loss_scale: default`
+preference training scores the assistant turns after the last user turn (`last_round`: the response, as TRL's
+prompt / completion split). A micro-batch of n pairs is one [2n, seq] batch, the n chosen rows first, then their
+n rejected rows in the same order (TRL's concatenated forward), so a pair always goes through one forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from megatron_swift.data.encode import Encoder, Sample
+from megatron_swift.data.errors import RowProblem
+from megatron_swift.data.formats import normalise
+from megatron_swift.data.labels import TruncationCounts, truncate
+from megatron_swift.data.packing import PaddedCollate
+from megatron_swift.data.sources import Row
+
+REJECTED_FIELDS = ("rejected_response", "rejected_messages")
+
+
+@dataclass(frozen=True)
+class PairSample:
+    chosen: Sample
+    rejected: Sample
+
+
+def split_pair(data: dict, row_format: str = "auto") -> tuple[dict, dict]:
+    """(chosen, rejected) as `messages` rows; RowProblem says what is wrong with the row."""
+    given = [name for name in REJECTED_FIELDS if data.get(name) not in (None, "", [])]
+    if len(given) != 1:
+        raise RowProblem(
+            "preference rows need exactly one of 'rejected_response' (a string) or 'rejected_messages' (a "
+            f"conversation) next to the chosen conversation; found {given or 'neither'}"
+        )
+    chosen_fields = {key: value for key, value in data.items() if key not in REJECTED_FIELDS}
+    chosen = normalise(chosen_fields, row_format)
+    if isinstance(chosen, str):
+        raise RowProblem("preference rows need a conversation (messages, ...), not 'text'")
+    last = chosen.messages[-1]
+    if last["role"] != "assistant":
+        raise RowProblem("the chosen conversation must end with the assistant's response (its last message)")
+    tools = {"tools": chosen.tools} if chosen.tools else {}
+    if given[0] == "rejected_response":
+        response = data["rejected_response"]
+        if not isinstance(response, str):
+            raise RowProblem(f"rejected_response must be a string, got {type(response).__name__}")
+        rejected_messages = [*chosen.messages[:-1], {"role": "assistant", "content": response}]
+    else:
+        try:
+            rejected = normalise({"messages": data["rejected_messages"], **tools}, "messages")
+        except RowProblem as problem:
+            raise RowProblem(f"rejected_messages: {problem}") from None
+        if rejected.messages[-1]["role"] != "assistant":
+            raise RowProblem("rejected_messages must end with the rejected assistant response")
+        rejected_messages = rejected.messages
+    return {"messages": chosen.messages, **tools}, {"messages": rejected_messages, **tools}
+
+
+class PairEncoder:
+    """Picklable, like Encoder (whose template, loss policy and tokenizer it uses for both sides)."""
+
+    def __init__(self, encoder: Encoder):
+        self.encoder = encoder
+        self.tokenizer, self.template, self.task = encoder.tokenizer, encoder.template, "dpo"
+
+    def encode(self, rows: Sequence[Row]) -> list[PairSample | str]:
+        sides, results = [], []
+        for row in rows:
+            try:
+                chosen, rejected = split_pair(row.data, self.encoder.row_format)
+                sides += [Row(row.where, chosen), Row(row.where, rejected)]
+                results.append(None)
+            except RowProblem as problem:
+                results.append(str(problem))
+        encoded = iter(self.encoder.encode(sides))
+        for index, result in enumerate(results):
+            if result is None:
+                chosen, rejected = next(encoded), next(encoded)
+                problems = [f"{name}: {side}" for name, side in (("chosen", chosen), ("rejected", rejected))
+                            if isinstance(side, str)]  # fmt: skip
+                results[index] = "; ".join(problems) if problems else PairSample(chosen, rejected)
+        return results
+
+
+def fit_pairs(pairs: list[PairSample], max_length: int, strategy: str, stats: dict) -> list[PairSample]:
+    """Both sides cut to max_length by the truncation strategy; a pair is dropped when either side is deleted or
+    has nothing left to score."""
+    counts, fitted = TruncationCounts(), []
+    for pair in pairs:
+        sides = []
+        for sample in (pair.chosen, pair.rejected):
+            kept = truncate(sample.ids, sample.weights, max_length, strategy, counts)
+            if kept is None or not kept[1][1:].any():
+                break
+            sides.append(Sample(*kept))
+        if len(sides) == 2:
+            fitted.append(PairSample(*sides))
+    stats |= {"truncated": counts.truncated, "deleted_too_long": counts.deleted,
+              "no_target_after_truncation": counts.no_target, "trained_pairs": len(fitted)}  # fmt: skip
+    return fitted
+
+
+@dataclass(frozen=True)
+class PairCollate:
+    """n pairs -> tokens, labels, loss_mask [2n, seq_length]: the chosen rows, then the rejected rows. The loss mask
+    is 0/1 (which tokens are scored): preference losses use each sequence's summed log-probability."""
+
+    seq_length: int
+    pad_id: int
+
+    def __call__(self, pairs: list[PairSample]) -> dict[str, torch.Tensor]:
+        rows = [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]
+        batch = PaddedCollate(self.seq_length, self.pad_id)(rows)
+        batch["loss_mask"] = (batch["loss_mask"] > 0).float()
+        return batch

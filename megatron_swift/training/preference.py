@@ -1,0 +1,250 @@
+"""Preference training (train.task dpo): sequence log-probs, the reference model, DPO losses, one optimizer step.
+
+Log-probs come from the SFT loss path: the last stage asks megatron-core for the per-token cross entropy of the
+labels (`labels=`, vocab-parallel over TP, padding columns masked by models/gpt.py), so a sequence's log-prob is
+minus its masked sum and no [tokens, vocab] logits are gathered over tensor-parallel ranks. A micro-batch of n
+pairs is [2n, seq]: n chosen rows, then their n rejected rows (data/pairs.py).
+
+Each step first runs the reference model over the step's micro-batches through megatron-core's forward-only
+schedule (so pipeline parallelism needs nothing of ours) and keeps the per-sequence log-probs with the
+micro-batches; then the training schedule computes the policy's and the loss. The reference is:
+- LoRA: the same chunks with their adapters switched off (`adapters_disabled`), no second copy;
+- full training: a frozen copy of the initial weights at the same parallel layout (`ReferenceModel.copy`);
+- `rlhf.reference_free`: none (its log-probs are 0).
+
+Losses are TRL's (`DPOTrainer`, per pair, summed over `loss_type` with `loss_weights`); `sigmoid` with
+`label_smoothing` is cDPO (TRL < 1.0, ms-swift). The schedule's loss is the micro-batch's sum of per-pair losses
+with the pair count as megatron-core's token count (`calculate_per_token_loss`), so the step's gradient is the
+exact mean over the global batch's pairs whatever the split. RPO's NLL term (`rpo_alpha`) is a token mean over the
+global batch's chosen responses: its per-micro-batch sum is scaled by pairs / chosen tokens of the global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_swift.distributed.runtime import comm_device
+from megatron_swift.training.step import StepResult
+
+# Reported per micro-batch (sums over its pairs) and summed over the global batch.
+REPORT = ("loss", "pairs", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+          "logps/chosen", "logps/rejected")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DpoLoss:
+    beta: float = 0.1
+    loss_types: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] = (1.0,)
+    label_smoothing: float = 0.0
+    rpo_alpha: float | None = None
+
+    @classmethod
+    def from_section(cls, rlhf) -> DpoLoss:
+        weights = rlhf.loss_weights if rlhf.loss_weights is not None else [1.0] * len(rlhf.loss_type)
+        return cls(rlhf.beta, tuple(rlhf.loss_type), tuple(weights), rlhf.label_smoothing, rlhf.rpo_alpha)
+
+    def per_pair(self, chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens):
+        """[n] per-pair loss (weighted sum over the loss types), without RPO's NLL term; TRL's formulas."""
+        chosen_ratio, rejected_ratio = chosen_logps - ref_chosen, rejected_logps - ref_rejected
+        logits = self.beta * (chosen_ratio - rejected_ratio)
+        eps = self.label_smoothing
+        total = torch.zeros_like(logits)
+        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
+            if loss_type == "sigmoid":  # DPO; cDPO with label smoothing
+                loss = -F.logsigmoid(logits) * (1 - eps) - F.logsigmoid(-logits) * eps
+            elif loss_type == "hinge":  # SLiC
+                loss = torch.relu(1 - logits)
+            elif loss_type == "ipo":  # log-ratios averaged per completion token, as TRL (confirmed by the authors)
+                delta = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+                loss = (delta - 1 / (2 * self.beta)) ** 2
+            elif loss_type == "robust":
+                loss = (-F.logsigmoid(logits) * (1 - eps) + F.logsigmoid(-logits) * eps) / (1 - 2 * eps)
+            else:  # preflight (rlhf_config.py) admits only the types above
+                raise ValueError(f"rlhf.loss_type {loss_type!r} is not built")
+            total = total + weight * loss
+        return total
+
+
+def sequence_logps(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-prob, scored tokens) per row from the model's per-token cross entropy [b, s] and 0/1 mask."""
+    mask = loss_mask.float()
+    return -(per_token_loss.float() * mask).sum(dim=1), mask.sum(dim=1)
+
+
+def _dpo_loss_func(loss: DpoLoss, loss_mask, ref_logps, nll_scale: float, per_token_loss):
+    logps, tokens = sequence_logps(per_token_loss, loss_mask)
+    chosen, rejected = logps.chunk(2)
+    chosen_tokens, rejected_tokens = tokens.chunk(2)
+    ref_chosen, ref_rejected = ref_logps.to(logps.device).chunk(2)
+    per_pair = loss.per_pair(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens)
+    total = per_pair.sum()
+    if loss.rpo_alpha:  # NLL of the chosen responses, as a token mean over the global batch (see module doc)
+        total = total + loss.rpo_alpha * nll_scale * (-chosen.sum())
+    chosen_rewards = loss.beta * (chosen - ref_chosen).detach()
+    rejected_rewards = loss.beta * (rejected - ref_rejected).detach()
+    report = torch.stack([
+        total.detach(), torch.tensor(float(len(chosen)), device=total.device), chosen_rewards.sum(),
+        rejected_rewards.sum(), (chosen_rewards > rejected_rewards).float().sum(),
+        (chosen_rewards - rejected_rewards).sum(), chosen.detach().sum(), rejected.detach().sum(),
+    ]).double()  # fmt: skip
+    return total, torch.tensor(len(chosen), dtype=torch.int), {"dpo": report}
+
+
+def _logps_func(loss_mask, per_token_loss):
+    """Forward-only: the reference log-probs of the micro-batch's rows, kept by the schedule's data store."""
+    logps, _ = sequence_logps(per_token_loss, loss_mask)
+    return torch.zeros((), device=logps.device), torch.tensor(0, dtype=torch.int), {"logps": logps.detach()}
+
+
+def _forward_step(data_iterator, model, loss: DpoLoss | None, nll_scale: float):
+    """Policy (loss given) or reference (loss None) forward of one micro-batch of pairs, unpacked [2n, seq]."""
+    device = next(model.parameters()).device
+    batch = {key: value.to(device) for key, value in next(data_iterator).items()}
+    ref_logps = batch.pop("ref_logps", None)
+    seq = batch["tokens"].shape[1]
+    position_ids = torch.arange(seq, device=device).unsqueeze(0).expand_as(batch["tokens"])
+    output = model(batch["tokens"], position_ids, None, labels=batch["labels"])
+    if loss is None:
+        return output, partial(_logps_func, batch["loss_mask"])
+    return output, partial(_dpo_loss_func, loss, batch["loss_mask"], ref_logps, nll_scale)
+
+
+def _schedule(chunks, microbatches: list[dict], forward_only: bool, loss: DpoLoss | None, nll_scale: float = 0.0):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    micro_batch_size, seq_length = microbatches[0]["tokens"].shape
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, loss=loss, nll_scale=nll_scale),
+        data_iterator=[iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches),
+        model=chunks,
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+class ReferenceModel:
+    """Where the reference log-probs come from: `adapters_off(chunks)` (LoRA), `copy(chunks)` (a frozen copy of
+    the initial weights at the same layout) or `none()` (reference-free: zeros)."""
+
+    def __init__(self, chunks: list | None, adapters: bool):
+        self.chunks, self.adapters = chunks, adapters
+
+    @classmethod
+    def adapters_off(cls, policy_chunks: list) -> ReferenceModel:
+        return cls(policy_chunks, adapters=True)
+
+    @classmethod
+    def copy(cls, frozen_chunks: list) -> ReferenceModel:
+        for chunk in frozen_chunks:
+            chunk.requires_grad_(False)
+            chunk.eval()
+        return cls(frozen_chunks, adapters=False)
+
+    @classmethod
+    def none(cls) -> ReferenceModel:
+        return cls(None, adapters=False)
+
+    def attach_logps(self, microbatches: list[dict]) -> None:
+        """Every micro-batch gets `ref_logps` [2n] (collective over the model's ranks; read on the last stage)."""
+        if self.chunks is None:
+            for microbatch in microbatches:
+                microbatch["ref_logps"] = torch.zeros(microbatch["tokens"].shape[0])
+            return
+        from megatron_swift.training.optim import parameters_synced
+        from megatron_swift.tuners.lora import adapters_disabled
+
+        was_training = [chunk.training for chunk in self.chunks]
+        with torch.no_grad(), parameters_synced(self.chunks), (
+            adapters_disabled(self.chunks) if self.adapters else contextlib.nullcontext()
+        ):  # fmt: skip
+            for chunk in self.chunks:
+                chunk.eval()
+            reports = _schedule(self.chunks, microbatches, forward_only=True, loss=None)
+        for chunk, training in zip(self.chunks, was_training, strict=True):
+            chunk.train(training)
+        for index, microbatch in enumerate(microbatches):  # empty reports off the last stage: never read there
+            microbatch["ref_logps"] = reports[index]["logps"] if reports else torch.zeros(0)
+
+
+def _global_chosen_tokens(microbatches: list[dict]) -> float:
+    """Scored tokens of the chosen responses in the whole global batch (every data-parallel rank's)."""
+    from megatron.core import parallel_state as ps
+
+    local = sum(float(mb["loss_mask"][: mb["tokens"].shape[0] // 2].sum()) for mb in microbatches)
+    total = torch.tensor([local], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return float(total.item())
+
+
+def global_report(reports: list[dict]) -> torch.Tensor:
+    """REPORT summed over micro-batches and data-parallel ranks; sent from the last pipeline stage to all."""
+    from megatron.core import parallel_state as ps
+
+    total = torch.zeros(len(REPORT), dtype=torch.float64, device=comm_device())
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        for item in reports:
+            total += item["dpo"].to(total.device)
+        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(
+            total, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+        )
+    return total.cpu()
+
+
+def dpo_metrics(total: torch.Tensor) -> dict[str, float]:
+    pairs = max(float(total[1]), 1.0)
+    return {name: float(total[i]) / pairs for i, name in enumerate(REPORT) if name != "pairs"}
+
+
+@dataclass
+class Preference:
+    """What a preference step needs besides the model: the loss and the reference."""
+
+    loss: DpoLoss
+    reference: ReferenceModel
+
+    def run(self, chunks, microbatches: list[dict], forward_only: bool) -> list[dict]:
+        """The reference's log-probs, then the policy's forward (and backward) over this rank's micro-batches of
+        one global batch: the per-micro-batch reports (last stage; `dpo`: REPORT sums). Collective."""
+        self.reference.attach_logps(microbatches)
+        nll_scale = 0.0
+        if self.loss.rpo_alpha:
+            pairs = sum(mb["tokens"].shape[0] // 2 for mb in microbatches)
+            nll_scale = _global_pairs(pairs) / max(_global_chosen_tokens(microbatches), 1.0)
+        return _schedule(chunks, microbatches, forward_only=forward_only, loss=self.loss, nll_scale=nll_scale)
+
+    def train_step(self, chunks, optimizer, scheduler, microbatches: list[dict], vocab_size: int) -> StepResult:
+        from megatron_swift.training.moe_metrics import router_losses
+
+        for chunk in chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = self.run(chunks, microbatches, forward_only=False)
+        lr = optimizer.param_groups[0]["lr"]
+        updated, grad_norm, _ = optimizer.step()
+        if updated:
+            scheduler.step(increment=1)
+        total = global_report(reports)
+        metrics = dpo_metrics(total)
+        loss = metrics.pop("loss")
+        router = router_losses(chunks[0].config, len(microbatches))
+        return StepResult(loss, int(total[1]), float(grad_norm or 0.0), lr, not updated, router, metrics)
+
+
+def _global_pairs(local_pairs: int) -> float:
+    from megatron.core import parallel_state as ps
+
+    total = torch.tensor([float(local_pairs)], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return float(total.item())
