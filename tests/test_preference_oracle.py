@@ -18,6 +18,7 @@ from tests.train_matrix import job_for
 
 DPO = "examples/data/dpo_sample.jsonl"
 PAIRS = 8
+STEP_PAIRS = 4
 TOL = 1e-5
 
 # (our rlhf section, TRL's DPOConfig fields, TRL's precomputed reference log-probs (None: its ref_model))
@@ -49,6 +50,7 @@ def _ours(tiny_models, tuned, tmp_path, rlhf: dict) -> list[dict[str, float]]:
     from megatron_swift.data import build_train_data
     from megatron_swift.distributed import destroy_distributed, init_distributed
     from megatron_swift.training.job import build_model, build_preference, check_job, check_weights
+    from megatron_swift.training.optim import wrap_for_training
     from megatron_swift.training.preference import REPORT
 
     ref = {} if rlhf.get("reference_free") else {"ref_model": str(tiny_models["llama"])}
@@ -67,9 +69,13 @@ def _ours(tiny_models, tuned, tmp_path, rlhf: dict) -> list[dict[str, float]]:
                 batches.append({key: value.clone() for key, value in microbatch.items()})
                 (report,) = preference.run(chunks, [microbatch], forward_only=True)
                 found.append(dict(zip(REPORT, report["dpo"].tolist(), strict=True)))
+        # The gradient of one step over the first STEP_PAIRS pairs (one pair per micro-batch): its norm.
+        chunks, optimizer, scheduler = wrap_for_training(chunks, job)
+        step = [{key: value.clone() for key, value in batch.items()} for batch in batches[:STEP_PAIRS]]
+        grad_norm = preference.train_step(chunks, optimizer, scheduler, step, args.vocab_size).grad_norm
     finally:
         destroy_distributed()
-    return found, batches
+    return found, batches, grad_norm
 
 
 def _trl_example(batch: dict) -> dict:
@@ -113,7 +119,11 @@ def _trl(tiny_models, tuned, tmp_path, config: dict, ref_logps, batches) -> list
             found.append({"loss": float(loss), **{key: logged[key] for key in (
                 "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected")}})  # fmt: skip
-    return found
+    trainer.model.zero_grad()
+    trainer._compute_loss(trainer.model, trainer.data_collator(examples[:STEP_PAIRS]), return_outputs=False).backward()
+    grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model.parameters()
+                                                      if p.grad is not None])).item()  # fmt: skip
+    return found, grad_norm
 
 
 # The default suite runs the weighted sum (sigmoid + ipo + hinge) and cDPO; every loss type alone under `slow`.
@@ -123,8 +133,10 @@ FAST = ("weighted", "cdpo")
 @pytest.mark.parametrize("case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_dpo_per_pair_values_equal_trl(tiny_models, tuned, tmp_path, case):
     rlhf, trl_config, ref_logps = CASES[case]
-    ours, batches = _ours(tiny_models, tuned, tmp_path, rlhf)
-    theirs = _trl(tiny_models, tuned, tmp_path, trl_config, ref_logps, batches)
+    ours, batches, grad_norm = _ours(tiny_models, tuned, tmp_path, rlhf)
+    theirs, trl_grad_norm = _trl(tiny_models, tuned, tmp_path, trl_config, ref_logps, batches)
+    # The gradient of a step over several pairs (megatron-core's normalisation by the pair count): its norm.
+    assert grad_norm == pytest.approx(trl_grad_norm, rel=1e-5), (grad_norm, trl_grad_norm)
     worst = {}
     for pair, (mine, trl) in enumerate(zip(ours, theirs, strict=True)):
         assert mine["pairs"] == 1
@@ -135,4 +147,5 @@ def test_dpo_per_pair_values_equal_trl(tiny_models, tuned, tmp_path, case):
     rewards = [pair["rewards/margins"] for pair in theirs]
     assert max(abs(r) for r in rewards) > 1e-2 or case == "reference_free", rewards
     assert len({round(pair["loss"], 6) for pair in theirs}) > 1
-    print(f"{case}: max abs diff vs TRL " + ", ".join(f"{key} {value:.1e}" for key, value in worst.items()))
+    print(f"{case}: max abs diff vs TRL " + ", ".join(f"{key} {value:.1e}" for key, value in worst.items())
+          + f"; grad norm {grad_norm:.6g} vs {trl_grad_norm:.6g}")  # fmt: skip

@@ -37,7 +37,7 @@ def job_for(
         TrainSection(global_batch_size=4, micro_batch_size=1, train_iters=3, lr=1e-3, lr_decay_style="constant"),
         **train,
     )
-    job.checkpoint = dataclasses.replace(job.checkpoint, output_dir=output_dir, **(checkpoint or {}))
+    job.checkpoint = dataclasses.replace(job.checkpoint, **{"output_dir": output_dir, **(checkpoint or {})})
     job.moe = dataclasses.replace(job.moe, **(moe or {}))
     job.rlhf = dataclasses.replace(job.rlhf, **(rlhf or {}))
     return job
