@@ -121,7 +121,24 @@ PREFLIGHT = [
     ({}, {"streaming": True}, {}, "data.streaming: preference data is read whole"),
     ({}, {"split_dataset_ratio": 0.1}, {}, "data.split_dataset_ratio / data.val_dataset: validation of preference"),
     ({}, {}, {"context_parallel_size": 2}, "parallel.context_parallel_size: preference training needs 1"),
+    ({"simpo_gamma": 1.0}, {}, {}, "rlhf.simpo_gamma: used by train.task simpo only"),
+    ({"cpo_alpha": -0.5}, {}, {}, "rlhf.cpo_alpha: used by train.task simpo only"),
 ]  # fmt: skip
+TASK_PREFLIGHT = [
+    ("simpo", {"cpo_alpha": -0.5}, "rlhf.cpo_alpha=-0.5 must be >= 0"),
+    ("simpo", {"ref_model": "x"}, "rlhf.ref_model: used by train.task dpo only (simpo has no reference"),
+    ("orpo", {"loss_type": ["ipo"]}, "rlhf.loss_type: used by train.task dpo only (orpo has no reference"),
+    ("orpo", {"rpo_alpha": 1.0}, "rlhf.rpo_alpha: used by train.task dpo only"),
+    ("orpo", {"label_smoothing": 0.1}, "rlhf.label_smoothing: not used by train.task orpo"),
+    ("orpo", {"simpo_gamma": 1.0}, "rlhf.simpo_gamma: used by train.task simpo only"),
+]
+
+
+@pytest.mark.parametrize(("task", "rlhf", "message"), TASK_PREFLIGHT)
+def test_preflight_names_simpo_and_orpo_fields(tmp_path, task, rlhf, message):
+    job = job_for("hf", DPO, str(tmp_path), {}, {"task": task}, rlhf=rlhf)
+    assert any(message in problem for problem in preflight(job, 1)), preflight(job, 1)
+    assert not preflight(job_for("hf", DPO, str(tmp_path), {}, {"task": task}), 1)
 
 
 @pytest.mark.parametrize(("rlhf", "data", "parallel", "message"), PREFLIGHT)
@@ -139,7 +156,7 @@ def test_a_task_not_built_is_refused_naming_the_field():
     from megatron_swift.config import load_config
     from megatron_swift.training.config import JobConfig
 
-    with pytest.raises(ConfigError, match=re.escape("train.task: 'kto' is not one of ['pretrain', 'sft', 'dpo']")):
+    with pytest.raises(ConfigError, match=re.escape("train.task: 'kto' is not one of ['pretrain', 'sft', 'dpo',")):
         load_config(JobConfig, None, ["--train.task", "kto"])
 
 

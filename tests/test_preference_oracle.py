@@ -43,8 +43,9 @@ def tuned(tiny_models, tmp_path_factory):
     return fine_tune(tiny_models["llama"], tmp_path_factory.mktemp("tuned"), steps=6)
 
 
-def _ours(tiny_models, tuned, tmp_path, rlhf: dict) -> list[dict[str, float]]:
-    """Per pair: loss, rewards and logps from our training path (world of size 1)."""
+def _ours(tiny_models, tuned, tmp_path, rlhf: dict, task: str = "dpo"):
+    """Per pair: loss, rewards and logps from our training path (world of size 1); the pairs' micro-batches; the
+    grad norm of a step over the first STEP_PAIRS pairs."""
     from transformers import AutoTokenizer
 
     from megatron_swift.data import build_train_data
@@ -53,15 +54,15 @@ def _ours(tiny_models, tuned, tmp_path, rlhf: dict) -> list[dict[str, float]]:
     from megatron_swift.training.optim import wrap_for_training
     from megatron_swift.training.preference import REPORT
 
-    ref = {} if rlhf.get("reference_free") else {"ref_model": str(tiny_models["llama"])}
-    job = job_for(str(tuned), DPO, str(tmp_path), {}, {"task": "dpo", "global_batch_size": 1},
+    ref = {} if rlhf.get("reference_free") or task != "dpo" else {"ref_model": str(tiny_models["llama"])}
+    job = job_for(str(tuned), DPO, str(tmp_path), {}, {"task": task, "global_batch_size": 1},
                   data={"seq_length": 64, "shuffle": False}, rlhf={**ref, **rlhf})  # fmt: skip
     args = check_job(job, 1)
     init_distributed(job.parallel, seed=job.train.seed)
     try:
         chunks = build_model(job, args)
         preference = build_preference(job, args, chunks, check_weights(job, chunks, args))
-        data = build_train_data(job.data, AutoTokenizer.from_pretrained(tuned), "dpo", 1, 0)
+        data = build_train_data(job.data, AutoTokenizer.from_pretrained(tuned), task, 1, 0)
         found, batches = [], []
         with torch.no_grad():
             for _ in range(PAIRS):  # one pair per global batch: per-pair values, with RPO's token mean per pair
@@ -75,7 +76,7 @@ def _ours(tiny_models, tuned, tmp_path, rlhf: dict) -> list[dict[str, float]]:
         grad_norm = preference.train_step(chunks, optimizer, scheduler, step, args.vocab_size).grad_norm
     finally:
         destroy_distributed()
-    return found, batches, grad_norm
+    return found, batches, grad_norm, [data.batches.items[i] for i in range(PAIRS)]  # unshuffled: batch i = pair i
 
 
 def _trl_example(batch: dict) -> dict:
@@ -133,7 +134,7 @@ FAST = ("weighted", "cdpo")
 @pytest.mark.parametrize("case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_dpo_per_pair_values_equal_trl(tiny_models, tuned, tmp_path, case):
     rlhf, trl_config, ref_logps = CASES[case]
-    ours, batches, grad_norm = _ours(tiny_models, tuned, tmp_path, rlhf)
+    ours, batches, grad_norm, _ = _ours(tiny_models, tuned, tmp_path, rlhf)
     theirs, trl_grad_norm = _trl(tiny_models, tuned, tmp_path, trl_config, ref_logps, batches)
     # The gradient of a step over several pairs (megatron-core's normalisation by the pair count): its norm.
     assert grad_norm == pytest.approx(trl_grad_norm, rel=1e-5), (grad_norm, trl_grad_norm)

@@ -1,7 +1,7 @@
-"""DPO across parallel layouts, its references and resume: full and LoRA, TP2, TP2 + SP, PP2, DP2 against the
-single process (3 steps, losses and the reward / log-prob metrics); LoRA's adapters-off reference against an
-explicit frozen copy of the base (`rlhf.ref_model`); a run stopped after 2 steps and resumed equals the straight
-run. Every layout of a world size runs inside one launch (tests/train_matrix.py)."""
+"""Preference training across layouts, references and resume: DPO full and LoRA at TP2, TP2 + SP, PP2, DP2 against
+the single process (3 steps, losses, reward / log-prob metrics, grad norms), SimPO and ORPO at two layouts each;
+LoRA's adapters-off reference against an explicit frozen copy of the base (`rlhf.ref_model`); a run stopped after
+2 steps and resumed equals the straight run. Every layout of a world size runs inside one launch."""
 
 from __future__ import annotations
 
@@ -75,10 +75,20 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
 
     names = [(train, layout) for train in ("full", "lora") for layout in LAYOUTS]
     cases = [_case(llama, LAYOUTS[layout], LORA if train == "lora" else None) for train, layout in names]
+    # SimPO (with its NLL term) and ORPO (NLL over whole sequences): full training at TP2 + SP and PP2 / DP2.
+    other = [("simpo", {"cpo_alpha": 0.5}, "tp2_sp"), ("simpo", {"cpo_alpha": 0.5}, "dp2"), ("orpo", {}, "pp2"),
+             ("orpo", {}, "dp2")]  # fmt: skip
+    cases += [_case(llama, LAYOUTS[layout], None, rlhf=rlhf, train={"task": task}) for task, rlhf, layout in other]
     run_cases(cases, DPO, tmp_path / "two", world_size=2)
     for index, (train, layout) in enumerate(names):
         _assert_same(_metrics(tmp_path / "two" / f"case{index}"), full if train == "full" else lora, 1e-5,
                      (train, layout))  # fmt: skip
+    singles = {task: _case(llama, {}, None, rlhf=rlhf, train={"task": task}) for task, rlhf, _ in other}
+    run_cases(list(singles.values()), DPO, tmp_path / "one_other", world_size=1)
+    expected = {task: _metrics(tmp_path / "one_other" / f"case{i}") for i, task in enumerate(singles)}
+    for index, (task, _, layout) in enumerate(other, start=len(names)):
+        _assert_same(_metrics(tmp_path / "two" / f"case{index}"), expected[task], 1e-5, (task, layout))
+    assert expected["orpo"][-1]["loss"] < expected["orpo"][0]["loss"]
 
 
 def test_dpo_tp2_sp_matches_the_single_process_fast_guard(tiny_models, tmp_path):

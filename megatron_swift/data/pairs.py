@@ -1,4 +1,4 @@
-"""Preference pairs (train.task dpo): ms-swift's row format, encoding with the SFT templates, fitting, collation.
+"""Preference pairs (train.task dpo / simpo / orpo): ms-swift's rows, SFT templates, fitting, collation.
 
 A row is a conversation in any chat format (formats.py) whose last message is the chosen assistant response,
 plus the rejected one:
@@ -26,6 +26,7 @@ from megatron_swift.data.packing import PaddedCollate
 from megatron_swift.data.sources import Row
 
 REJECTED_FIELDS = ("rejected_response", "rejected_messages")
+PAIR_TASKS = ("dpo", "simpo", "orpo")  # the train.task values that train on pairs
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class PairEncoder:
 
     def __init__(self, encoder: Encoder):
         self.encoder = encoder
+        # One task name for every pair task: the samples (and their cache entries) are the same.
         self.tokenizer, self.template, self.task = encoder.tokenizer, encoder.template, "dpo"
 
     def encode(self, rows: Sequence[Row]) -> list[PairSample | str]:
@@ -112,8 +114,8 @@ def fit_pairs(pairs: list[PairSample], max_length: int, strategy: str, stats: di
 
 @dataclass(frozen=True)
 class PairCollate:
-    """n pairs -> tokens, labels, loss_mask [2n, seq_length]: the chosen rows, then the rejected rows. The loss mask
-    is 0/1 (which tokens are scored): preference losses use each sequence's summed log-probability."""
+    """n pairs -> tokens, labels, loss_mask, token_mask [2n, seq_length]: the chosen rows, then the rejected rows.
+    The loss mask is 0/1 (which tokens are scored): preference losses use each sequence's summed log-probability."""
 
     seq_length: int
     pad_id: int
@@ -122,4 +124,8 @@ class PairCollate:
         rows = [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]
         batch = PaddedCollate(self.seq_length, self.pad_id)(rows)
         batch["loss_mask"] = (batch["loss_mask"] > 0).float()
+        # Every predicted position of the sample, prompt included (ORPO's NLL term, as TRL's, covers them all).
+        batch["token_mask"] = torch.zeros_like(batch["loss_mask"])
+        for row, sample in enumerate(rows):
+            batch["token_mask"][row, : len(sample.ids) - 1] = 1.0
         return batch

@@ -23,7 +23,7 @@ from megatron_swift.data.errors import BadRows, DataError
 from megatron_swift.data.indexed import TokenWindows, is_indexed_prefix
 from megatron_swift.data.labels import LossPolicy, TruncationCounts, parse_role_scales, truncate
 from megatron_swift.data.packing import PackedCollate, PaddedCollate, pack, padding_fraction
-from megatron_swift.data.pairs import PairCollate, PairEncoder, PairSample, fit_pairs
+from megatron_swift.data.pairs import PAIR_TASKS, PairCollate, PairEncoder, PairSample, fit_pairs
 from megatron_swift.data.sources import load_rows, split_rows
 from megatron_swift.data.streaming import StreamingBatches
 from megatron_swift.data.templates import RENDERING, make_template
@@ -45,11 +45,11 @@ class TrainData:
 
 
 def make_encoder(data, tokenizer, task: str) -> Encoder | PairEncoder:
-    template = make_template(data.template, tokenizer) if task in ("sft", "dpo") else None
+    template = make_template(data.template, tokenizer) if task in ("sft", *PAIR_TASKS) else None
     # Preference pairs score the response (the turns after the last user turn) unless loss_scale says otherwise.
-    scope = "last_round" if task == "dpo" and data.loss_scale == "default" else data.loss_scale
+    scope = "last_round" if task in PAIR_TASKS and data.loss_scale == "default" else data.loss_scale
     policy = LossPolicy(scope, {"tool": 0.0, **parse_role_scales(data.role_loss_scale)})
-    if task == "dpo":
+    if task in PAIR_TASKS:
         return PairEncoder(Encoder(tokenizer, template, policy, data.format, "sft"))
     return Encoder(tokenizer, template, policy, data.format, task)
 
@@ -125,7 +125,7 @@ def validation_items(validation: list[Sample], task: str, data, max_length: int,
 
 def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: int,
                      progress: bool = False) -> TrainData:  # fmt: skip
-    """`data` is a training.config.DataSection; `task` is "pretrain", "sft" or "dpo" (preference pairs: pairs.py)."""
+    """`data` is a training.config.DataSection; `task` is "pretrain", "sft" or a pair task (pairs.PAIR_TASKS)."""
     seq_length = data.seq_length
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     max_length = data.max_length or seq_length + 1
@@ -154,7 +154,7 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
     stats |= {"samples": len(samples), "validation": len(validation)}
     if validation:
         held_out = {"eval_items": validation_items(validation, task, data, max_length, seed), "eval_collate": padded}
-    if task == "dpo":  # preflight refuses packing, streaming and validation splits for pairs
+    if task in PAIR_TASKS:  # preflight refuses packing, streaming and validation splits for pairs
         pairs = fit_pairs(samples, max_length, data.truncation_strategy, stats)
         if not pairs:
             raise DataError(f"no preference pair left to train on after truncation to {max_length} tokens; raise "

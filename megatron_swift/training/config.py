@@ -70,7 +70,8 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    task: Literal["pretrain", "sft", "dpo"] = "sft"  # dpo: preference pairs, options in the `rlhf` section
+    # dpo / simpo / orpo: preference pairs, options in the `rlhf` section (training/preference.py)
+    task: Literal["pretrain", "sft", "dpo", "simpo", "orpo"] = "sft"
     train_type: Literal["full", "lora"] = "full"  # lora: adapters from the `lora` section, base frozen
     micro_batch_size: int = 1
     global_batch_size: int = 8
@@ -140,7 +141,7 @@ class JobConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     lora: LoraConfig = field(default_factory=LoraConfig)
     moe: MoeSection = field(default_factory=MoeSection)
-    rlhf: RlhfSection = field(default_factory=RlhfSection)  # train.task dpo only
+    rlhf: RlhfSection = field(default_factory=RlhfSection)  # train.task dpo / simpo / orpo only
 
 
 def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:

@@ -1,4 +1,4 @@
-"""Preference training (train.task dpo): sequence log-probs, the reference model, DPO losses, one optimizer step.
+"""Preference training (train.task dpo / simpo / orpo): sequence log-probs, the reference, the losses, one step.
 
 Log-probs come from the SFT loss path: the last stage asks megatron-core for the per-token cross entropy of the
 labels (`labels=`, vocab-parallel over TP, padding columns masked by models/gpt.py), so a sequence's log-prob is
@@ -13,10 +13,12 @@ micro-batches; then the training schedule computes the policy's and the loss. Th
 - `rlhf.reference_free`: none (its log-probs are 0).
 
 Losses are TRL's (`DPOTrainer`, per pair, summed over `loss_type` with `loss_weights`); `sigmoid` with
-`label_smoothing` is cDPO (TRL < 1.0, ms-swift). The schedule's loss is the micro-batch's sum of per-pair losses
-with the pair count as megatron-core's token count (`calculate_per_token_loss`), so the step's gradient is the
-exact mean over the global batch's pairs whatever the split. RPO's NLL term (`rpo_alpha`) is a token mean over the
-global batch's chosen responses: its per-micro-batch sum is scaled by pairs / chosen tokens of the global batch.
+`label_smoothing` is cDPO (TRL < 1.0, ms-swift). SimPO (TRL's CPOTrainer, loss_type simpo) and ORPO (ORPOTrainer)
+have no reference and use each sequence's log-prob averaged over its scored tokens. The schedule's loss is the
+micro-batch's sum of per-pair losses with the pair count as megatron-core's token count
+(`calculate_per_token_loss`), so the step's gradient is the exact mean over the global batch's pairs whatever the
+split. The NLL term (DPO's `rpo_alpha`, SimPO's `cpo_alpha`, ORPO's own) is a token mean over the global batch's
+chosen responses: its per-micro-batch sum is scaled by the global batch's pairs / chosen tokens.
 """
 
 from __future__ import annotations
@@ -37,21 +39,52 @@ REPORT = ("loss", "pairs", "rewards/chosen", "rewards/rejected", "rewards/accura
           "logps/chosen", "logps/rejected")  # fmt: skip
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation (two branches at -ln 2, as TRL's ORPO)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
 @dataclass(frozen=True)
-class DpoLoss:
+class PreferenceLoss:
+    """One task's per-pair loss: `dpo` (TRL's DPOTrainer), `simpo` (CPOTrainer's loss_type simpo), `orpo`
+    (ORPOTrainer). SimPO and ORPO need no reference and use length-averaged log-probs."""
+
+    task: str = "dpo"
     beta: float = 0.1
     loss_types: tuple[str, ...] = ("sigmoid",)
     loss_weights: tuple[float, ...] = (1.0,)
     label_smoothing: float = 0.0
-    rpo_alpha: float | None = None
+    nll_weight: float = 0.0  # NLL of the chosen responses: rpo_alpha (dpo), cpo_alpha (simpo), 1 (orpo)
+    simpo_gamma: float = 0.5
+
+    @property
+    def nll_over_whole_sequence(self) -> bool:
+        """ORPO's NLL term covers the chosen sequence's prompt too (TRL's ORPOTrainer); the others the response."""
+        return self.task == "orpo"
 
     @classmethod
-    def from_section(cls, rlhf) -> DpoLoss:
+    def from_section(cls, task: str, rlhf) -> PreferenceLoss:
         weights = rlhf.loss_weights if rlhf.loss_weights is not None else [1.0] * len(rlhf.loss_type)
-        return cls(rlhf.beta, tuple(rlhf.loss_type), tuple(weights), rlhf.label_smoothing, rlhf.rpo_alpha)
+        nll = {"dpo": rlhf.rpo_alpha or 0.0, "simpo": 1.0 if rlhf.cpo_alpha is None else rlhf.cpo_alpha, "orpo": 1.0}
+        gamma = 0.5 if rlhf.simpo_gamma is None else rlhf.simpo_gamma
+        return cls(task, rlhf.beta, tuple(rlhf.loss_type), tuple(weights), rlhf.label_smoothing, nll[task], gamma)
 
     def per_pair(self, chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens):
-        """[n] per-pair loss (weighted sum over the loss types), without RPO's NLL term; TRL's formulas."""
+        """(loss [n] without the NLL term, chosen rewards, rejected rewards, chosen logps, rejected logps as
+        reported: averaged per token for simpo / orpo); TRL's formulas."""
+        if self.task != "dpo":
+            chosen_avg, rejected_avg = (
+                chosen_logps / chosen_tokens.clamp(min=1),
+                rejected_logps / rejected_tokens.clamp(min=1),
+            )
+            if self.task == "simpo":
+                logits = self.beta * ((chosen_avg - rejected_avg) - self.simpo_gamma / self.beta)
+                eps = self.label_smoothing
+                loss = -F.logsigmoid(logits) * (1 - eps) - F.logsigmoid(-logits) * eps
+            else:  # orpo: the log odds ratio of chosen over rejected
+                log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
+                loss = -self.beta * F.logsigmoid(log_odds)
+            return loss, self.beta * chosen_avg, self.beta * rejected_avg, chosen_avg, rejected_avg
         chosen_ratio, rejected_ratio = chosen_logps - ref_chosen, rejected_logps - ref_rejected
         logits = self.beta * (chosen_ratio - rejected_ratio)
         eps = self.label_smoothing
@@ -69,7 +102,7 @@ class DpoLoss:
             else:  # preflight (rlhf_config.py) admits only the types above
                 raise ValueError(f"rlhf.loss_type {loss_type!r} is not built")
             total = total + weight * loss
-        return total
+        return total, self.beta * chosen_ratio, self.beta * rejected_ratio, chosen_logps, rejected_logps
 
 
 def sequence_logps(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,21 +111,25 @@ def sequence_logps(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tup
     return -(per_token_loss.float() * mask).sum(dim=1), mask.sum(dim=1)
 
 
-def _dpo_loss_func(loss: DpoLoss, loss_mask, ref_logps, nll_scale: float, per_token_loss):
+def _dpo_loss_func(loss: PreferenceLoss, loss_mask, token_mask, ref_logps, nll_scale: float, per_token_loss):
     logps, tokens = sequence_logps(per_token_loss, loss_mask)
     chosen, rejected = logps.chunk(2)
     chosen_tokens, rejected_tokens = tokens.chunk(2)
     ref_chosen, ref_rejected = ref_logps.to(logps.device).chunk(2)
-    per_pair = loss.per_pair(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens)
+    per_pair, chosen_rewards, rejected_rewards, chosen_shown, rejected_shown = loss.per_pair(
+        chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens
+    )
     total = per_pair.sum()
-    if loss.rpo_alpha:  # NLL of the chosen responses, as a token mean over the global batch (see module doc)
-        total = total + loss.rpo_alpha * nll_scale * (-chosen.sum())
-    chosen_rewards = loss.beta * (chosen - ref_chosen).detach()
-    rejected_rewards = loss.beta * (rejected - ref_rejected).detach()
+    if loss.nll_weight:  # NLL of the chosen responses, as a token mean over the global batch (see module doc)
+        nll = -chosen.sum()
+        if loss.nll_over_whole_sequence:
+            nll = (per_token_loss.float() * token_mask.float()).chunk(2)[0].sum()
+        total = total + loss.nll_weight * nll_scale * nll
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
     report = torch.stack([
         total.detach(), torch.tensor(float(len(chosen)), device=total.device), chosen_rewards.sum(),
         rejected_rewards.sum(), (chosen_rewards > rejected_rewards).float().sum(),
-        (chosen_rewards - rejected_rewards).sum(), chosen.detach().sum(), rejected.detach().sum(),
+        (chosen_rewards - rejected_rewards).sum(), chosen_shown.detach().sum(), rejected_shown.detach().sum(),
     ]).double()  # fmt: skip
     return total, torch.tensor(len(chosen), dtype=torch.int), {"dpo": report}
 
@@ -103,7 +140,7 @@ def _logps_func(loss_mask, per_token_loss):
     return torch.zeros((), device=logps.device), torch.tensor(0, dtype=torch.int), {"logps": logps.detach()}
 
 
-def _forward_step(data_iterator, model, loss: DpoLoss | None, nll_scale: float):
+def _forward_step(data_iterator, model, loss: PreferenceLoss | None, nll_scale: float):
     """Policy (loss given) or reference (loss None) forward of one micro-batch of pairs, unpacked [2n, seq]."""
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in next(data_iterator).items()}
@@ -113,10 +150,12 @@ def _forward_step(data_iterator, model, loss: DpoLoss | None, nll_scale: float):
     output = model(batch["tokens"], position_ids, None, labels=batch["labels"])
     if loss is None:
         return output, partial(_logps_func, batch["loss_mask"])
-    return output, partial(_dpo_loss_func, loss, batch["loss_mask"], ref_logps, nll_scale)
+    return output, partial(_dpo_loss_func, loss, batch["loss_mask"], batch["token_mask"], ref_logps, nll_scale)
 
 
-def _schedule(chunks, microbatches: list[dict], forward_only: bool, loss: DpoLoss | None, nll_scale: float = 0.0):
+def _schedule(
+    chunks, microbatches: list[dict], forward_only: bool, loss: PreferenceLoss | None, nll_scale: float = 0.0
+):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     micro_batch_size, seq_length = microbatches[0]["tokens"].shape
@@ -175,11 +214,11 @@ class ReferenceModel:
             microbatch["ref_logps"] = reports[index]["logps"] if reports else torch.zeros(0)
 
 
-def _global_chosen_tokens(microbatches: list[dict]) -> float:
-    """Scored tokens of the chosen responses in the whole global batch (every data-parallel rank's)."""
+def _global_chosen_tokens(microbatches: list[dict], mask: str) -> float:
+    """Tokens of the chosen sequences under `mask` in the whole global batch (every data-parallel rank's)."""
     from megatron.core import parallel_state as ps
 
-    local = sum(float(mb["loss_mask"][: mb["tokens"].shape[0] // 2].sum()) for mb in microbatches)
+    local = sum(float(mb[mask][: mb["tokens"].shape[0] // 2].sum()) for mb in microbatches)
     total = torch.tensor([local], dtype=torch.float64, device=comm_device())
     dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     return float(total.item())
@@ -210,7 +249,7 @@ def dpo_metrics(total: torch.Tensor) -> dict[str, float]:
 class Preference:
     """What a preference step needs besides the model: the loss and the reference."""
 
-    loss: DpoLoss
+    loss: PreferenceLoss
     reference: ReferenceModel
 
     def run(self, chunks, microbatches: list[dict], forward_only: bool) -> list[dict]:
@@ -218,9 +257,10 @@ class Preference:
         one global batch: the per-micro-batch reports (last stage; `dpo`: REPORT sums). Collective."""
         self.reference.attach_logps(microbatches)
         nll_scale = 0.0
-        if self.loss.rpo_alpha:
+        if self.loss.nll_weight:
             pairs = sum(mb["tokens"].shape[0] // 2 for mb in microbatches)
-            nll_scale = _global_pairs(pairs) / max(_global_chosen_tokens(microbatches), 1.0)
+            mask = "token_mask" if self.loss.nll_over_whole_sequence else "loss_mask"
+            nll_scale = _global_pairs(pairs) / max(_global_chosen_tokens(microbatches, mask), 1.0)
         return _schedule(chunks, microbatches, forward_only=forward_only, loss=self.loss, nll_scale=nll_scale)
 
     def train_step(self, chunks, optimizer, scheduler, microbatches: list[dict], vocab_size: int) -> StepResult:

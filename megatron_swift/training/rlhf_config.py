@@ -1,8 +1,9 @@
 """The `rlhf` section: preference-training options with TRL / ms-swift field names, and their preflight checks.
 
-Used by `train.task: dpo` (training/preference.py). Field names and meanings follow TRL's `DPOConfig`
-(`beta`, `loss_type` as a list summed with `loss_weights`, `label_smoothing`) and ms-swift's
-`RLHFArguments` (`rpo_alpha`, `reference_free`, `precompute_ref_logps`). Checks are pure: they return every
+Used by `train.task: dpo / simpo / orpo` (training/preference.py). Field names and meanings follow TRL's
+`DPOConfig` (`beta`, `loss_type` as a list summed with `loss_weights`, `label_smoothing`), `CPOConfig`
+(`simpo_gamma`, `cpo_alpha`) and ms-swift's `RLHFArguments` (`rpo_alpha`, `reference_free`, `ref_model`,
+`precompute_ref_logps`). Checks are pure: they return every
 problem, each naming its field, and build nothing.
 """
 
@@ -10,13 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_swift.data.pairs import PAIR_TASKS
+
 # Loss types built (TRL's names and formulas; `sigmoid` with label_smoothing is cDPO, as TRL < 1.0 and ms-swift).
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 
 
 @dataclass
 class RlhfSection:
-    beta: float = 0.1  # strength of the pull towards the reference (IPO: the regularisation tau)
+    # DPO: strength of the pull towards the reference (IPO: the regularisation tau); SimPO: the reward scale;
+    # ORPO: the weight of the odds-ratio term (lambda)
+    beta: float = 0.1
     # One loss type, or several summed with `loss_weights` (TRL's multi-loss DPO, e.g. MPO's sigmoid + ...).
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
     loss_weights: list[float] | None = None  # one per loss_type (default: all 1)
@@ -29,14 +34,29 @@ class RlhfSection:
     ref_model: str | None = None
     # Full training: reference log-probs computed once before training instead of a frozen copy (not built yet).
     precompute_ref_logps: bool = False
+    simpo_gamma: float | None = None  # SimPO's target reward margin (null: TRL's 0.5)
+    cpo_alpha: float | None = None  # SimPO: weight of the chosen responses' NLL (null: TRL's CPO default 1.0)
 
 
 def rlhf_problems(job) -> list[str]:
-    """Every problem of the `rlhf` section and of what `train.task: dpo` does not support (yet)."""
+    """Every problem of the `rlhf` section and of what the preference tasks do not support (yet)."""
     r, t, d, p = job.rlhf, job.train, job.data, job.parallel
     found = []
-    if t.task != "dpo":
+    if t.task not in PAIR_TASKS:
         return found
+    if t.task != "simpo":
+        found += [f"rlhf.{name}: used by train.task simpo only" for name in ("simpo_gamma", "cpo_alpha")
+                  if getattr(r, name) is not None]  # fmt: skip
+    if t.task != "dpo":  # SimPO and ORPO: no reference, one fixed loss
+        changed = [name for name, value, default in (
+            ("loss_type", r.loss_type, ["sigmoid"]), ("loss_weights", r.loss_weights, None),
+            ("rpo_alpha", r.rpo_alpha, None), ("reference_free", r.reference_free, False),
+            ("ref_model", r.ref_model, None), ("precompute_ref_logps", r.precompute_ref_logps, False),
+        ) if value != default]  # fmt: skip
+        found += [f"rlhf.{name}: used by train.task dpo only ({t.task} has no reference and one loss)"
+                  for name in changed]  # fmt: skip
+        if t.task == "orpo" and r.label_smoothing:
+            found.append("rlhf.label_smoothing: not used by train.task orpo")
     if r.beta <= 0:
         found.append(f"rlhf.beta={r.beta} must be > 0")
     unknown = [name for name in r.loss_type if name not in DPO_LOSS_TYPES]
@@ -50,17 +70,23 @@ def rlhf_problems(job) -> list[str]:
         )
     if not 0 <= r.label_smoothing < 0.5:
         found.append(f"rlhf.label_smoothing={r.label_smoothing} must be in [0, 0.5)")
-    elif r.label_smoothing and not {"sigmoid", "robust"} & set(r.loss_type):
+    elif t.task == "dpo" and r.label_smoothing and not {"sigmoid", "robust"} & set(r.loss_type):
         found.append("rlhf.label_smoothing: used by loss_type sigmoid (cDPO) and robust only")
-    if r.rpo_alpha is not None and r.rpo_alpha < 0:
-        found.append(f"rlhf.rpo_alpha={r.rpo_alpha} must be >= 0")
+    for name in ("rpo_alpha", "cpo_alpha"):
+        if getattr(r, name) is not None and getattr(r, name) < 0:
+            found.append(f"rlhf.{name}={getattr(r, name)} must be >= 0")
     if r.precompute_ref_logps:
         found.append("rlhf.precompute_ref_logps: not built yet; the reference is the base model (LoRA) or a frozen "
                      "copy of the initial weights (full training): set it to false")  # fmt: skip
     if r.reference_free and (r.precompute_ref_logps or r.ref_model):
         found.append("rlhf.reference_free: a reference-free run has no reference (unset rlhf.ref_model and "
                      "rlhf.precompute_ref_logps)")  # fmt: skip
-    if t.train_type == "lora" and job.lora.modules_to_save and not (r.reference_free or r.ref_model):
+    if (
+        t.task == "dpo"
+        and t.train_type == "lora"
+        and job.lora.modules_to_save
+        and not (r.reference_free or r.ref_model)
+    ):
         found.append("lora.modules_to_save: the reference (the model with adapters off) would use the trained "
                      "modules; leave modules_to_save empty or set rlhf.ref_model")  # fmt: skip
     # What preference training does not support yet, each named (the SFT path supports them).
