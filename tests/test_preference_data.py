@@ -119,7 +119,6 @@ PREFLIGHT = [
     ({"reference_free": True, "ref_model": "x"}, {}, {}, "rlhf.reference_free: a reference-free run has no reference"),
     ({}, {"packing": True}, {}, "data.packing: packed preference pairs are not built yet"),
     ({}, {"streaming": True}, {}, "data.streaming: preference data is read whole"),
-    ({}, {"split_dataset_ratio": 0.1}, {}, "data.split_dataset_ratio / data.val_dataset: validation of preference"),
     ({}, {}, {"context_parallel_size": 2}, "parallel.context_parallel_size: preference training needs 1"),
     ({"simpo_gamma": 1.0}, {}, {}, "rlhf.simpo_gamma: used by train.task simpo only"),
     ({"cpo_alpha": -0.5}, {}, {}, "rlhf.cpo_alpha: used by train.task simpo only"),

@@ -19,6 +19,7 @@ from tests.train_matrix import job_for
 DPO = "examples/data/dpo_sample.jsonl"
 PAIRS = 8
 STEP_PAIRS = 4
+VAL_PAIRS = 6
 TOL = 1e-5
 
 # (our rlhf section, TRL's DPOConfig fields, TRL's precomputed reference log-probs (None: its ref_model))
@@ -50,6 +51,7 @@ def _ours(tiny_models, tuned, tmp_path, rlhf: dict, task: str = "dpo"):
 
     from megatron_swift.data import build_train_data
     from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.evaluate import validation_microbatches
     from megatron_swift.training.job import build_model, build_preference, check_job, check_weights
     from megatron_swift.training.optim import wrap_for_training
     from megatron_swift.training.preference import REPORT
@@ -70,13 +72,17 @@ def _ours(tiny_models, tuned, tmp_path, rlhf: dict, task: str = "dpo"):
                 batches.append({key: value.clone() for key, value in microbatch.items()})
                 (report,) = preference.run(chunks, [microbatch], forward_only=True)
                 found.append(dict(zip(REPORT, report["dpo"].tolist(), strict=True)))
+        # Validation over the first VAL_PAIRS pairs in global batches of 4 (the last one filled up with 2 fillers).
+        items = [data.batches.items[i] for i in range(VAL_PAIRS)]
+        validated = preference.validate(chunks, validation_microbatches(items, data.batches.collate, 4, 1, 0, 1))
         # The gradient of one step over the first STEP_PAIRS pairs (one pair per micro-batch): its norm.
         chunks, optimizer, scheduler = wrap_for_training(chunks, job)
         step = [{key: value.clone() for key, value in batch.items()} for batch in batches[:STEP_PAIRS]]
         grad_norm = preference.train_step(chunks, optimizer, scheduler, step, args.vocab_size).grad_norm
     finally:
         destroy_distributed()
-    return found, batches, grad_norm, [data.batches.items[i] for i in range(PAIRS)]  # unshuffled: batch i = pair i
+    pairs = [data.batches.items[i] for i in range(PAIRS)]  # unshuffled: batch i is pair i
+    return found, batches, grad_norm, pairs, validated
 
 
 def _trl_example(batch: dict) -> dict:
@@ -134,7 +140,7 @@ FAST = ("weighted", "cdpo")
 @pytest.mark.parametrize("case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CASES])
 def test_dpo_per_pair_values_equal_trl(tiny_models, tuned, tmp_path, case):
     rlhf, trl_config, ref_logps = CASES[case]
-    ours, batches, grad_norm, _ = _ours(tiny_models, tuned, tmp_path, rlhf)
+    ours, batches, grad_norm, _, validated = _ours(tiny_models, tuned, tmp_path, rlhf)
     theirs, trl_grad_norm = _trl(tiny_models, tuned, tmp_path, trl_config, ref_logps, batches)
     # The gradient of a step over several pairs (megatron-core's normalisation by the pair count): its norm.
     assert grad_norm == pytest.approx(trl_grad_norm, rel=1e-5), (grad_norm, trl_grad_norm)
@@ -144,6 +150,12 @@ def test_dpo_per_pair_values_equal_trl(tiny_models, tuned, tmp_path, case):
         for key, expected in trl.items():
             worst[key] = max(worst.get(key, 0.0), abs(mine[key] - expected))
             assert mine[key] == pytest.approx(expected, abs=TOL), (case, pair, key, mine[key], expected)
+    # Validation: each pair counted once (fillers of the last global batch left out), the means of the per-pair values.
+    for key in ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/rejected"):
+        if key == "loss" and "rpo_alpha" in rlhf:  # RPO's NLL is a token mean per global batch, not per pair
+            continue
+        expected = sum(pair[key] for pair in theirs[:VAL_PAIRS]) / VAL_PAIRS
+        assert validated[f"val_{key}"] == pytest.approx(expected, abs=TOL), (key, validated, expected)
     # Not a trivial agreement: the policy differs from the reference, and the pairs from each other.
     rewards = [pair["rewards/margins"] for pair in theirs]
     assert max(abs(r) for r in rewards) > 1e-2 or case == "reference_free", rewards

@@ -70,7 +70,7 @@ def _trl(tuned, tmp_path, trainer_name: str, config: dict, pairs: list):  # noqa
                                   for c in CASES])  # fmt: skip
 def test_simpo_and_orpo_per_pair_values_equal_trl(tiny_models, tuned, tmp_path, case):  # noqa: F811
     task, rlhf, trainer_name, trl_config = CASES[case]
-    ours, _, grad_norm, pairs = _ours(tiny_models, tuned, tmp_path, rlhf, task)
+    ours, _, grad_norm, pairs, _ = _ours(tiny_models, tuned, tmp_path, rlhf, task)
     theirs, trl_grad_norm = _trl(tuned, tmp_path, trainer_name, trl_config, pairs)
     assert grad_norm == pytest.approx(trl_grad_norm, rel=1e-5), (grad_norm, trl_grad_norm)
     worst = {}

@@ -13,7 +13,8 @@ import pytest
 from tests.train_matrix import run_cases
 
 DPO = "examples/data/dpo_sample.jsonl"
-DATA = {"seq_length": 64}
+# Validation at the last step on 10 pairs: global batches of 4, the last one with 2 fillers.
+DATA = {"seq_length": 64, "val_dataset": [f"{DPO}#10"]}
 DPO_TRAIN = {"task": "dpo", "lr": 5e-3}
 LORA = {"rank": 4, "alpha": 8}
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -41,7 +42,9 @@ def _resumed(run_dir: Path) -> dict:
 def _assert_same(got: list[dict], expected: list[dict], rel: float, what) -> None:
     assert len(got) == len(expected) == 3, what
     for step, (a, b) in enumerate(zip(got, expected, strict=True)):
-        for key in METRICS:
+        validation = [key for key in b if key.startswith("val_")]
+        assert bool(validation) == (step == 2) and set(validation) <= set(a), (what, step, validation)
+        for key in (*METRICS, *validation):
             assert a[key] == pytest.approx(b[key], rel=rel, abs=rel), (what, step, key, a[key], b[key])
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (what, step, a["grad_norm"], b["grad_norm"])
 
@@ -71,7 +74,8 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
     for straight, name in ((full, "full"), (lora, "lora")):
         resumed = _metrics(tmp_path / name)
         assert [r["step"] for r in resumed] == [1, 2, 3], name
-        assert {k: resumed[-1][k] for k in METRICS} == {k: straight[-1][k] for k in METRICS}, name
+        compared = [key for key in straight[-1] if key in METRICS or key.startswith("val_")]
+        assert {k: resumed[-1][k] for k in compared} == {k: straight[-1][k] for k in compared}, name
 
     names = [(train, layout) for train in ("full", "lora") for layout in LAYOUTS]
     cases = [_case(llama, LAYOUTS[layout], LORA if train == "lora" else None) for train, layout in names]

@@ -114,7 +114,8 @@ def fit_pairs(pairs: list[PairSample], max_length: int, strategy: str, stats: di
 
 @dataclass(frozen=True)
 class PairCollate:
-    """n pairs -> tokens, labels, loss_mask, token_mask [2n, seq_length]: the chosen rows, then the rejected rows.
+    """n pairs -> tokens, labels, loss_mask, token_mask [2n, seq_length] (the chosen rows, then the rejected rows)
+    and pair_weight [n].
     The loss mask is 0/1 (which tokens are scored): preference losses use each sequence's summed log-probability."""
 
     seq_length: int
@@ -128,4 +129,5 @@ class PairCollate:
         batch["token_mask"] = torch.zeros_like(batch["loss_mask"])
         for row, sample in enumerate(rows):
             batch["token_mask"][row, : len(sample.ids) - 1] = 1.0
+        batch["pair_weight"] = torch.ones(len(pairs))  # 0 for the fillers of a last validation batch
         return batch

@@ -38,7 +38,7 @@ class TrainData:
     # The validation data (held-out split or val_dataset) as the model sees it: fitted samples or pretraining
     # windows, and their collate.
     eval_items: Sequence[Sample] | None = None
-    eval_collate: PaddedCollate | None = None
+    eval_collate: PaddedCollate | PairCollate | None = None
 
     def summary(self) -> str:
         return "data: " + ", ".join(f"{key}={value}" for key, value in self.stats.items())
@@ -104,8 +104,14 @@ def fit_samples(samples: list[Sample], max_length: int, strategy: str, stats: di
 
 
 def validation_items(validation: list[Sample], task: str, data, max_length: int, seed: int) -> Sequence[Sample]:
-    """The validation samples cut like the training samples (SFT), or as pretraining windows (pretrain)."""
+    """The validation samples cut like the training samples (SFT, pairs), or as pretraining windows (pretrain)."""
     source = "data.val_dataset" if data.val_dataset else f"data.split_dataset_ratio={data.split_dataset_ratio}"
+    if task in PAIR_TASKS:
+        pairs = fit_pairs(validation, max_length, data.truncation_strategy, {})
+        if not pairs:
+            raise DataError(f"{source}: no validation pair has a scored token left on both sides after truncation to "
+                            f"{max_length} tokens; validate on more (or shorter) pairs")  # fmt: skip
+        return pairs
     if task == "pretrain":
         windows = TokenWindows.from_samples(validation, data.seq_length, seed, shuffle=False)
         if not len(windows):
@@ -130,6 +136,7 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     max_length = data.max_length or seq_length + 1
     padded = PaddedCollate(seq_length, pad_id)
+    eval_collate = PairCollate(seq_length, pad_id) if task in PAIR_TASKS else padded
 
     def batches(items, collate=padded) -> GlobalBatches:
         return GlobalBatches(items, global_batch_size, seed, data.shuffle, collate)
@@ -141,7 +148,8 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
     held_out = {}
     if data.val_dataset:  # a validation set of its own: read whole, also when the training data streams
         val_samples, _ = encode_dataset(dataclasses.replace(data, dataset=data.val_dataset), encoder, seed, False)
-        held_out = {"eval_items": validation_items(val_samples, task, data, max_length, seed), "eval_collate": padded}
+        held_out = {"eval_items": validation_items(val_samples, task, data, max_length, seed),
+                    "eval_collate": eval_collate}  # fmt: skip
     if data.streaming:
         stream = StreamingBatches(data.dataset, encoder, max_length, data.truncation_strategy, global_batch_size,
                                   padded, seed, data.shuffle_buffer if data.shuffle else 0,
@@ -153,8 +161,9 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
     samples, validation = split_rows(samples, data.split_dataset_ratio, seed)
     stats |= {"samples": len(samples), "validation": len(validation)}
     if validation:
-        held_out = {"eval_items": validation_items(validation, task, data, max_length, seed), "eval_collate": padded}
-    if task in PAIR_TASKS:  # preflight refuses packing, streaming and validation splits for pairs
+        held_out = {"eval_items": validation_items(validation, task, data, max_length, seed),
+                    "eval_collate": eval_collate}  # fmt: skip
+    if task in PAIR_TASKS:  # preflight refuses packing and streaming for pairs
         pairs = fit_pairs(samples, max_length, data.truncation_strategy, stats)
         if not pairs:
             raise DataError(f"no preference pair left to train on after truncation to {max_length} tokens; raise "

@@ -98,11 +98,18 @@ def run_training(
             if eval_items is not None and _due(step, t.train_iters, t.eval_interval):
                 groups = validation_microbatches(eval_items, eval_collate, t.global_batch_size, t.micro_batch_size,
                                                  dp_rank, dp_size, t.eval_iters)  # fmt: skip
-                held_out = validation_loss(chunks, groups, vocab_size)
-                validation = {"val_loss": held_out.loss, "val_ppl": round(held_out.perplexity, 4)}
-                if is_main:
-                    bar.write(f"step {step}: validation loss {held_out.loss:.4f} (ppl {held_out.perplexity:.3f}, "
-                              f"{held_out.tokens} tokens)")  # fmt: skip
+                if preference is not None:
+                    validation = preference.validate(chunks, groups)
+                    if is_main:
+                        bar.write(f"step {step}: validation loss {validation['val_loss']:.4f}, reward accuracy "
+                                  f"{validation['val_rewards/accuracies']:.3f}, margin "
+                                  f"{validation['val_rewards/margins']:.4f}")  # fmt: skip
+                else:
+                    held_out = validation_loss(chunks, groups, vocab_size)
+                    validation = {"val_loss": held_out.loss, "val_ppl": round(held_out.perplexity, 4)}
+                    if is_main:
+                        bar.write(f"step {step}: validation loss {held_out.loss:.4f} (ppl {held_out.perplexity:.3f}, "
+                                  f"{held_out.tokens} tokens)")  # fmt: skip
             if metrics is not None:
                 metrics.log(
                     {

@@ -111,7 +111,8 @@ def sequence_logps(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tup
     return -(per_token_loss.float() * mask).sum(dim=1), mask.sum(dim=1)
 
 
-def _dpo_loss_func(loss: PreferenceLoss, loss_mask, token_mask, ref_logps, nll_scale: float, per_token_loss):
+def _dpo_loss_func(loss: PreferenceLoss, loss_mask, token_mask, pair_weight, ref_logps, nll_scale: float,
+                   per_token_loss):  # fmt: skip
     logps, tokens = sequence_logps(per_token_loss, loss_mask)
     chosen, rejected = logps.chunk(2)
     chosen_tokens, rejected_tokens = tokens.chunk(2)
@@ -119,19 +120,18 @@ def _dpo_loss_func(loss: PreferenceLoss, loss_mask, token_mask, ref_logps, nll_s
     per_pair, chosen_rewards, rejected_rewards, chosen_shown, rejected_shown = loss.per_pair(
         chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens
     )
-    total = per_pair.sum()
+    weight = pair_weight.float()  # 1, or 0 for a validation batch's fillers
+    total = (per_pair * weight).sum()
     if loss.nll_weight:  # NLL of the chosen responses, as a token mean over the global batch (see module doc)
-        nll = -chosen.sum()
-        if loss.nll_over_whole_sequence:
-            nll = (per_token_loss.float() * token_mask.float()).chunk(2)[0].sum()
-        total = total + loss.nll_weight * nll_scale * nll
+        mask = token_mask if loss.nll_over_whole_sequence else loss_mask
+        nll = (per_token_loss.float() * mask.float()).chunk(2)[0].sum(dim=1)
+        total = total + loss.nll_weight * nll_scale * (nll * weight).sum()
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
-    report = torch.stack([
-        total.detach(), torch.tensor(float(len(chosen)), device=total.device), chosen_rewards.sum(),
-        rejected_rewards.sum(), (chosen_rewards > rejected_rewards).float().sum(),
-        (chosen_rewards - rejected_rewards).sum(), chosen_shown.detach().sum(), rejected_shown.detach().sum(),
-    ]).double()  # fmt: skip
-    return total, torch.tensor(len(chosen), dtype=torch.int), {"dpo": report}
+    per_pair_values = (chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
+                       chosen_rewards - rejected_rewards, chosen_shown.detach(), rejected_shown.detach())  # fmt: skip
+    report = torch.stack([total.detach(), weight.sum(), *((value * weight).sum() for value in per_pair_values)])
+    report = report.double()
+    return total, weight.sum().to(torch.int), {"dpo": report}
 
 
 def _logps_func(loss_mask, per_token_loss):
@@ -150,7 +150,8 @@ def _forward_step(data_iterator, model, loss: PreferenceLoss | None, nll_scale: 
     output = model(batch["tokens"], position_ids, None, labels=batch["labels"])
     if loss is None:
         return output, partial(_logps_func, batch["loss_mask"])
-    return output, partial(_dpo_loss_func, loss, batch["loss_mask"], batch["token_mask"], ref_logps, nll_scale)
+    parts = (batch["loss_mask"], batch["token_mask"], batch["pair_weight"], ref_logps)
+    return output, partial(_dpo_loss_func, loss, *parts, nll_scale)
 
 
 def _schedule(
@@ -218,7 +219,7 @@ def _global_chosen_tokens(microbatches: list[dict], mask: str) -> float:
     """Tokens of the chosen sequences under `mask` in the whole global batch (every data-parallel rank's)."""
     from megatron.core import parallel_state as ps
 
-    local = sum(float(mb[mask][: mb["tokens"].shape[0] // 2].sum()) for mb in microbatches)
+    local = sum(float((mb[mask][: len(mb["pair_weight"])].sum(dim=1) * mb["pair_weight"]).sum()) for mb in microbatches)
     total = torch.tensor([local], dtype=torch.float64, device=comm_device())
     dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     return float(total.item())
@@ -258,10 +259,25 @@ class Preference:
         self.reference.attach_logps(microbatches)
         nll_scale = 0.0
         if self.loss.nll_weight:
-            pairs = sum(mb["tokens"].shape[0] // 2 for mb in microbatches)
+            pairs = sum(float(mb["pair_weight"].sum()) for mb in microbatches)
             mask = "token_mask" if self.loss.nll_over_whole_sequence else "loss_mask"
             nll_scale = _global_pairs(pairs) / max(_global_chosen_tokens(microbatches, mask), 1.0)
         return _schedule(chunks, microbatches, forward_only=forward_only, loss=self.loss, nll_scale=nll_scale)
+
+    def validate(self, chunks, microbatch_groups) -> dict[str, float]:
+        """Loss and metrics over the validation pairs (`val_` + the training names): forward-only over every group
+        of micro-batches (a global batch each). Collective: all ranks call it at the same step."""
+        from megatron_swift.training.optim import parameters_synced
+
+        total = torch.zeros(len(REPORT), dtype=torch.float64)
+        with torch.no_grad(), parameters_synced(chunks):
+            for chunk in chunks:
+                chunk.eval()
+            for microbatches in microbatch_groups:
+                total += global_report(self.run(chunks, microbatches, forward_only=True))
+        for chunk in chunks:
+            chunk.train()
+        return {f"val_{name}": value for name, value in dpo_metrics(total).items()}
 
     def train_step(self, chunks, optimizer, scheduler, microbatches: list[dict], vocab_size: int) -> StepResult:
         from megatron_swift.training.moe_metrics import router_losses
@@ -282,9 +298,9 @@ class Preference:
         return StepResult(loss, int(total[1]), float(grad_norm or 0.0), lr, not updated, router, metrics)
 
 
-def _global_pairs(local_pairs: int) -> float:
+def _global_pairs(local_pairs: float) -> float:
     from megatron.core import parallel_state as ps
 
-    total = torch.tensor([float(local_pairs)], dtype=torch.float64, device=comm_device())
+    total = torch.tensor([local_pairs], dtype=torch.float64, device=comm_device())
     dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     return float(total.item())

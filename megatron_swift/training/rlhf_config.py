@@ -98,9 +98,6 @@ def rlhf_problems(job) -> list[str]:
                                       "log-probs are not yet reduced over context-parallel ranks)"),
         (job.model.fused_linear_cross_entropy, "model.fused_linear_cross_entropy: preference training needs "
                                                "per-token log-probs; set it to false"),
-        (bool(d.split_dataset_ratio or d.val_dataset), "data.split_dataset_ratio / data.val_dataset: validation of "
-                                                       "preference training is not built yet; set the ratio to 0 "
-                                                       "and leave val_dataset empty"),
     ):  # fmt: skip
         if bad:
             found.append(problem)
