@@ -117,7 +117,6 @@ PREFLIGHT = [
     ({"rpo_alpha": -1.0}, {}, {}, "rlhf.rpo_alpha=-1.0 must be >= 0"),
     ({"precompute_ref_logps": True}, {}, {}, "rlhf.precompute_ref_logps: not built yet"),
     ({"reference_free": True, "ref_model": "x"}, {}, {}, "rlhf.reference_free: a reference-free run has no reference"),
-    ({}, {"packing": True}, {}, "data.packing: packed preference pairs are not built yet"),
     ({}, {"streaming": True}, {}, "data.streaming: preference data is read whole"),
     ({}, {}, {"context_parallel_size": 2}, "parallel.context_parallel_size: preference training needs 1"),
     ({"simpo_gamma": 1.0}, {}, {}, "rlhf.simpo_gamma: used by train.task simpo only"),

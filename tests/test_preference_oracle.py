@@ -162,3 +162,36 @@ def test_dpo_per_pair_values_equal_trl(tiny_models, tuned, tmp_path, case):
     assert len({round(pair["loss"], 6) for pair in theirs}) > 1
     print(f"{case}: max abs diff vs TRL " + ", ".join(f"{key} {value:.1e}" for key, value in worst.items())
           + f"; grad norm {grad_norm:.6g} vs {trl_grad_norm:.6g}")  # fmt: skip
+
+
+@pytest.mark.parametrize("task", ["dpo", pytest.param("orpo", marks=pytest.mark.slow)])
+def test_packed_pairs_give_the_unpacked_per_pair_values(tiny_models, tuned, tmp_path, task):
+    """Pairs packed into rows (data.packing: each side its own document) give the values of the same pairs unpacked:
+    per-pair sums of the loss report, the reference's log-probs, and ORPO's whole-sequence NLL term."""
+    from transformers import AutoTokenizer
+
+    from megatron_swift.data import build_train_data
+    from megatron_swift.data.pairs import PairCollate
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.job import build_model, build_preference, check_job, check_weights
+
+    rlhf = {"ref_model": str(tiny_models["llama"])} if task == "dpo" else {}
+    data = {"seq_length": 256, "shuffle": False, "packing": True}
+    job = job_for(str(tuned), DPO, str(tmp_path), {}, {"task": task, "global_batch_size": 1}, data=data, rlhf=rlhf)
+    args = check_job(job, 1)
+    init_distributed(job.parallel, seed=job.train.seed)
+    try:
+        chunks = build_model(job, args)
+        preference = build_preference(job, args, chunks, check_weights(job, chunks, args))
+        packed = build_train_data(job.data, AutoTokenizer.from_pretrained(tuned), task, 1, 0)
+        rows = [row for row in packed.batches.items if len(row) >= 2][:2]  # rows of several whole pairs
+        assert len(rows) == 2, [len(row) for row in packed.batches.items]
+        collate = packed.batches.collate
+        with torch.no_grad():
+            (packed_report,) = preference.run(chunks, [collate(rows)], forward_only=True)
+            pairs = [pair for row in rows for pair in row]
+            (unpacked_report,) = preference.run(chunks, [PairCollate(256, 0)(pairs)], forward_only=True)
+    finally:
+        destroy_distributed()
+    assert packed_report["dpo"][1] == len(pairs)
+    assert packed_report["dpo"].tolist() == pytest.approx(unpacked_report["dpo"].tolist(), rel=1e-5, abs=1e-5)

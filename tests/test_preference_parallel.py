@@ -1,5 +1,6 @@
 """Preference training across layouts, references and resume: DPO full and LoRA at TP2, TP2 + SP, PP2, DP2 against
-the single process (3 steps, losses, reward / log-prob metrics, grad norms), SimPO and ORPO at two layouts each;
+the single process (3 steps, losses, reward / log-prob metrics, grad norms), packed DPO at TP2 + SP, PP2 and DP2,
+SimPO and ORPO at two layouts each;
 LoRA's adapters-off reference against an explicit frozen copy of the base (`rlhf.ref_model`); a run stopped after
 2 steps and resumed equals the straight run. Every layout of a world size runs inside one launch."""
 
@@ -30,9 +31,13 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
+# Packed: whole pairs per row of 256 positions (about 3 pairs a row), global batches of 4 rows.
+PACKED = {**DATA, "seq_length": 256, "packing": True}
+
+
 def _case(hf, parallel: dict, lora: dict | None, rlhf: dict | None = None, train: dict | None = None,
-          checkpoint: dict | None = None):  # fmt: skip
-    return (hf, parallel, {**DPO_TRAIN, **(train or {})}, lora, {}, checkpoint, None, DATA, rlhf)
+          checkpoint: dict | None = None, data: dict = DATA):  # fmt: skip
+    return (hf, parallel, {**DPO_TRAIN, **(train or {})}, lora, {}, checkpoint, None, data, rlhf)
 
 
 def _resumed(run_dir: Path) -> dict:
@@ -63,6 +68,7 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
             for train in ({"train_iters": 2}, {})
         ),
     ]
+    single.append(_case(llama, {}, None, data=PACKED))  # 7: packed
     run_cases(single, DPO, tmp_path / "one", world_size=1)
     one = [_metrics(tmp_path / "one" / f"case{i}") for i in range(3)]
     full, lora = one[0], one[1]
@@ -83,6 +89,8 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
     other = [("simpo", {"cpo_alpha": 0.5}, "tp2_sp"), ("simpo", {"cpo_alpha": 0.5}, "dp2"), ("orpo", {}, "pp2"),
              ("orpo", {}, "dp2")]  # fmt: skip
     cases += [_case(llama, LAYOUTS[layout], None, rlhf=rlhf, train={"task": task}) for task, rlhf, layout in other]
+    packed_layouts = ("tp2_sp", "pp2", "dp2")
+    cases += [_case(llama, LAYOUTS[layout], None, data=PACKED) for layout in packed_layouts]
     run_cases(cases, DPO, tmp_path / "two", world_size=2)
     for index, (train, layout) in enumerate(names):
         _assert_same(_metrics(tmp_path / "two" / f"case{index}"), full if train == "full" else lora, 1e-5,
@@ -93,6 +101,10 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
     for index, (task, _, layout) in enumerate(other, start=len(names)):
         _assert_same(_metrics(tmp_path / "two" / f"case{index}"), expected[task], 1e-5, (task, layout))
     assert expected["orpo"][-1]["loss"] < expected["orpo"][0]["loss"]
+    packed = _metrics(tmp_path / "one" / "case7")
+    assert packed[-1]["loss"] < packed[0]["loss"]
+    for index, layout in enumerate(packed_layouts, start=len(names) + len(other)):
+        _assert_same(_metrics(tmp_path / "two" / f"case{index}"), packed, 1e-5, ("packed", layout))
 
 
 def test_dpo_tp2_sp_matches_the_single_process_fast_guard(tiny_models, tmp_path):

@@ -8,7 +8,8 @@ plus the rejected one:
 Each side is rendered by the SFT template and masked by the SFT loss policy; with `data.loss_scale: default`
 preference training scores the assistant turns after the last user turn (`last_round`: the response, as TRL's
 prompt / completion split). A micro-batch of n pairs is one [2n, seq] batch, the n chosen rows first, then their
-n rejected rows in the same order (TRL's concatenated forward), so a pair always goes through one forward.
+n rejected rows in the same order (TRL's concatenated forward), so a pair always goes through one forward. With
+`data.packing` whole pairs are packed into rows (each side its own document), so a pair never spans micro-batches.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from megatron_swift.data.encode import Encoder, Sample
 from megatron_swift.data.errors import RowProblem
 from megatron_swift.data.formats import normalise
 from megatron_swift.data.labels import TruncationCounts, truncate
-from megatron_swift.data.packing import PaddedCollate
+from megatron_swift.data.packing import PackedCollate, PaddedCollate
 from megatron_swift.data.sources import Row
 
 REJECTED_FIELDS = ("rejected_response", "rejected_messages")
@@ -130,4 +131,43 @@ class PairCollate:
         for row, sample in enumerate(rows):
             batch["token_mask"][row, : len(sample.ids) - 1] = 1.0
         batch["pair_weight"] = torch.ones(len(pairs))  # 0 for the fillers of a last validation batch
+        return batch
+
+
+def pair_positions(pair: PairSample) -> int:
+    """Positions a pair takes in a packed row: both sides' inputs (n - 1 tokens each)."""
+    return len(pair.chosen.ids) - 1 + len(pair.rejected.ids) - 1
+
+
+@dataclass(frozen=True)
+class PackedPairCollate:
+    """Rows of whole pairs -> one packed micro-batch (THD, as packing.PackedCollate): each pair's chosen then rejected
+    sequence as two documents, attention and rotary positions restarting at each; `document_pair` / `document_side`
+    [documents] say which pair (micro-batch order; -1: a row's padding) and side (0 chosen, 1 rejected) each
+    document of `cu_seqlens` holds."""
+
+    seq_length: int
+    pad_id: int
+
+    def __call__(self, rows: list[list[PairSample]]) -> dict[str, torch.Tensor]:
+        sides = [[sample for pair in row for sample in (pair.chosen, pair.rejected)] for row in rows]
+        batch = PackedCollate(self.seq_length, self.pad_id)(sides)
+        batch["loss_mask"] = (batch["loss_mask"] > 0).float()
+        document_pair, document_side, pairs = [], [], 0
+        for row in rows:
+            for _ in row:
+                document_pair += [pairs, pairs]
+                document_side += [0, 1]
+                pairs += 1
+            if sum(pair_positions(pair) for pair in row) < self.seq_length:
+                document_pair.append(-1)  # the row's padding: its own final segment
+                document_side.append(0)
+        batch["token_mask"] = torch.zeros_like(batch["loss_mask"])
+        cu = batch["cu_seqlens"].tolist()
+        for d, pair in enumerate(document_pair):
+            if pair >= 0:
+                row, start = divmod(cu[d], self.seq_length)
+                batch["token_mask"][row, start : start + cu[d + 1] - cu[d]] = 1.0
+        batch |= {"document_pair": torch.tensor(document_pair), "document_side": torch.tensor(document_side),
+                  "pair_weight": torch.ones(pairs)}  # fmt: skip
         return batch

@@ -23,7 +23,15 @@ from megatron_swift.data.errors import BadRows, DataError
 from megatron_swift.data.indexed import TokenWindows, is_indexed_prefix
 from megatron_swift.data.labels import LossPolicy, TruncationCounts, parse_role_scales, truncate
 from megatron_swift.data.packing import PackedCollate, PaddedCollate, pack, padding_fraction
-from megatron_swift.data.pairs import PAIR_TASKS, PairCollate, PairEncoder, PairSample, fit_pairs
+from megatron_swift.data.pairs import (
+    PAIR_TASKS,
+    PackedPairCollate,
+    PairCollate,
+    PairEncoder,
+    PairSample,
+    fit_pairs,
+    pair_positions,
+)
 from megatron_swift.data.sources import load_rows, split_rows
 from megatron_swift.data.streaming import StreamingBatches
 from megatron_swift.data.templates import RENDERING, make_template
@@ -163,12 +171,20 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
     if validation:
         held_out = {"eval_items": validation_items(validation, task, data, max_length, seed),
                     "eval_collate": eval_collate}  # fmt: skip
-    if task in PAIR_TASKS:  # preflight refuses packing and streaming for pairs
+    if task in PAIR_TASKS:  # preflight refuses streaming for pairs
         pairs = fit_pairs(samples, max_length, data.truncation_strategy, stats)
+        if data.packing:  # whole pairs per row: a pair longer than a row cannot be packed
+            stats["pairs_longer_than_a_row"] = sum(pair_positions(pair) > seq_length for pair in pairs)
+            pairs = [pair for pair in pairs if pair_positions(pair) <= seq_length]
         if not pairs:
-            raise DataError(f"no preference pair left to train on after truncation to {max_length} tokens; raise "
-                            "data.seq_length or change data.truncation_strategy")  # fmt: skip
-        return TrainData(batches(pairs, PairCollate(seq_length, pad_id)), len(pairs), validation, stats, **held_out)
+            raise DataError(f"no preference pair left to train on after truncation to {max_length} tokens"
+                            + (f" (packing: both sides of a pair in one row of {seq_length})" if data.packing else "")
+                            + "; raise data.seq_length or change data.truncation_strategy")  # fmt: skip
+        if not data.packing:
+            return TrainData(batches(pairs, PairCollate(seq_length, pad_id)), len(pairs), validation, stats, **held_out)
+        rows = [[pairs[i] for i in row] for row in pack([pair_positions(pair) + 1 for pair in pairs], seq_length)]
+        stats["packed_rows"] = len(rows)
+        return TrainData(batches(rows, PackedPairCollate(seq_length, pad_id)), len(rows), validation, stats, **held_out)
     if task == "pretrain" and not data.packing:
         windows = TokenWindows.from_samples(samples, seq_length, seed, data.shuffle)
         stats["windows"] = len(windows)

@@ -105,27 +105,57 @@ class PreferenceLoss:
         return total, self.beta * chosen_ratio, self.beta * rejected_ratio, chosen_logps, rejected_logps
 
 
-def sequence_logps(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-prob, scored tokens) per row from the model's per-token cross entropy [b, s] and 0/1 mask."""
-    mask = loss_mask.float()
-    return -(per_token_loss.float() * mask).sum(dim=1), mask.sum(dim=1)
+@dataclass(frozen=True)
+class PairSums:
+    """Per-pair sums [n] of one micro-batch: log-probs and scored tokens of each side, and the chosen sequence's
+    NLL and token count under the NLL term's mask (the response, or the whole sequence for ORPO)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    chosen_nll: torch.Tensor
 
 
-def _dpo_loss_func(loss: PreferenceLoss, loss_mask, token_mask, pair_weight, ref_logps, nll_scale: float,
-                   per_token_loss):  # fmt: skip
-    logps, tokens = sequence_logps(per_token_loss, loss_mask)
-    chosen, rejected = logps.chunk(2)
-    chosen_tokens, rejected_tokens = tokens.chunk(2)
-    ref_chosen, ref_rejected = ref_logps.to(logps.device).chunk(2)
+def pair_sums(per_token_loss: torch.Tensor, batch: dict, nll_mask: str = "loss_mask") -> PairSums:
+    """From the model's per-token cross entropy: [2n, s] rows (chosen rows first), or one packed row [1, T] whose
+    documents `document_pair` / `document_side` place (data/pairs.py)."""
+    per_token = per_token_loss.float()
+    masks = {name: batch[name].float() for name in {"loss_mask", nll_mask}}
+    if "cu_seqlens" not in batch:
+        scored, nll = (per_token * masks["loss_mask"]).sum(dim=1), (per_token * masks[nll_mask]).sum(dim=1)
+        tokens = masks["loss_mask"].sum(dim=1)
+        (chosen, rejected), (chosen_tokens, rejected_tokens) = (-scored).chunk(2), tokens.chunk(2)
+        return PairSums(chosen, rejected, chosen_tokens, rejected_tokens, nll.chunk(2)[0])
+    # Packed: sums per document (segment of cu_seqlens), then each document to its pair and side.
+    per_token, flat = per_token.reshape(-1), {name: mask.reshape(-1) for name, mask in masks.items()}
+    cu_seqlens = batch["cu_seqlens"]
+    positions = torch.arange(per_token.numel(), device=per_token.device)
+    document = torch.searchsorted(cu_seqlens[1:].to(positions.device), positions, right=True)
+    pairs, real = len(batch["pair_weight"]), batch["document_pair"] >= 0
+
+    def per_side(values: torch.Tensor) -> torch.Tensor:  # [T] -> [2, n] (chosen, rejected)
+        sums = torch.zeros(len(cu_seqlens) - 1, device=values.device, dtype=values.dtype).index_add(0, document, values)
+        out = torch.zeros(2 * pairs, device=values.device, dtype=values.dtype)
+        index = batch["document_side"][real] * pairs + batch["document_pair"][real]
+        return out.index_copy(0, index.to(values.device), sums[real.to(values.device)]).reshape(2, pairs)
+
+    logps, tokens = per_side(-per_token * flat["loss_mask"]), per_side(flat["loss_mask"])
+    nll = per_side(per_token * flat[nll_mask])
+    return PairSums(logps[0], logps[1], tokens[0], tokens[1], nll[0])
+
+
+def _dpo_loss_func(loss: PreferenceLoss, batch: dict, ref_logps, nll_scale: float, per_token_loss):
+    nll_mask = "token_mask" if loss.nll_over_whole_sequence else "loss_mask"
+    sums = pair_sums(per_token_loss, batch, nll_mask)
+    ref_chosen, ref_rejected = ref_logps.to(sums.chosen.device).chunk(2)
     per_pair, chosen_rewards, rejected_rewards, chosen_shown, rejected_shown = loss.per_pair(
-        chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens
+        sums.chosen, sums.rejected, ref_chosen, ref_rejected, sums.chosen_tokens, sums.rejected_tokens
     )
-    weight = pair_weight.float()  # 1, or 0 for a validation batch's fillers
+    weight = batch["pair_weight"].float()  # 1, or 0 for a validation batch's fillers
     total = (per_pair * weight).sum()
     if loss.nll_weight:  # NLL of the chosen responses, as a token mean over the global batch (see module doc)
-        mask = token_mask if loss.nll_over_whole_sequence else loss_mask
-        nll = (per_token_loss.float() * mask.float()).chunk(2)[0].sum(dim=1)
-        total = total + loss.nll_weight * nll_scale * (nll * weight).sum()
+        total = total + loss.nll_weight * nll_scale * (sums.chosen_nll * weight).sum()
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
     per_pair_values = (chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
                        chosen_rewards - rejected_rewards, chosen_shown.detach(), rejected_shown.detach())  # fmt: skip
@@ -134,24 +164,32 @@ def _dpo_loss_func(loss: PreferenceLoss, loss_mask, token_mask, pair_weight, ref
     return total, weight.sum().to(torch.int), {"dpo": report}
 
 
-def _logps_func(loss_mask, per_token_loss):
-    """Forward-only: the reference log-probs of the micro-batch's rows, kept by the schedule's data store."""
-    logps, _ = sequence_logps(per_token_loss, loss_mask)
-    return torch.zeros((), device=logps.device), torch.tensor(0, dtype=torch.int), {"logps": logps.detach()}
+def _logps_func(batch: dict, per_token_loss):
+    """Forward-only: the reference log-probs [2n] (chosen, then rejected), kept by the schedule's data store."""
+    sums = pair_sums(per_token_loss, batch)
+    logps = torch.cat([sums.chosen, sums.rejected]).detach()
+    return torch.zeros((), device=logps.device), torch.tensor(0, dtype=torch.int), {"logps": logps}
 
 
 def _forward_step(data_iterator, model, loss: PreferenceLoss | None, nll_scale: float):
-    """Policy (loss given) or reference (loss None) forward of one micro-batch of pairs, unpacked [2n, seq]."""
+    """Policy (loss given) or reference (loss None) forward of one micro-batch of pairs: [2n, seq] rows, or packed
+    (THD: one [1, mbs x seq] row whose documents restart attention and rotary positions)."""
+    from megatron_swift.training.step import packed_seq_params
+
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in next(data_iterator).items()}
     ref_logps = batch.pop("ref_logps", None)
-    seq = batch["tokens"].shape[1]
-    position_ids = torch.arange(seq, device=device).unsqueeze(0).expand_as(batch["tokens"])
-    output = model(batch["tokens"], position_ids, None, labels=batch["labels"])
+    packed = None
+    if "cu_seqlens" in batch:
+        packed = packed_seq_params(batch["cu_seqlens"])
+        tokens, labels, position_ids = (batch[key].reshape(1, -1) for key in ("tokens", "labels", "position_ids"))
+    else:
+        tokens, labels = batch["tokens"], batch["labels"]
+        position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, position_ids, None, labels=labels, packed_seq_params=packed)
     if loss is None:
-        return output, partial(_logps_func, batch["loss_mask"])
-    parts = (batch["loss_mask"], batch["token_mask"], batch["pair_weight"], ref_logps)
-    return output, partial(_dpo_loss_func, loss, *parts, nll_scale)
+        return output, partial(_logps_func, batch)
+    return output, partial(_dpo_loss_func, loss, batch, ref_logps, nll_scale)
 
 
 def _schedule(
@@ -160,6 +198,8 @@ def _schedule(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     micro_batch_size, seq_length = microbatches[0]["tokens"].shape
+    if "cu_seqlens" in microbatches[0]:  # packed micro-batches travel as one [1, mbs * seq] row
+        micro_batch_size, seq_length = 1, micro_batch_size * seq_length
     return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, loss=loss, nll_scale=nll_scale),
         data_iterator=[iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches),
@@ -197,7 +237,7 @@ class ReferenceModel:
         """Every micro-batch gets `ref_logps` [2n] (collective over the model's ranks; read on the last stage)."""
         if self.chunks is None:
             for microbatch in microbatches:
-                microbatch["ref_logps"] = torch.zeros(microbatch["tokens"].shape[0])
+                microbatch["ref_logps"] = torch.zeros(2 * len(microbatch["pair_weight"]))
             return
         from megatron_swift.training.optim import parameters_synced
         from megatron_swift.tuners.lora import adapters_disabled
@@ -219,7 +259,10 @@ def _global_chosen_tokens(microbatches: list[dict], mask: str) -> float:
     """Tokens of the chosen sequences under `mask` in the whole global batch (every data-parallel rank's)."""
     from megatron.core import parallel_state as ps
 
-    local = sum(float((mb[mask][: len(mb["pair_weight"])].sum(dim=1) * mb["pair_weight"]).sum()) for mb in microbatches)
+    local = 0.0
+    for mb in microbatches:  # the NLL sums of a per-token "loss" of 1 count the chosen tokens under the mask
+        counted = pair_sums(torch.ones(mb["tokens"].shape), mb, mask).chosen_nll
+        local += float((counted * mb["pair_weight"]).sum())
     total = torch.tensor([local], dtype=torch.float64, device=comm_device())
     dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     return float(total.item())

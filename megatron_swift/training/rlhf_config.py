@@ -91,7 +91,6 @@ def rlhf_problems(job) -> list[str]:
                      "modules; leave modules_to_save empty or set rlhf.ref_model")  # fmt: skip
     # What preference training does not support yet, each named (the SFT path supports them).
     for bad, problem in (
-        (d.packing, "data.packing: packed preference pairs are not built yet; set data.packing: false"),
         (d.streaming, "data.streaming: preference data is read whole; set data.streaming: false"),
         (d.format == "text", "data.format=text: preference rows are conversations (messages + rejected_response)"),
         (p.context_parallel_size > 1, "parallel.context_parallel_size: preference training needs 1 (per-sequence "
