@@ -115,7 +115,6 @@ PREFLIGHT = [
     ({"label_smoothing": 0.5}, {}, {}, "rlhf.label_smoothing=0.5 must be in [0, 0.5)"),
     ({"label_smoothing": 0.1, "loss_type": ["hinge"]}, {}, {}, "rlhf.label_smoothing: used by loss_type sigmoid"),
     ({"rpo_alpha": -1.0}, {}, {}, "rlhf.rpo_alpha=-1.0 must be >= 0"),
-    ({"precompute_ref_logps": True}, {}, {}, "rlhf.precompute_ref_logps: not built yet"),
     ({"reference_free": True, "ref_model": "x"}, {}, {}, "rlhf.reference_free: a reference-free run has no reference"),
     ({}, {"streaming": True}, {}, "data.streaming: preference data is read whole"),
     ({}, {}, {"context_parallel_size": 2}, "parallel.context_parallel_size: preference training needs 1"),
@@ -164,4 +163,12 @@ def test_a_reference_model_of_another_architecture_is_refused(tiny_models, tmp_p
     job = job_for(str(tiny_models["llama"]), DPO, str(tmp_path), {}, {"task": "dpo"},
                   rlhf={"ref_model": str(tiny_models["qwen2"])})  # fmt: skip
     with pytest.raises(ConfigError, match=re.escape(f"rlhf.ref_model={tiny_models['qwen2']}: not the policy")):
+        check_job(job, 1)
+
+
+def test_preference_training_of_a_moe_model_is_refused(tiny_models, tmp_path):
+    from megatron_swift.training.job import check_job
+
+    job = job_for(str(tiny_models["mixtral"]), DPO, str(tmp_path), {}, {"task": "dpo"})
+    with pytest.raises(ConfigError, match=re.escape("train.task=dpo: preference training of MoE models is not built")):
         check_job(job, 1)

@@ -1,6 +1,6 @@
 """Preference training across layouts, references and resume: DPO full and LoRA at TP2, TP2 + SP, PP2, DP2 against
 the single process (3 steps, losses, reward / log-prob metrics, grad norms), packed DPO at TP2 + SP, PP2 and DP2,
-SimPO and ORPO at two layouts each;
+SimPO and ORPO at two layouts each, precomputed reference log-probs at one and two processes;
 LoRA's adapters-off reference against an explicit frozen copy of the base (`rlhf.ref_model`); a run stopped after
 2 steps and resumed equals the straight run. Every layout of a world size runs inside one launch."""
 
@@ -33,6 +33,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 # Packed: whole pairs per row of 256 positions (about 3 pairs a row), global batches of 4 rows.
 PACKED = {**DATA, "seq_length": 256, "packing": True}
+PRECOMPUTE = {"precompute_ref_logps": True}
 
 
 def _case(hf, parallel: dict, lora: dict | None, rlhf: dict | None = None, train: dict | None = None,
@@ -69,6 +70,7 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
         ),
     ]
     single.append(_case(llama, {}, None, data=PACKED))  # 7: packed
+    single.append(_case(llama, {}, None, rlhf=PRECOMPUTE))  # 8: reference log-probs precomputed
     run_cases(single, DPO, tmp_path / "one", world_size=1)
     one = [_metrics(tmp_path / "one" / f"case{i}") for i in range(3)]
     full, lora = one[0], one[1]
@@ -91,6 +93,8 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
     cases += [_case(llama, LAYOUTS[layout], None, rlhf=rlhf, train={"task": task}) for task, rlhf, layout in other]
     packed_layouts = ("tp2_sp", "pp2", "dp2")
     cases += [_case(llama, LAYOUTS[layout], None, data=PACKED) for layout in packed_layouts]
+    precomputed_layouts = ("pp2", "dp2")
+    cases += [_case(llama, LAYOUTS[layout], None, rlhf=PRECOMPUTE) for layout in precomputed_layouts]
     run_cases(cases, DPO, tmp_path / "two", world_size=2)
     for index, (train, layout) in enumerate(names):
         _assert_same(_metrics(tmp_path / "two" / f"case{index}"), full if train == "full" else lora, 1e-5,
@@ -105,6 +109,11 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
     assert packed[-1]["loss"] < packed[0]["loss"]
     for index, layout in enumerate(packed_layouts, start=len(names) + len(other)):
         _assert_same(_metrics(tmp_path / "two" / f"case{index}"), packed, 1e-5, ("packed", layout))
+    # Precomputed reference log-probs: the frozen copy's run, at one and two processes.
+    precomputed = _metrics(tmp_path / "one" / "case8")
+    _assert_same(precomputed, full, 1e-6, "precomputed vs frozen copy")
+    for index, layout in enumerate(precomputed_layouts, start=len(names) + len(other) + len(packed_layouts)):
+        _assert_same(_metrics(tmp_path / "two" / f"case{index}"), full, 1e-5, ("precomputed", layout))
 
 
 def test_dpo_tp2_sp_matches_the_single_process_fast_guard(tiny_models, tmp_path):

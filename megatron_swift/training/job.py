@@ -58,6 +58,29 @@ def check_job(job: JobConfig, world_size: int):
     return args
 
 
+def precompute_reference(job: JobConfig, preference, data, is_main: bool):
+    """rlhf.precompute_ref_logps: the reference's log-probs of every training and validation item, computed once
+    now (also when the run resumes: from the same reference, so the values are the same) and kept with the items;
+    the reference model is then dropped (a frozen copy's memory is freed)."""
+    import time
+
+    from megatron_swift.training.preference import ReferenceCollate, ReferenceModel, precompute_reference_logps
+
+    t, started = job.train, time.perf_counter()
+    batches = data.batches
+    batches.items = precompute_reference_logps(preference.reference, batches.items, batches.collate,
+                                               t.global_batch_size, t.micro_batch_size)  # fmt: skip
+    batches.collate = ReferenceCollate(batches.collate)
+    if data.eval_items is not None:
+        eval_items = precompute_reference_logps(preference.reference, data.eval_items, data.eval_collate,
+                                                t.global_batch_size, t.micro_batch_size)  # fmt: skip
+        data = dataclasses.replace(data, eval_items=eval_items, eval_collate=ReferenceCollate(data.eval_collate))
+    preference.reference = ReferenceModel.precomputed()
+    if is_main:
+        print(f"reference log-probs of {len(batches.items)} items precomputed in {time.perf_counter() - started:.1f} s")
+    return data
+
+
 def reference_model_problems(ref_model: str, args, make_vocab_size_divisible_by: int) -> list[str]:
     """rlhf.ref_model: an HF directory whose weights are complete and whose model is the policy's architecture."""
     from megatron_swift.checkpoint.hf import CheckpointError, HFCheckpoint, load_hf_config
@@ -207,6 +230,8 @@ def run_job(job: JobConfig, ctx, args) -> list:
             load_weights(job, chunks, args, source)
         chunks, optimizer, scheduler = wrap_for_training(chunks, job)
         preference = build_preference(job, args, chunks, source)
+        if preference is not None and job.rlhf.precompute_ref_logps:
+            data = precompute_reference(job, preference, data, ctx.is_main)
         start = 0
         if resume_from is not None:
             state = load_checkpoint(resume_from, chunks, optimizer, scheduler)

@@ -10,7 +10,9 @@ schedule (so pipeline parallelism needs nothing of ours) and keeps the per-seque
 micro-batches; then the training schedule computes the policy's and the loss. The reference is:
 - LoRA: the same chunks with their adapters switched off (`adapters_disabled`), no second copy;
 - full training: a frozen copy of the initial weights at the same parallel layout (`ReferenceModel.copy`);
-- `rlhf.reference_free`: none (its log-probs are 0).
+- `rlhf.reference_free`: none (its log-probs are 0);
+- `rlhf.precompute_ref_logps`: one of the above over the whole data before training, kept with the items
+  (`precompute_reference_logps`; a frozen copy is then dropped).
 
 Losses are TRL's (`DPOTrainer`, per pair, summed over `loss_type` with `loss_weights`); `sigmoid` with
 `label_smoothing` is cDPO (TRL < 1.0, ms-swift). SimPO (TRL's CPOTrainer, loss_type simpo) and ORPO (ORPOTrainer)
@@ -233,8 +235,19 @@ class ReferenceModel:
     def none(cls) -> ReferenceModel:
         return cls(None, adapters=False)
 
+    @classmethod
+    def precomputed(cls) -> ReferenceModel:
+        """The micro-batches carry their reference log-probs (`precompute_reference_logps`)."""
+        reference = cls(None, adapters=False)
+        reference.carried = True
+        return reference
+
+    carried = False
+
     def attach_logps(self, microbatches: list[dict]) -> None:
         """Every micro-batch gets `ref_logps` [2n] (collective over the model's ranks; read on the last stage)."""
+        if self.carried:
+            return
         if self.chunks is None:
             for microbatch in microbatches:
                 microbatch["ref_logps"] = torch.zeros(2 * len(microbatch["pair_weight"]))
@@ -347,3 +360,60 @@ def _global_pairs(local_pairs: float) -> float:
     total = torch.tensor([local_pairs], dtype=torch.float64, device=comm_device())
     dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     return float(total.item())
+
+
+@dataclass(frozen=True)
+class WithReference:
+    """A training or validation item (a pair, or a packed row of pairs) with its reference log-probs [2 x pairs]:
+    the chosen sides', then the rejected sides'."""
+
+    item: object
+    ref_logps: torch.Tensor
+
+
+def _pairs_in(item) -> int:
+    return len(item) if isinstance(item, list) else 1  # a packed row is a list of pairs
+
+
+@dataclass(frozen=True)
+class ReferenceCollate:
+    """The items' collate, plus `ref_logps` in the micro-batch's pair order (chosen sides, then rejected)."""
+
+    collate: object
+
+    def __call__(self, items: list[WithReference]) -> dict[str, torch.Tensor]:
+        batch = self.collate([item.item for item in items])
+        sides = [item.ref_logps.reshape(2, -1) for item in items]
+        batch["ref_logps"] = torch.cat([torch.cat([side[0] for side in sides]), torch.cat([side[1] for side in sides])])
+        return batch
+
+
+def precompute_reference_logps(reference: ReferenceModel, items, collate, global_batch_size: int,
+                               micro_batch_size: int) -> list[WithReference]:  # fmt: skip
+    """Every item's reference log-probs, through the reference's forward-only schedule in global batches of items
+    (each data-parallel rank its slice, as in training), gathered over data-parallel ranks. Collective."""
+    from megatron.core import parallel_state as ps
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    per_rank, found = global_batch_size // dp_size, {}
+    last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+    for start in range(0, len(items), global_batch_size):
+        positions = [start + dp_rank * per_rank + i for i in range(per_rank)]
+        chunks = [positions[at : at + micro_batch_size] for at in range(0, per_rank, micro_batch_size)]
+        microbatches = [collate([items[p % len(items)] for p in chunk]) for chunk in chunks]
+        reference.attach_logps(microbatches)
+        if not last_stage:
+            continue
+        for chunk, microbatch in zip(chunks, microbatches, strict=True):
+            chosen, rejected = microbatch["ref_logps"].cpu().chunk(2)
+            offset = 0
+            for p in chunk:
+                count = _pairs_in(items[p % len(items)])
+                if p < len(items):
+                    found[p] = torch.cat([chosen[offset : offset + count], rejected[offset : offset + count]])
+                offset += count
+    gathered = [None] * dp_size
+    dist.all_gather_object(gathered, found, group=ps.get_data_parallel_group(with_context_parallel=True))
+    merged = {index: logps for part in gathered for index, logps in part.items()}
+    # Off the last pipeline stage nothing reads them: zeros of the right length.
+    return [WithReference(item, merged.get(i, torch.zeros(2 * _pairs_in(item)))) for i, item in enumerate(items)]

@@ -32,7 +32,8 @@ class RlhfSection:
     # An HF directory of the same architecture as the reference (a frozen copy at the same layout); default: the
     # base model with adapters off (LoRA) or a frozen copy of the initial weights (full training).
     ref_model: str | None = None
-    # Full training: reference log-probs computed once before training instead of a frozen copy (not built yet).
+    # Reference log-probs computed once before training (forward-only) and kept with the data; a frozen copy is then
+    # freed for the run (it is rebuilt at start-up, also on resume, to compute them).
     precompute_ref_logps: bool = False
     simpo_gamma: float | None = None  # SimPO's target reward margin (null: TRL's 0.5)
     cpo_alpha: float | None = None  # SimPO: weight of the chosen responses' NLL (null: TRL's CPO default 1.0)
@@ -75,9 +76,6 @@ def rlhf_problems(job) -> list[str]:
     for name in ("rpo_alpha", "cpo_alpha"):
         if getattr(r, name) is not None and getattr(r, name) < 0:
             found.append(f"rlhf.{name}={getattr(r, name)} must be >= 0")
-    if r.precompute_ref_logps:
-        found.append("rlhf.precompute_ref_logps: not built yet; the reference is the base model (LoRA) or a frozen "
-                     "copy of the initial weights (full training): set it to false")  # fmt: skip
     if r.reference_free and (r.precompute_ref_logps or r.ref_model):
         found.append("rlhf.reference_free: a reference-free run has no reference (unset rlhf.ref_model and "
                      "rlhf.precompute_ref_logps)")  # fmt: skip
