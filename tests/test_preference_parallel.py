@@ -45,11 +45,11 @@ def _resumed(run_dir: Path) -> dict:
     return {"save": str(run_dir / "ckpt"), "output_dir": str(run_dir)}
 
 
-def _assert_same(got: list[dict], expected: list[dict], rel: float, what) -> None:
-    assert len(got) == len(expected) == 3, what
+def _assert_same(got: list[dict], expected: list[dict], rel: float, what, steps: int = 3) -> None:
+    assert len(got) == len(expected) == steps, what
     for step, (a, b) in enumerate(zip(got, expected, strict=True)):
         validation = [key for key in b if key.startswith("val_")]
-        assert bool(validation) == (step == 2) and set(validation) <= set(a), (what, step, validation)
+        assert bool(validation) == (step == steps - 1) and set(validation) <= set(a), (what, step, validation)
         for key in (*METRICS, *validation):
             assert a[key] == pytest.approx(b[key], rel=rel, abs=rel), (what, step, key, a[key], b[key])
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (what, step, a["grad_norm"], b["grad_norm"])
@@ -76,6 +76,8 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
     full, lora = one[0], one[1]
     assert full[-1]["loss"] < full[0]["loss"] and full[-1]["rewards/margins"] > 0  # it learns the preference
     assert lora[-1]["loss"] < lora[0]["loss"]
+    # Step 1 of LoRA: lora_B = 0, so the policy is the reference exactly; a tie is not a correct preference (TRL).
+    assert lora[0]["rewards/margins"] == 0.0 and lora[0]["rewards/accuracies"] == 0.0
     # LoRA's reference is the base model: adapters off equals a separate frozen copy of the base.
     _assert_same(one[2], lora, 1e-6, "lora: adapters off vs rlhf.ref_model")
     # Resume: the resumed run's step 3 is the straight run's (the reference is re-read, not the trained weights).
@@ -117,9 +119,12 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
 
 
 def test_dpo_tp2_sp_matches_the_single_process_fast_guard(tiny_models, tmp_path):
-    """The default suite's guard: full DPO (frozen-copy reference) at TP2 + SP for 2 steps, one launch per size."""
+    """The default suite's guard: full DPO (frozen-copy reference) at TP2 + SP for 2 steps, one launch per size; the
+    same with precomputed reference log-probs in the single process."""
     llama, two_steps = tiny_models["llama"], {"train_iters": 2}
-    run_cases([_case(llama, {}, None, train=two_steps)], DPO, tmp_path / "one", world_size=1)
+    single = [_case(llama, {}, None, train=two_steps), _case(llama, {}, None, rlhf=PRECOMPUTE, train=two_steps)]
+    run_cases(single, DPO, tmp_path / "one", world_size=1)
+    _assert_same(_metrics(tmp_path / "one" / "case1"), _metrics(tmp_path / "one" / "case0"), 1e-6, "precomputed", 2)
     run_cases([_case(llama, LAYOUTS["tp2_sp"], None, train=two_steps)], DPO, tmp_path / "two", world_size=2)
     expected, got = _metrics(tmp_path / "one" / "case0"), _metrics(tmp_path / "two" / "case0")
     assert len(got) == len(expected) == 2 and expected[-1]["rewards/margins"] != 0
