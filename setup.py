@@ -42,6 +42,7 @@ setup(
         # psutil: the preemption tests signal the processes of a running job (tests/test_slurm.py).
         # rouge-score, jieba, rouge-chinese: imported by the EvalScope ToolBench scorer files that
         # tests/evalscope_reference.py loads from the pinned evalscope wheel (evalscope itself is not installed).
+        # trl: the preference-training oracle (tests/test_preference_oracle.py runs TRL's DPOTrainer on the same pairs).
         "dev": [
             "pytest>=8",
             "ruff>=0.6",
@@ -53,6 +54,7 @@ setup(
             "rouge-score>=0.1.2",
             "jieba>=0.42",
             "rouge-chinese>=1.0",
+            "trl>=1.16",
         ],
     },
     entry_points={

@@ -21,10 +21,11 @@ def job_for(
     checkpoint: dict | None = None,
     moe: dict | None = None,
     data: dict | None = None,
+    rlhf: dict | None = None,
     **model,
 ) -> JobConfig:
-    """A tiny test job; `lora` options switch it to LoRA training; `checkpoint`, `moe` and `data` set fields of
-    those sections."""
+    """A tiny test job; `lora` options switch it to LoRA training; `checkpoint`, `moe`, `data` and `rlhf` set fields
+    of those sections."""
     job = JobConfig()
     if lora is not None:
         job.lora = LoraConfig(**lora)
@@ -36,14 +37,15 @@ def job_for(
         TrainSection(global_batch_size=4, micro_batch_size=1, train_iters=3, lr=1e-3, lr_decay_style="constant"),
         **train,
     )
-    job.checkpoint = dataclasses.replace(job.checkpoint, output_dir=output_dir, **(checkpoint or {}))
+    job.checkpoint = dataclasses.replace(job.checkpoint, **{"output_dir": output_dir, **(checkpoint or {})})
     job.moe = dataclasses.replace(job.moe, **(moe or {}))
+    job.rlhf = dataclasses.replace(job.rlhf, **(rlhf or {}))
     return job
 
 
 def losses_for_cases(cases: list[tuple[str, dict, dict]], data_path: str, output_dir: str) -> dict[int, list[float]]:
     """case index -> per-step losses (reported by global rank 0) for (hf_dir, parallel, train[, lora[, model[,
-    checkpoint[, moe[, data]]]]]) cases; `model` holds ModelSection options (e.g. kernels), the others the
+    checkpoint[, moe[, data[, rlhf]]]]]]) cases; `model` holds ModelSection options (e.g. kernels), the others the
     options of those sections."""
     import os
 
@@ -52,10 +54,9 @@ def losses_for_cases(cases: list[tuple[str, dict, dict]], data_path: str, output
     found = {}
     try:
         for index, (hf_dir, parallel, train, *rest) in enumerate(cases):
-            lora, model, checkpoint, moe, data = (*rest, *(None, {}, None, None, None)[len(rest) :])
-            job = job_for(
-                hf_dir, data_path, f"{output_dir}/case{index}", parallel, train, lora, checkpoint, moe, data, **model
-            )
+            lora, model, checkpoint, moe, data, rlhf = (*rest, *(None, {}, None, None, None, None)[len(rest) :])
+            job = job_for(hf_dir, data_path, f"{output_dir}/case{index}", parallel, train, lora, checkpoint, moe, data,
+                          rlhf, **model)  # fmt: skip
             args = check_job(job, int(os.environ.get("WORLD_SIZE", 1)))
             ctx = init_distributed(job.parallel, seed=job.train.seed)
             results = run_job(job, ctx, args)

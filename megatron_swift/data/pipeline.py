@@ -23,6 +23,15 @@ from megatron_swift.data.errors import BadRows, DataError
 from megatron_swift.data.indexed import TokenWindows, is_indexed_prefix
 from megatron_swift.data.labels import LossPolicy, TruncationCounts, parse_role_scales, truncate
 from megatron_swift.data.packing import PackedCollate, PaddedCollate, pack, padding_fraction
+from megatron_swift.data.pairs import (
+    PAIR_TASKS,
+    PackedPairCollate,
+    PairCollate,
+    PairEncoder,
+    PairSample,
+    fit_pairs,
+    pair_positions,
+)
 from megatron_swift.data.sources import load_rows, split_rows
 from megatron_swift.data.streaming import StreamingBatches
 from megatron_swift.data.templates import RENDERING, make_template
@@ -37,15 +46,19 @@ class TrainData:
     # The validation data (held-out split or val_dataset) as the model sees it: fitted samples or pretraining
     # windows, and their collate.
     eval_items: Sequence[Sample] | None = None
-    eval_collate: PaddedCollate | None = None
+    eval_collate: PaddedCollate | PairCollate | None = None
 
     def summary(self) -> str:
         return "data: " + ", ".join(f"{key}={value}" for key, value in self.stats.items())
 
 
-def make_encoder(data, tokenizer, task: str) -> Encoder:
-    template = make_template(data.template, tokenizer) if task == "sft" else None
-    policy = LossPolicy(data.loss_scale, {"tool": 0.0, **parse_role_scales(data.role_loss_scale)})
+def make_encoder(data, tokenizer, task: str) -> Encoder | PairEncoder:
+    template = make_template(data.template, tokenizer) if task in ("sft", *PAIR_TASKS) else None
+    # Preference pairs score the response (the turns after the last user turn) unless loss_scale says otherwise.
+    scope = "last_round" if task in PAIR_TASKS and data.loss_scale == "default" else data.loss_scale
+    policy = LossPolicy(scope, {"tool": 0.0, **parse_role_scales(data.role_loss_scale)})
+    if task in PAIR_TASKS:
+        return PairEncoder(Encoder(tokenizer, template, policy, data.format, "sft"))
     return Encoder(tokenizer, template, policy, data.format, task)
 
 
@@ -59,7 +72,10 @@ def encode_dataset(data, encoder: Encoder, seed: int, progress: bool) -> tuple[l
         cache = SampleCache(data.cache_dir, cache_key(data.dataset, encoder.tokenizer, template, options))
         cached = cache.load()
         if cached is not None:
-            return cached
+            samples, info = cached
+            if encoder.task == "dpo":  # stored flat: chosen, rejected, chosen, ...
+                samples = [PairSample(*samples[i : i + 2]) for i in range(0, len(samples), 2)]
+            return samples, info
     bad = BadRows(skip=data.skip_bad_rows)
     rows = load_rows(data.dataset, seed, bad)
     samples = []
@@ -72,7 +88,8 @@ def encode_dataset(data, encoder: Encoder, seed: int, progress: bool) -> tuple[l
         raise DataError(f"{', '.join(data.dataset)}: no usable rows ({bad.count} bad)")
     info = {"rows": len(rows), "bad_rows": bad.count, "bad_examples": bad.examples}
     if cache is not None:
-        cache.save(samples, info)
+        flat = [side for pair in samples for side in (pair.chosen, pair.rejected)] if encoder.task == "dpo" else samples
+        cache.save(flat, info)
     return samples, info
 
 
@@ -95,8 +112,14 @@ def fit_samples(samples: list[Sample], max_length: int, strategy: str, stats: di
 
 
 def validation_items(validation: list[Sample], task: str, data, max_length: int, seed: int) -> Sequence[Sample]:
-    """The validation samples cut like the training samples (SFT), or as pretraining windows (pretrain)."""
+    """The validation samples cut like the training samples (SFT, pairs), or as pretraining windows (pretrain)."""
     source = "data.val_dataset" if data.val_dataset else f"data.split_dataset_ratio={data.split_dataset_ratio}"
+    if task in PAIR_TASKS:
+        pairs = fit_pairs(validation, max_length, data.truncation_strategy, {})
+        if not pairs:
+            raise DataError(f"{source}: no validation pair has a scored token left on both sides after truncation to "
+                            f"{max_length} tokens; validate on more (or shorter) pairs")  # fmt: skip
+        return pairs
     if task == "pretrain":
         windows = TokenWindows.from_samples(validation, data.seq_length, seed, shuffle=False)
         if not len(windows):
@@ -116,11 +139,12 @@ def validation_items(validation: list[Sample], task: str, data, max_length: int,
 
 def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: int,
                      progress: bool = False) -> TrainData:  # fmt: skip
-    """`data` is a training.config.DataSection; `task` is "pretrain" or "sft"."""
+    """`data` is a training.config.DataSection; `task` is "pretrain", "sft" or a pair task (pairs.PAIR_TASKS)."""
     seq_length = data.seq_length
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     max_length = data.max_length or seq_length + 1
     padded = PaddedCollate(seq_length, pad_id)
+    eval_collate = PairCollate(seq_length, pad_id) if task in PAIR_TASKS else padded
 
     def batches(items, collate=padded) -> GlobalBatches:
         return GlobalBatches(items, global_batch_size, seed, data.shuffle, collate)
@@ -132,7 +156,8 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
     held_out = {}
     if data.val_dataset:  # a validation set of its own: read whole, also when the training data streams
         val_samples, _ = encode_dataset(dataclasses.replace(data, dataset=data.val_dataset), encoder, seed, False)
-        held_out = {"eval_items": validation_items(val_samples, task, data, max_length, seed), "eval_collate": padded}
+        held_out = {"eval_items": validation_items(val_samples, task, data, max_length, seed),
+                    "eval_collate": eval_collate}  # fmt: skip
     if data.streaming:
         stream = StreamingBatches(data.dataset, encoder, max_length, data.truncation_strategy, global_batch_size,
                                   padded, seed, data.shuffle_buffer if data.shuffle else 0,
@@ -144,7 +169,22 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
     samples, validation = split_rows(samples, data.split_dataset_ratio, seed)
     stats |= {"samples": len(samples), "validation": len(validation)}
     if validation:
-        held_out = {"eval_items": validation_items(validation, task, data, max_length, seed), "eval_collate": padded}
+        held_out = {"eval_items": validation_items(validation, task, data, max_length, seed),
+                    "eval_collate": eval_collate}  # fmt: skip
+    if task in PAIR_TASKS:  # preflight refuses streaming for pairs
+        pairs = fit_pairs(samples, max_length, data.truncation_strategy, stats)
+        if data.packing:  # whole pairs per row: a pair longer than a row cannot be packed
+            stats["pairs_longer_than_a_row"] = sum(pair_positions(pair) > seq_length for pair in pairs)
+            pairs = [pair for pair in pairs if pair_positions(pair) <= seq_length]
+        if not pairs:
+            raise DataError(f"no preference pair left to train on after truncation to {max_length} tokens"
+                            + (f" (packing: both sides of a pair in one row of {seq_length})" if data.packing else "")
+                            + "; raise data.seq_length or change data.truncation_strategy")  # fmt: skip
+        if not data.packing:
+            return TrainData(batches(pairs, PairCollate(seq_length, pad_id)), len(pairs), validation, stats, **held_out)
+        rows = [[pairs[i] for i in row] for row in pack([pair_positions(pair) + 1 for pair in pairs], seq_length)]
+        stats["packed_rows"] = len(rows)
+        return TrainData(batches(rows, PackedPairCollate(seq_length, pad_id)), len(rows), validation, stats, **held_out)
     if task == "pretrain" and not data.packing:
         windows = TokenWindows.from_samples(samples, seq_length, seed, data.shuffle)
         stats["windows"] = len(windows)

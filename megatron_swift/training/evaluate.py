@@ -4,7 +4,8 @@ over the loss mask, so the number is the mean over every validation target token
 
 Validation items are cut into global batches like training data: every data-parallel rank takes its
 contiguous slice of each. The last global batch is filled up with copies of the first item whose loss
-mask is zero, so each item counts exactly once and every rank runs the same number of micro-batches.
+mask is zero (preference pairs: whose pair weight is zero), so each item counts exactly once and every rank runs
+the same number of micro-batches.
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ def validation_microbatches(
         for start in range(0, per_rank, micro_batch_size):
             chunk = positions[start : start + micro_batch_size]
             microbatch = collate([items[p] if p < len(items) else items[0] for p in chunk])
-            microbatch["loss_mask"][torch.tensor([p >= len(items) for p in chunk])] = 0.0
+            fillers = torch.tensor([p >= len(items) for p in chunk])
+            if "pair_weight" in microbatch:  # preference pairs (data/pairs.py): rows are [chosen..., rejected...]
+                microbatch["pair_weight"][fillers] = 0.0
+            else:
+                microbatch["loss_mask"][fillers] = 0.0
             microbatches.append(microbatch)
         yield microbatches
 

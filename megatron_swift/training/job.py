@@ -43,6 +43,8 @@ def check_job(job: JobConfig, world_size: int):
         problem = f"not a usable model config ({type(exc).__name__}: {exc})"
         raise CheckpointError(f"{source / 'config.json'}: {problem}") from None
     problems = preflight(job, world_size, args) + environment_problems(job) + directory_problems(job, args)
+    if job.train.task == "dpo" and job.rlhf.ref_model:  # preflight refuses it for the other tasks
+        problems += reference_model_problems(job.rlhf.ref_model, args, job.model.make_vocab_size_divisible_by)
     if job.model.hf:
         try:
             HFCheckpoint(job.model.hf)  # every weight file's header and length: a truncated copy fails here
@@ -54,6 +56,44 @@ def check_job(job: JobConfig, world_size: int):
         for warning in preflight_warnings(job, world_size, args):
             print(f"warning: {warning}", file=sys.stderr)
     return args
+
+
+def precompute_reference(job: JobConfig, preference, data, is_main: bool):
+    """rlhf.precompute_ref_logps: the reference's log-probs of every training and validation item, computed once
+    now (also when the run resumes: from the same reference, so the values are the same) and kept with the items;
+    the reference model is then dropped (a frozen copy's memory is freed)."""
+    import time
+
+    from megatron_swift.training.preference import ReferenceCollate, ReferenceModel, precompute_reference_logps
+
+    t, started = job.train, time.perf_counter()
+    batches = data.batches
+    batches.items = precompute_reference_logps(preference.reference, batches.items, batches.collate,
+                                               t.global_batch_size, t.micro_batch_size)  # fmt: skip
+    batches.collate = ReferenceCollate(batches.collate)
+    if data.eval_items is not None:
+        eval_items = precompute_reference_logps(preference.reference, data.eval_items, data.eval_collate,
+                                                t.global_batch_size, t.micro_batch_size)  # fmt: skip
+        data = dataclasses.replace(data, eval_items=eval_items, eval_collate=ReferenceCollate(data.eval_collate))
+    preference.reference = ReferenceModel.precomputed()
+    if is_main:
+        print(f"reference log-probs of {len(batches.items)} items precomputed in {time.perf_counter() - started:.1f} s")
+    return data
+
+
+def reference_model_problems(ref_model: str, args, make_vocab_size_divisible_by: int) -> list[str]:
+    """rlhf.ref_model: an HF directory whose weights are complete and whose model is the policy's architecture."""
+    from megatron_swift.checkpoint.hf import CheckpointError, HFCheckpoint, load_hf_config
+    from megatron_swift.models import translate
+
+    try:
+        HFCheckpoint(ref_model)
+        ref_args = translate(load_hf_config(Path(ref_model)), make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    except (CheckpointError, OSError, ValueError, AttributeError, TypeError, KeyError) as exc:
+        return [f"rlhf.ref_model: {exc}"]
+    if ref_args != args:
+        return [f"rlhf.ref_model={ref_model}: not the policy model's architecture (its config.json differs in shape)"]
+    return []
 
 
 def build_chunks(job: JobConfig, args) -> list:
@@ -110,6 +150,40 @@ def build_model(job: JobConfig, args) -> list:
     return chunks
 
 
+def build_preference(job: JobConfig, args, chunks: list, source):
+    """Preference tasks: the loss and the reference model (training/preference.py); None for other tasks.
+
+    The reference is the policy's own chunks with adapters off (LoRA), nothing (`rlhf.reference_free`), or a
+    frozen copy at the same layout: of `rlhf.ref_model` when set, else of the initial weights, read from the same
+    source as the policy (also when the run resumes: the reference never moves)."""
+    from megatron_swift.data.pairs import PAIR_TASKS
+    from megatron_swift.training.preference import Preference, PreferenceLoss, ReferenceModel
+
+    if job.train.task not in PAIR_TASKS:
+        return None
+    loss = PreferenceLoss.from_section(job.train.task, job.rlhf)
+    if job.rlhf.reference_free or job.train.task != "dpo":  # SimPO and ORPO have no reference
+        return Preference(loss, ReferenceModel.none())
+    if job.train.train_type == "lora" and not job.rlhf.ref_model:
+        return Preference(loss, ReferenceModel.adapters_off(chunks))
+    frozen = build_chunks(job, args)
+    if job.rlhf.ref_model:  # a reference of its own (same architecture: checked in check_job)
+        from megatron_swift.checkpoint import engine
+        from megatron_swift.checkpoint.hf import HFCheckpoint
+
+        reference = HFCheckpoint(job.rlhf.ref_model)
+        engine.check_against_chunks(reference, frozen, args)
+        engine.load_hf_into_chunks(frozen, reference, args)
+    else:  # the policy's initial weights, without adapters
+        load_weights(dataclasses.replace(job, train=dataclasses.replace(job.train, train_type="full")), frozen, args,
+                     source)  # fmt: skip
+    if job.train.bf16 or job.train.fp16:
+        from megatron.core.transformer.module import Float16Module
+
+        frozen = [Float16Module(chunk.config, chunk) for chunk in frozen]
+    return Preference(loss, ReferenceModel.copy(frozen))
+
+
 def run_job(job: JobConfig, ctx, args) -> list:
     """Build, load (or resume) and train in an initialised world; returns the step results.
 
@@ -155,6 +229,9 @@ def run_job(job: JobConfig, ctx, args) -> list:
         if resume_from is None or job.train.train_type == "lora":  # LoRA checkpoints hold only the adapters
             load_weights(job, chunks, args, source)
         chunks, optimizer, scheduler = wrap_for_training(chunks, job)
+        preference = build_preference(job, args, chunks, source)
+        if preference is not None and job.rlhf.precompute_ref_logps:
+            data = precompute_reference(job, preference, data, ctx.is_main)
         start = 0
         if resume_from is not None:
             state = load_checkpoint(resume_from, chunks, optimizer, scheduler)
@@ -177,7 +254,8 @@ def run_job(job: JobConfig, ctx, args) -> list:
         flops = flops_per_token(args.transformer, args.vocab_size, job.data.seq_length, job.train.train_type == "lora")
         return run_training(job, chunks, optimizer, scheduler, batches, args.vocab_size, start_iteration=start,
                             is_main=ctx.is_main, save_fn=save if ckpt.save else None, flops_per_token=flops,
-                            eval_items=data.eval_items, eval_collate=data.eval_collate)  # fmt: skip
+                            eval_items=data.eval_items, eval_collate=data.eval_collate,
+                            preference=preference)  # fmt: skip
     finally:
         if lock is not None:
             lock.release()

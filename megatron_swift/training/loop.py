@@ -57,13 +57,15 @@ def run_training(
     flops_per_token: float | None = None,
     eval_items: Sequence | None = None,
     eval_collate: Callable | None = None,
+    preference=None,
 ) -> list[StepResult]:
     """Train from `start_iteration` to `train.train_iters`; returns every step's result.
 
     `save_fn(step)` is called every `checkpoint.save_interval` steps, at the end, and when a
     preemption signal arrives (the current step finishes, a checkpoint is saved, the loop returns).
     With `eval_items` (the validation data, collated by `eval_collate`) the step record also holds
-    `val_loss` / `val_ppl` every `train.eval_interval` steps and at the end.
+    `val_loss` / `val_ppl` every `train.eval_interval` steps and at the end. With `preference` (training/
+    preference.py: train.task dpo) its step runs instead of the token-loss step, and its metrics are logged.
     """
     from megatron.core import parallel_state as ps
 
@@ -85,20 +87,29 @@ def run_training(
         for iteration in range(start_iteration, t.train_iters):
             start = time.perf_counter()
             microbatches = batches.next_microbatches(dp_rank, dp_size, t.micro_batch_size)
-            result = train_step(chunks, optimizer, scheduler, microbatches, vocab_size)
+            step_fn = preference.train_step if preference is not None else train_step
+            result = step_fn(chunks, optimizer, scheduler, microbatches, vocab_size)
             elapsed = time.perf_counter() - start
             results.append(result)
             step = iteration + 1
-            tokens_per_sec = t.global_batch_size * job.data.seq_length / elapsed
+            rows = 2 if preference is not None else 1  # a preference pair is two sequences
+            tokens_per_sec = rows * t.global_batch_size * job.data.seq_length / elapsed
             validation = {}
             if eval_items is not None and _due(step, t.train_iters, t.eval_interval):
                 groups = validation_microbatches(eval_items, eval_collate, t.global_batch_size, t.micro_batch_size,
                                                  dp_rank, dp_size, t.eval_iters)  # fmt: skip
-                held_out = validation_loss(chunks, groups, vocab_size)
-                validation = {"val_loss": held_out.loss, "val_ppl": round(held_out.perplexity, 4)}
-                if is_main:
-                    bar.write(f"step {step}: validation loss {held_out.loss:.4f} (ppl {held_out.perplexity:.3f}, "
-                              f"{held_out.tokens} tokens)")  # fmt: skip
+                if preference is not None:
+                    validation = preference.validate(chunks, groups)
+                    if is_main:
+                        bar.write(f"step {step}: validation loss {validation['val_loss']:.4f}, reward accuracy "
+                                  f"{validation['val_rewards/accuracies']:.3f}, margin "
+                                  f"{validation['val_rewards/margins']:.4f}")  # fmt: skip
+                else:
+                    held_out = validation_loss(chunks, groups, vocab_size)
+                    validation = {"val_loss": held_out.loss, "val_ppl": round(held_out.perplexity, 4)}
+                    if is_main:
+                        bar.write(f"step {step}: validation loss {held_out.loss:.4f} (ppl {held_out.perplexity:.3f}, "
+                                  f"{held_out.tokens} tokens)")  # fmt: skip
             if metrics is not None:
                 metrics.log(
                     {
@@ -110,14 +121,18 @@ def run_training(
                         "mfu": mfu(tokens_per_sec),
                         "skipped": result.skipped,
                         **result.router_losses,
+                        **result.metrics,
                         **validation,
                     }
                 )
+            shown = {"acc": result.metrics["rewards/accuracies"], "margin": result.metrics["rewards/margins"]} \
+                if "rewards/margins" in result.metrics else {}  # fmt: skip
             bar.set_postfix(
                 loss=f"{result.loss:.4f}",
                 lr=f"{result.lr:.2e}",
                 gnorm=f"{result.grad_norm:.3f}",
                 tok_s=f"{tokens_per_sec:.0f}",
+                **{key: f"{value:.3f}" for key, value in shown.items()},
             )
             bar.update(1)
             preempted = preemption.agreed()

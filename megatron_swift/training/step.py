@@ -25,12 +25,13 @@ from megatron_swift.distributed.runtime import comm_device
 
 @dataclass
 class StepResult:
-    loss: float  # token-mean loss over the global batch
-    tokens: int  # loss tokens in the global batch
+    loss: float  # token-mean loss over the global batch (preference: mean over its pairs)
+    tokens: int  # loss tokens in the global batch (preference: pairs)
     grad_norm: float
     lr: float
     skipped: bool
     router_losses: dict[str, float] = field(default_factory=dict)  # MoE: see training/moe_metrics.py
+    metrics: dict[str, float] = field(default_factory=dict)  # the task's own (preference: rewards/..., logps/...)
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):

@@ -28,6 +28,8 @@ second matmul with the base weight); otherwise W x is the base output without it
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -85,6 +87,7 @@ class LoraLinear(nn.Module):
                 "parallel.expert_tensor_parallel_size: 1 (experts then stay whole on each expert-parallel rank)"
             )
         self.scale = scale
+        self.enabled = True  # off inside `adapters_disabled` (the base model: preference training's reference)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.lora_A = nn.Linear(lora_a.shape[1], lora_a.shape[0], bias=False, dtype=lora_a.dtype)
         self.lora_B = nn.Linear(lora_b.shape[1], lora_b.shape[0], bias=False, dtype=lora_b.dtype)
@@ -172,6 +175,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         out, bias = self.base_layer(x, *args, **kwargs)
+        if not self.enabled:
+            return out, bias
         if self.lora_magnitude_vector is None:
             return out + self.lora_delta(x).to(out.dtype), bias
         dropped = self.training and not isinstance(self.dropout, nn.Identity)
@@ -210,6 +215,20 @@ class LoraLinear(nn.Module):
             )
         )
         return state
+
+
+@contextlib.contextmanager
+def adapters_disabled(chunks):
+    """The model without its adapters (base layers only; modules_to_save stay as trained) inside the block:
+    LoRA preference training's reference model, with no second copy of the weights (TRL's `disable_adapter`)."""
+    layers = [module for chunk in chunks for module in chunk.modules() if isinstance(module, LoraLinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def _drop_base_prefix(module, state_dict, prefix, local_metadata) -> None:
