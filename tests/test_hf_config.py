@@ -16,8 +16,11 @@ def test_every_family_translates_its_tiny_config():
         assert args.family is family
         assert t["num_layers"] == hf.num_hidden_layers and t["hidden_size"] == hf.hidden_size
         assert t["num_query_groups"] == hf.num_key_value_heads
-        assert t["kv_channels"] == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
-        assert t["qk_layernorm"] == name.startswith("qwen3")
+        if family.attention == "mla":  # kv_channels sizes the attention output: the value heads
+            assert t["kv_channels"] == hf.v_head_dim and t["qk_layernorm"] and t["multi_latent_attention"]
+        else:
+            assert t["kv_channels"] == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+            assert t["qk_layernorm"] == name.startswith("qwen3")
         assert args.share_embeddings_and_output_weights == hf.tie_word_embeddings
         assert args.padded_vocab_size % 128 == 0 and args.padded_vocab_size >= hf.vocab_size
 
@@ -107,6 +110,6 @@ def test_unknown_architecture_lists_supported():
     with pytest.raises(
         UnsupportedModelError,
         match=r"unsupported architecture \['GPT2LMHeadModel'\]; supported: "
-        r"LlamaForCausalLM, MistralForCausalLM",
+        r"DeepseekV3ForCausalLM, LlamaForCausalLM, MistralForCausalLM",
     ):
         translate(GPT2Config(architectures=["GPT2LMHeadModel"]))

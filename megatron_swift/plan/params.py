@@ -26,7 +26,7 @@ import numpy as np
 
 from megatron_swift.models.hf_config import GPTModelArgs
 from megatron_swift.plan.layout import Chunk, Layout, Ops
-from megatron_swift.tuners.lora.config import MCORE_LINEARS, LoraConfig
+from megatron_swift.tuners.lora.config import LoraConfig
 
 DENSE, EXPERT = 0, 1
 SAVE_ALIASES = {"embedding": "embedding", "output_layer": "output_layer", "router": "mlp.router"}
@@ -88,8 +88,8 @@ class Inventory:
         shorts, regexes = set(), []
         for pattern in self.lora.target_modules:
             if pattern == "all-linear":
-                shorts.update(MCORE_LINEARS)
-            elif pattern in MCORE_LINEARS:
+                shorts.update(self.args.family.lora_linears)
+            elif pattern in self.args.family.lora_linears:
                 shorts.add(pattern)
             elif pattern in hf_names:
                 shorts.add(hf_names[pattern])

@@ -203,7 +203,11 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
                 f"parallel.expert_tensor_parallel_size={etp}: LoRA on expert linears needs 1 (set "
                 "parallel.expert_tensor_parallel_size: 1)"
             )
-    found += moe_problems(job.moe, model_args.is_moe if model_args is not None else None)
+    expert_bias = bool(model_args.transformer.get("moe_router_enable_expert_bias")) if model_args else None
+    found += moe_problems(job.moe, model_args.is_moe if model_args is not None else None, expert_bias)
+    if job.train.train_type == "lora" and job.moe.moe_router_bias_update_rate:
+        found.append("moe.moe_router_bias_update_rate: under LoRA the routing bias stays the base model's (it is "
+                     "not part of the adapter); leave it unset")  # fmt: skip
     if model_args is not None:
         found += [f"model: {problem}" for problem in model_layout_problems(model_args, p) if problem not in found]
     return found
@@ -296,7 +300,7 @@ def transformer_overrides(job: JobConfig, is_moe: bool = False) -> dict:
     if t.fp8_format:
         overrides.update(fp8=t.fp8_format, fp8_recipe=t.fp8_recipe)
     if is_moe:
-        overrides.update(moe_overrides(job.moe, on_gpu=torch.cuda.is_available()))
+        overrides.update(moe_overrides(job.moe, on_gpu=torch.cuda.is_available(), lora=t.train_type == "lora"))
     return overrides | resolve_fusions(job.model, use_transformer_engine(job.model.spec), Machine.detect())
 
 
