@@ -128,6 +128,10 @@ def build_model_chunks(
         block_spec = get_gpt_decoder_block_spec(
             config, use_transformer_engine=te, normalization="RMSNorm", vp_stage=stage
         )
+        if not te and args.is_mla:
+            from megatron_swift.models.mla import use_duplicated_down_projections
+
+            use_duplicated_down_projections(block_spec)
         if not te and attention == "sdpa":
             from megatron_swift.models.attention import use_sdpa_core_attention
 

@@ -106,3 +106,23 @@ def mla_layout_problems(transformer: dict, tp: int) -> list[str]:
     if kv_down % tp:
         found.append(f"kv_lora_rank + qk_rope_head_dim = {kv_down} is not divisible by tensor parallel {tp}")
     return found
+
+
+def use_duplicated_down_projections(block_spec) -> None:
+    """Local spec: MLA's q / kv down projections as megatron-core's duplicated `Linear` (whole on every TP rank),
+    the layout its Transformer Engine spec uses (`TELinear`, parallel_mode duplicated).
+
+    Why: megatron-core 0.16's local spec builds them column-parallel, gathers their outputs over TP and takes the
+    rope key (`k_pos_emb`) from the gathered tensor; the gather's backward keeps each rank's slice without
+    summing, so the rope key's gradient holds only the heads of the rank that owns those columns (TP2 + SP: step-1
+    gradient norm 6.6754 instead of 6.6718). Duplicated, megatron-core gathers the rope key over the sequence,
+    whose backward reduce-scatters the heads' gradients, and tags the weights `sequence_parallel` so their
+    gradients are all-reduced over TP. Forward results are the same either way."""
+    from megatron.core.post_training.modelopt.layers import Linear
+
+    for layer_spec in block_spec.layer_specs:
+        attention = getattr(layer_spec.submodules, "self_attention", None)
+        submodules = getattr(attention, "submodules", None)
+        if submodules is not None and hasattr(submodules, "linear_kv_down_proj"):
+            submodules.linear_q_down_proj = Linear
+            submodules.linear_kv_down_proj = Linear

@@ -75,6 +75,8 @@ class LoraLinear(nn.Module):
             set_tensor_model_parallel_attributes(param, sharded, split[1] if sharded else -1, 1)
             # Expert weights are reduced over the expert-data-parallel group, not the data-parallel one.
             param.allreduce = getattr(base.weight, "allreduce", True)
+            if self.mode == "duplicated":  # e.g. MLA's down projections: under SP each rank sees its tokens only
+                param.sequence_parallel = getattr(base.weight, "sequence_parallel", False)
         self.register_state_dict_post_hook(_drop_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
 
