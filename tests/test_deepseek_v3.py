@@ -212,3 +212,74 @@ def test_three_steps_at_tp2_sp_pp2_ep2_equal_the_single_process(tiny_models, tmp
         norms = [r["grad_norm"] for r in _metrics(tmp_path / "par" / f"case{index}")]
         assert norms == pytest.approx(expected_norms, rel=1e-5), (parallel, norms, expected_norms)
     assert references[0][-1] < references[0][0] and references[0] != references[1]
+
+
+MLA_TARGETS = ["linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj"]
+
+
+def test_lora_targets_mla_linears_by_megatron_and_hf_names():
+    from megatron_swift.tuners.lora.apply import hf_to_mcore_linear
+
+    family = all_families()[FAMILY]
+    assert set(MLA_TARGETS) | {"linear_q_proj", "linear_fc1", "linear_fc2"} == set(family.lora_linears)
+    expected = {"q_a_proj": "linear_q_down_proj", "q_b_proj": "linear_q_up_proj", "q_proj": "linear_q_proj",
+                "kv_a_proj_with_mqa": "linear_kv_down_proj", "kv_b_proj": "linear_kv_up_proj", "o_proj": "linear_proj",
+                "gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2"}  # fmt: skip
+    assert hf_to_mcore_linear(family) == expected
+
+
+@pytest.mark.slow
+def test_lora_on_mla_linears_merged_export_equals_base_plus_peft_adapter(tiny_models, tmp_path):
+    """LoRA on MLA's five linears and the routed experts, trained at TP2 + SP: the merged export equals the HF
+    base model with the exported adapter loaded by PEFT; the routing bias stays the base model's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = tiny_models[FAMILY]
+    experts = r"re:\.mlp\.experts\.local_experts\.\d+\.linear_fc[12]$"
+    lora = {"rank": 4, "alpha": 8.0, "init_b_zero": False, "target_modules": [*MLA_TARGETS, experts]}
+    parallel = {"tensor_model_parallel_size": 2, "sequence_parallel": True, "expert_tensor_parallel_size": 1}
+    save = {"save": str(tmp_path / "ckpt")}
+    (losses,) = run_cases([(hf_dir, parallel, {"train_iters": 2}, lora, {}, save)], DATA, tmp_path / "run", 2)
+    assert len(losses) == 2
+    merged_dir = mcore_to_hf(tmp_path / "ckpt", tmp_path / "merged", lora="merge")
+    adapter_dir = mcore_to_hf(tmp_path / "ckpt", tmp_path / "adapter", lora="adapter")
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    targets = set(adapter_config["target_modules"])
+    assert {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"} <= targets
+
+    tokens = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)(tokens).logits
+        base = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        base_logits = base(tokens).logits
+        with_adapter = PeftModel.from_pretrained(base, adapter_dir)(tokens).logits
+    assert (merged - with_adapter).abs().max() <= 1e-4
+    assert (merged - base_logits).abs().max() > 1e-2  # the adapter changes the model
+    # The routing bias is the base model's: LoRA freezes it with the router.
+    assert _exported_biases(merged_dir).keys() == _exported_biases(hf_dir).keys()
+    for name, bias in _exported_biases(hf_dir).items():
+        assert torch.equal(_exported_biases(merged_dir)[name], bias), name
+
+
+def test_training_preflight_names_the_field(tiny_models, tmp_path):
+    from megatron_swift.training.job import check_job
+
+    hf_dir = str(tiny_models[FAMILY])
+    cases = [
+        (job_for(hf_dir, DATA, str(tmp_path), {"tensor_model_parallel_size": 2}, {}), "parallel.sequence_parallel:"),
+        (
+            job_for(hf_dir, DATA, str(tmp_path), {}, {}, {"rank": 4}, moe={"moe_router_bias_update_rate": 1e-3}),
+            "moe.moe_router_bias_update_rate: under LoRA",
+        ),
+        (
+            job_for(
+                str(tiny_models["mixtral"]), DATA, str(tmp_path), {}, {}, moe={"moe_router_bias_update_rate": 1e-3}
+            ),
+            "moe.moe_router_bias_update_rate: the model's router has no per-expert bias",
+        ),
+        (job_for(hf_dir, DATA, str(tmp_path), {}, {}, attention="local"), "model.attention=local"),
+    ]
+    for job, message in cases:
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            check_job(job, 2 if job.parallel.tensor_model_parallel_size == 2 else 1)

@@ -205,6 +205,12 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
             )
     expert_bias = bool(model_args.transformer.get("moe_router_enable_expert_bias")) if model_args else None
     found += moe_problems(job.moe, model_args.is_moe if model_args is not None else None, expert_bias)
+    if model_args is not None and model_args.is_moe and p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+        found.append("parallel.sequence_parallel: megatron-core trains MoE models at tensor parallel > 1 only with "
+                     "sequence parallel; set parallel.sequence_parallel: true")  # fmt: skip
+    if model_args is not None and model_args.is_mla and job.model.attention == "local" and job.model.spec != "te":
+        found.append("model.attention=local: megatron-core 0.16's DotProductAttention cannot be built for "
+                     "multi-latent attention; use model.attention=sdpa")  # fmt: skip
     if job.train.train_type == "lora" and job.moe.moe_router_bias_update_rate:
         found.append("moe.moe_router_bias_update_rate: under LoRA the routing bias stays the base model's (it is "
                      "not part of the adapter); leave it unset")  # fmt: skip
