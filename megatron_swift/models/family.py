@@ -80,9 +80,11 @@ class Family:
     model_type: str  # HF config `model_type`
     architectures: tuple[str, ...]
     mapping: RuleSet
-    # q/k/v projections carry a bias (and o_proj does not): megatron's add_qkv_bias.
-    qkv_bias: bool = False
-    qk_layernorm: bool = False
+    # q/k/v projections carry a bias (and o_proj does not): megatron's add_qkv_bias. A string names the HF
+    # field that says so (GLM-4.5's `attention_bias` biases q/k/v only, Llama's biases o_proj too: refused).
+    qkv_bias: bool | str = False
+    # Per-head RMSNorm on q and k; a string names the HF field that switches it (GLM-4.5's `use_qk_norm`).
+    qk_layernorm: bool | str = False
     moe: MoEFields | None = None
     # "standard" (q/k/v fused into linear_qkv) or "mla" (multi-latent attention: models/mla.py).
     attention: str = "standard"

@@ -127,7 +127,11 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
     _check_declared(hf_config, family, rope)
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    if getattr(hf_config, "attention_bias", False):
+    qkv_bias, qk_norm = (
+        bool(getattr(hf_config, flag, False)) if isinstance(flag, str) else flag
+        for flag in (family.qkv_bias, family.qk_layernorm)
+    )
+    if getattr(hf_config, "attention_bias", False) and family.qkv_bias != "attention_bias":
         # Llama-style attention_bias puts a bias on o_proj as well; megatron-core only offers a bias
         # on every linear (add_bias_linear, MLP included) or on q/k/v alone (add_qkv_bias).
         raise ConfigError(
@@ -148,8 +152,8 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=family.qkv_bias,
-        qk_layernorm=family.qk_layernorm,
+        add_qkv_bias=qkv_bias,
+        qk_layernorm=qk_norm,
         hidden_dropout=0.0,
         attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
         init_method_std=float(getattr(hf_config, "initializer_range", 0.02)),

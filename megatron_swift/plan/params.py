@@ -124,7 +124,7 @@ class Inventory:
         if self.ops.te_spec:  # TE's LayerNormLinear registers its norm weight before its own weight
             entries.append((qkv.module, "layer_norm_weight", h, DENSE, None))
         entries.append((qkv.module, "weight", qkv_out * h // tp, DENSE, qkv))
-        if self.args.family.qkv_bias:
+        if t.get("add_qkv_bias"):
             entries.append((qkv.module, "bias", qkv_out // tp, DENSE, None))
         if t.get("qk_layernorm"):
             entries += [

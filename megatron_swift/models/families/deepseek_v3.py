@@ -6,7 +6,7 @@ by the converter's preflight, never dropped; checkpoints stored in FP8 are not r
 """
 
 from megatron_swift.config import ConfigError
-from megatron_swift.models.families.common import EMBEDDINGS, IGNORE_HF, LAYER, routed_experts
+from megatron_swift.models.families.common import DENSE_MLP, EMBEDDINGS, IGNORE_HF, LAYER, routed_experts
 from megatron_swift.models.family import MLA_LINEARS, Family, MoEFields, register
 from megatron_swift.models.mapping import FusedGateUp, Rename, RuleSet
 
@@ -28,9 +28,8 @@ MLA_RULES = (
 )
 
 SHARED = f"{LAYER}.mlp.shared_experts"
-MOE_RULES = (
-    FusedGateUp(f"{LAYER}.mlp.linear_fc1.weight", gate=f"{MLP}.gate_proj.weight", up=f"{MLP}.up_proj.weight"),
-    Rename(f"{LAYER}.mlp.linear_fc2.weight", hf_name=f"{MLP}.down_proj.weight"),
+# Routed experts, the router with its routing bias, shared experts: DeepSeek-V3's MoE layer (GLM-4.5's too).
+SIGMOID_MOE_RULES = (
     *routed_experts(
         f"{MLP}.gate.weight", MLP + ".experts.{expert}", "gate_proj.weight", "up_proj.weight", "down_proj.weight"
     ),
@@ -139,7 +138,7 @@ DEEPSEEK_V3 = register(
         name="deepseek_v3",
         model_type="deepseek_v3",
         architectures=("DeepseekV3ForCausalLM",),
-        mapping=RuleSet(EMBEDDINGS + MLA_RULES + MOE_RULES, ignore_hf=IGNORE_HF),
+        mapping=RuleSet(EMBEDDINGS + MLA_RULES + DENSE_MLP + SIGMOID_MOE_RULES, ignore_hf=IGNORE_HF),
         attention="mla",
         rope_types=("default", "yarn"),
         lora_linears=MLA_LINEARS,
