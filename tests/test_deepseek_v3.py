@@ -290,3 +290,57 @@ def test_training_preflight_names_the_field(tiny_models, tmp_path):
     for job, message in cases:
         with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
             check_job(job, 2 if job.parallel.tensor_model_parallel_size == 2 else 1)
+
+
+def _quantize_fp8_blocks(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's layout: an e4m3 weight and, per block x block tile, the scale that dequantizes it."""
+    rows, cols = weight.shape
+    scale = torch.empty(-(-rows // block), -(-cols // block))
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            tile = weight[i * block : (i + 1) * block, j * block : (j + 1) * block]
+            scale[i, j] = tile.abs().max().clamp(min=1e-12) / 448.0
+    expanded = scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    return (weight / expanded).to(torch.float8_e4m3fn), scale
+
+
+def test_block_fp8_checkpoint_is_dequantized_on_load(tiny_models, tmp_path):
+    """A DeepSeek-style FP8 checkpoint (every layer linear in e4m3 with a weight_scale_inv per block; norms,
+    router, embeddings as they are) converts to the dequantized model: its logits are HF's on the dequantized
+    weights, computed here tile by tile, and the export is that model bit for bit, without quantization_config."""
+    block = 16  # DeepSeek uses 128; smaller here so the tiny matrices hold several tiles, some partial
+    source, fp8_dir, dequantized_dir = tiny_models[FAMILY], tmp_path / "fp8", tmp_path / "dequantized"
+    fp8, dequantized = {}, {}
+    for name, tensor in load_file(source / "model.safetensors").items():
+        if ".layers." in name and name.endswith(("proj.weight", "proj_with_mqa.weight")):
+            weight, scale = _quantize_fp8_blocks(tensor, block)
+            fp8[name], fp8[name + "_scale_inv"] = weight, scale
+            tile_scale = torch.stack([torch.stack([scale[i // block, j // block] for j in range(tensor.shape[1])])
+                                      for i in range(tensor.shape[0])])  # fmt: skip
+            dequantized[name] = weight.float() * tile_scale
+        else:
+            fp8[name] = dequantized[name] = tensor
+    config = json.loads((source / "config.json").read_text())
+    for directory, tensors, quantized in ((fp8_dir, fp8, True), (dequantized_dir, dequantized, False)):
+        directory.mkdir()
+        for file in source.iterdir():
+            if file.name not in ("model.safetensors", "config.json"):
+                (directory / file.name).write_bytes(file.read_bytes())
+        quant = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [block] * 2}
+        (directory / "config.json").write_text(
+            json.dumps({**config, **({"quantization_config": quant} if quantized else {})})
+        )
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    assert sum(1 for t in fp8.values() if t.dtype == torch.float8_e4m3fn) == 4 * 5 + 3 + 3 * (
+        8 * 3 + 3
+    )  # MLA, dense MLP, experts
+    mcore = hf_to_mcore(fp8_dir, tmp_path / "mcore")
+    result = check(dequantized_dir, mcore)
+    assert result["max_abs_diff"] <= 1e-4 and result["argmax_agreement"] == 1.0, result
+    exported = mcore_to_hf(mcore, tmp_path / "out")
+    assert "quantization_config" not in json.loads((exported / "config.json").read_text())
+    after = {}
+    for file in exported.glob("*.safetensors"):
+        after.update(load_file(file))
+    assert sorted(after) == sorted(dequantized)
+    assert all(torch.equal(after[name], tensor) for name, tensor in dequantized.items())
