@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_swift.distributed.runtime import comm_device
-from megatron_swift.training.step import StepResult
+from megatron_swift.training.step import StepResult, run_forward_backward
 
 # Reported per micro-batch (sums over its pairs) and summed over the global batch.
 REPORT = ("loss", "pairs", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -197,20 +197,8 @@ def _forward_step(data_iterator, model, loss: PreferenceLoss | None, nll_scale: 
 def _schedule(
     chunks, microbatches: list[dict], forward_only: bool, loss: PreferenceLoss | None, nll_scale: float = 0.0
 ):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    micro_batch_size, seq_length = microbatches[0]["tokens"].shape
-    if "cu_seqlens" in microbatches[0]:  # packed micro-batches travel as one [1, mbs * seq] row
-        micro_batch_size, seq_length = 1, micro_batch_size * seq_length
-    return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss=loss, nll_scale=nll_scale),
-        data_iterator=[iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches),
-        model=chunks,
-        num_microbatches=len(microbatches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
-    )
+    forward_step = partial(_forward_step, loss=loss, nll_scale=nll_scale)
+    return run_forward_backward(chunks, microbatches, forward_step, forward_only)
 
 
 class ReferenceModel:

@@ -126,13 +126,19 @@ def global_loss_sum(losses: list[dict]) -> tuple[float, int]:
 
 def run_schedule(chunks, microbatches: list[dict], vocab_size: int, forward_only: bool) -> list[dict]:
     """megatron-core's schedule over this rank's micro-batches: the per-micro-batch loss reports."""
+    return run_forward_backward(chunks, microbatches, partial(_forward_step, vocab_size=vocab_size), forward_only)
+
+
+def run_forward_backward(chunks, microbatches: list[dict], forward_step_func, forward_only: bool) -> list[dict]:
+    """megatron-core's schedule over this rank's micro-batches with `forward_step_func`: what its loss
+    functions report, one entry per micro-batch (on the last pipeline stage)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     micro_batch_size, seq_length = microbatches[0]["tokens"].shape
     if "cu_seqlens" in microbatches[0]:  # packed micro-batches travel as one [1, mbs * seq] row
         micro_batch_size, seq_length = 1, micro_batch_size * seq_length
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, vocab_size=vocab_size),
+        forward_step_func=forward_step_func,
         data_iterator=[iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches),
         model=chunks,
         num_microbatches=len(microbatches),
