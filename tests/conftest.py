@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,19 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from megatron_swift.models.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
-    return {name: make_tiny_model(name, root / name, seed=i) for i, name in enumerate(sorted(all_families()))}
+    return {name: make_tiny_model(name, root / name, seed=_family_seed(name)) for name in sorted(all_families())}
+
+
+# Each family's tiny model keeps its seed when families are added: a seed from the family's position in the
+# sorted list moved every later family's weights (adding deepseek_v3 re-seeded llama), and with them the last
+# bits of every test that compares runs, not the claims they check. New families are appended here.
+_SEEDED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+
+
+def _family_seed(name: str) -> int:
+    if name in _SEEDED_FAMILIES:
+        return _SEEDED_FAMILIES.index(name)
+    return len(_SEEDED_FAMILIES) + zlib.crc32(name.encode())
 
 
 @pytest.fixture(scope="session")

@@ -138,7 +138,10 @@ def test_distributed_optimizer_checkpoints_with_overlapped_gather_save_updated_w
         (llama, {}, {**overlapped, "train_iters": 6}, None, {}, save["overlapped"]),  # resumes at step 3
     ]
     plain, first_three, straight, resumed = run_cases(cases, DATA, tmp_path / "runs", world_size=2)
-    assert first_three == plain and straight[:3] == plain
+    # Other buckets shard the gradients differently, so the distributed optimizer's gradient norm sums them in
+    # another order: the plain run may differ in the last bits (seen: 8e-8 relative at step 3 on other weights).
+    assert first_three == pytest.approx(plain, rel=1e-6, abs=0)
+    assert straight[:3] == first_three  # same layout: bitwise
     assert resumed == straight[3:]  # bitwise
     saved = {name: _model_tensors(tmp_path / name / "ckpt" / "iter_0000003") for name in ("plain", "overlapped")}
     assert saved["plain"] and sorted(saved["plain"]) == sorted(saved["overlapped"])
