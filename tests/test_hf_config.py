@@ -16,14 +16,23 @@ def test_every_family_translates_its_tiny_config():
         assert args.family is family
         assert t["num_layers"] == hf.num_hidden_layers and t["hidden_size"] == hf.hidden_size
         assert t["num_query_groups"] == hf.num_key_value_heads
-        assert t["kv_channels"] == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
-        assert t["qk_layernorm"] == name.startswith("qwen3")
+        if family.attention == "mla":  # kv_channels sizes the attention output: the value heads
+            assert t["kv_channels"] == hf.v_head_dim and t["qk_layernorm"] and t["multi_latent_attention"]
+        else:
+            assert t["kv_channels"] == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+            assert t["qk_layernorm"] == (name.startswith("qwen3") or name == "glm4_moe")  # GLM-4.5: use_qk_norm
         assert args.share_embeddings_and_output_weights == hf.tie_word_embeddings
         assert args.padded_vocab_size % 128 == 0 and args.padded_vocab_size >= hf.vocab_size
 
 
 def test_qwen2_has_qkv_bias_and_o_proj_bias_is_refused():
     assert translate(tiny_hf_config(all_families()["qwen2"])).transformer["add_qkv_bias"] is True
+    # GLM-4.5's attention_bias biases q/k/v only (its o_proj has none); use_qk_norm switches qk-norm.
+    glm = all_families()["glm4_moe"]
+    assert translate(tiny_hf_config(glm)).transformer["add_qkv_bias"] is True
+    plain = translate(tiny_hf_config(glm, attention_bias=False, use_qk_norm=False)).transformer
+    assert plain["add_qkv_bias"] is False and plain["qk_layernorm"] is False
+    assert translate(tiny_hf_config(glm, partial_rotary_factor=0.25)).rotary_percent == 0.25
     assert translate(tiny_hf_config(all_families()["llama"])).transformer["add_qkv_bias"] is False
     with pytest.raises(ConfigError, match="attention_bias=true"):
         translate(tiny_hf_config(all_families()["qwen3"], attention_bias=True))
@@ -107,6 +116,6 @@ def test_unknown_architecture_lists_supported():
     with pytest.raises(
         UnsupportedModelError,
         match=r"unsupported architecture \['GPT2LMHeadModel'\]; supported: "
-        r"LlamaForCausalLM, MistralForCausalLM",
+        r"DeepseekV3ForCausalLM, Glm4MoeForCausalLM, LlamaForCausalLM, MistralForCausalLM",
     ):
         translate(GPT2Config(architectures=["GPT2LMHeadModel"]))

@@ -363,21 +363,27 @@ def test_flops_convention_against_the_hf_models_own_matrices(tiny_models):
     from megatron_swift.models import translate
     from megatron_swift.training.flops import flops_per_token, peak_flops
 
-    for name in ("llama", "qwen3_moe"):
+    for name in ("llama", "qwen3_moe", "deepseek_v3"):
         config = load_hf_config(tiny_models[name])
         model = AutoModelForCausalLM.from_pretrained(tiny_models[name])
         args = translate(config)
         seq = 64
         linear = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
-        if config.model_type == "qwen3_moe":
+        if config.model_type in ("qwen3_moe", "deepseek_v3"):
             # transformers 5 keeps experts as fused 3-D tensors and the router outside nn.Linear:
             # add the router and the top-k experts a token runs through.
-            moe_layers = config.num_hidden_layers - len(config.mlp_only_layers)
+            experts, dense = (config.num_experts, len(config.mlp_only_layers)) if name == "qwen3_moe" else (
+                config.n_routed_experts, config.first_k_dense_replace)  # fmt: skip
             expert = 3 * config.hidden_size * config.moe_intermediate_size
-            router = config.num_experts * config.hidden_size
-            linear += moe_layers * (router + config.num_experts_per_tok * expert)
-        head_dim = args.transformer["kv_channels"]
-        attention = config.num_hidden_layers * 2 * 2 * (seq / 2) * config.num_attention_heads * head_dim
+            linear += (config.num_hidden_layers - dense) * (
+                experts * config.hidden_size + config.num_experts_per_tok * expert
+            )
+        if name == "deepseek_v3":  # MLA: scores over the q/k head size (nope + rope), the sum over the value heads
+            per_head = config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim
+            attention = config.num_hidden_layers * 2 * (seq / 2) * config.num_attention_heads * per_head
+        else:
+            head_dim = args.transformer["kv_channels"]
+            attention = config.num_hidden_layers * 2 * 2 * (seq / 2) * config.num_attention_heads * head_dim
         assert flops_per_token(args.transformer, args.vocab_size, seq) == pytest.approx(3 * (2 * linear + attention))
         lora = flops_per_token(args.transformer, args.vocab_size, seq, frozen_weights=True)
         assert lora == pytest.approx(2 * (2 * linear + attention))

@@ -11,6 +11,7 @@ Nothing here knows a model family by name: families are data in megatron_swift/m
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from megatron_swift.models.naming import canonical_parameters
 # With tied embeddings megatron keeps a copy of the embedding as the output layer on the last
 # pipeline stage; it is filled from the same HF tensor.
 TIED_ALIASES = {"output_layer.weight": "embedding.word_embeddings.weight"}
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -100,6 +102,17 @@ def preflight(ckpt: HFCheckpoint, slots: list[_Slot], args: GPTModelArgs) -> Non
                 f"{hf_name}: checkpoint has shape {list(info.shape)}, the model built from config.json expects "
                 f"{list(shape)}"
             )
+    beyond = sorted({int(m.group(1)) for n in ckpt.tensors if (m := _HF_LAYER.match(n))} - set(range(args.num_layers)))
+    if beyond:
+        # e.g. DeepSeek-V3's multi-token-prediction module, stored as layer num_hidden_layers: a rule would map
+        # its tensors by name, but no megatron-core layer here holds them. Never dropped silently.
+        mtp = getattr(ckpt.config, "num_nextn_predict_layers", None)
+        problems.append(
+            f"tensors of layers {beyond} beyond num_hidden_layers={args.num_layers}"
+            + (f" (multi-token-prediction layers, num_nextn_predict_layers={mtp})" if mtp else "")
+            + ": not supported (megatron-swift converts and trains the main model only); remove them from the "
+            "checkpoint (and their entries from model.safetensors.index.json) to convert without them"
+        )
     needed = _all_needed_hf_names({n for slot in slots for n in slot.hf_names})
     mapping = args.family.mapping
     unmapped = sorted(n for n in ckpt.tensors if n not in needed and not mapping.is_known_hf(n))

@@ -3,6 +3,13 @@
 Reading validates everything cheap first (config, index, every shard's header and length), so a
 missing, foreign or truncated checkpoint fails before any tensor is read. Tensors are then read
 one at a time on demand. Writing streams tensors into shards of bounded size.
+
+Block-scaled FP8 checkpoints (DeepSeek-V3 / R1 / Kimi-K2 as published: `quantization_config` fp8 with
+`weight_block_size`, an F8_E4M3 `X.weight` next to its F32 `X.weight_scale_inv` per block) are read
+dequantized: `X.weight` comes back as float32 `fp8 x scale` of its block (what DeepSeek's own
+`weight_dequant` computes), the scale tensors are consumed by it, and the checkpoint's dtype is that of its
+other tensors (bf16), which is what a conversion or training run then holds. Directories this module writes
+never hold FP8, so their config.json loses the `quantization_config`.
 """
 
 from __future__ import annotations
@@ -161,6 +168,22 @@ class HFCheckpoint:
         for file in self.weight_files():
             for name, info in read_safetensors_header(file).items():
                 tensors[name] = TensorInfo(file, info["dtype"], tuple(info["shape"]))
+        self.block_scales: dict[str, TensorInfo] = {}  # FP8 weight name -> its scale tensor
+        block = _fp8_block_size(self.config_dict)
+        for name, info in list(tensors.items()):
+            scale = tensors.get(name + "_scale_inv")
+            if scale is None or not info.dtype.startswith("F8_"):
+                continue
+            ok = block is not None and len(info.shape) == 2
+            expected = tuple(-(-dim // size) for dim, size in zip(info.shape, block, strict=True)) if ok else None
+            if not ok or scale.shape != expected:
+                raise CheckpointError(
+                    f"{self.path}: {name} is {info.dtype} with a scale of shape {list(scale.shape)}; only 2-D weights "
+                    f"with one scale per quantization_config.weight_block_size block are read (expected "
+                    f"{list(expected) if expected else 'a weight_block_size'})"
+                )
+            self.block_scales[name] = tensors.pop(name + "_scale_inv")
+        self._block = block
         return tensors
 
     @property
@@ -171,8 +194,9 @@ class HFCheckpoint:
     def dtype(self) -> torch.dtype:
         """The floating dtype most weights are stored in."""
         counts: dict[str, int] = {}
-        for info in self.tensors.values():
-            counts[info.dtype] = counts.get(info.dtype, 0) + 1
+        for name, info in self.tensors.items():
+            if name not in self.block_scales:  # dequantized FP8 weights take the other tensors' dtype
+                counts[info.dtype] = counts.get(info.dtype, 0) + 1
         name = max(counts, key=counts.get)
         return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(name, torch.float32)
 
@@ -180,9 +204,19 @@ class HFCheckpoint:
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
-        handle = self._handles.get(info.file)
+        tensor = self._read(info.file, name)
+        scale_info = self.block_scales.get(name)
+        if scale_info is None:
+            return tensor
+        scale = self._read(scale_info.file, name + "_scale_inv").float()
+        rows, cols = tensor.shape
+        scale = scale.repeat_interleave(self._block[0], dim=0)[:rows].repeat_interleave(self._block[1], dim=1)[:, :cols]
+        return tensor.float() * scale
+
+    def _read(self, file: Path, name: str) -> torch.Tensor:
+        handle = self._handles.get(file)
         if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+            handle = self._handles[file] = safe_open(str(file), framework="pt")
         return handle.get_tensor(name)
 
     def nbytes(self, names) -> int:
@@ -190,12 +224,25 @@ class HFCheckpoint:
         return sum(_DTYPE_BYTES.get(self.tensors[n].dtype, 4) * _numel(self.tensors[n].shape) for n in names)
 
 
+def _fp8_block_size(config: dict) -> tuple[int, int] | None:
+    quant = config.get("quantization_config") or {}
+    block = quant.get("weight_block_size")
+    return tuple(block) if quant.get("quant_method") == "fp8" and block else None
+
+
 def copy_side_files(src_dir: Path, out_dir: Path) -> None:
-    """Copy config, tokenizer and generation files (every file that is not a weight file)."""
+    """Copy config, tokenizer and generation files (every file that is not a weight file); a block-FP8
+    `quantization_config` is dropped: what is written next to them is dequantized."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in Path(src_dir).iterdir():
         if item.is_file() and item.suffix not in _WEIGHT_SUFFIXES and item.name != INDEX_NAME:
             shutil.copy2(item, out_dir / item.name)
+    config_file = out_dir / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        if _fp8_block_size(config):
+            del config["quantization_config"]
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def ensure_generation_config(out_dir: Path) -> None:

@@ -40,6 +40,7 @@ PATCHED_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("megatron.core.optimizer.clip_grads", "l2_norm_impl"),
     ("megatron.core.optimizer.clip_grads", "multi_tensor_scale_impl"),
     ("megatron.core.optimizer.optimizer", "multi_tensor_scale_impl"),
+    ("megatron.core.transformer.multi_latent_attention", "HAVE_TE"),
 )
 
 
@@ -215,6 +216,13 @@ def apply_cpu_shims() -> None:
         if not hasattr(module, name):
             setattr(module, name, None)
 
+    # 3b'. megatron-core 0.16's multi_latent_attention sets HAVE_TE when its TE extension module imports,
+    #      which it does without Transformer Engine, binding TELinear to a MagicMock placeholder; then
+    #      MultiLatentAttention.__init__ calls `isinstance(self.linear_proj, TELinear)` and every MLA layer
+    #      raises TypeError. Without TE the flag is false (that check only concerns TE's FP8 linears).
+    if not _has_transformer_engine():
+        importlib.import_module("megatron.core.transformer.multi_latent_attention").HAVE_TE = False
+
     # 3c. Without Apex/TE, megatron-core's gradient clipping (every step) computes the gradient norm and
     #    scales the gradients with Python loops: one op, a temporary and a host round trip per tensor
     #    (utils.local_multi_tensor_l2_norm / local_multi_tensor_scale). torch's foreach ops do the same
@@ -232,6 +240,12 @@ def apply_cpu_shims() -> None:
     if audit_enabled():
         install_device_audit()
     _applied = True
+
+
+def _has_transformer_engine() -> bool:
+    from megatron_swift._optional import has_transformer_engine
+
+    return has_transformer_engine()
 
 
 def cpu_shims_applied() -> bool:

@@ -60,7 +60,10 @@ def _cp_keep_cached(local_len: int, cp_rank: int, cp_size: int, device: torch.de
 
 
 class SDPACoreAttention(DotProductAttention):
-    def __init__(self, config, *args, **kwargs):
+    def __init__(self, config, *args, k_channels=None, v_channels=None, **kwargs):
+        # Multi-latent attention passes its query/key and value head sizes (k_channels, v_channels), which
+        # megatron-core 0.16's DotProductAttention does not take. SDPA reads them from the tensors; the output
+        # width comes from config.kv_channels, which models/mla.py sets to the value head size.
         # DotProductAttention asserts context_parallel_size == 1 because it has no CP algorithm; this
         # class has one (forward), so the parent is built from a copy that says 1 and `self.config`
         # is the real one.

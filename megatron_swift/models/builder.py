@@ -37,7 +37,7 @@ def transformer_config(
     perform_initialization: bool = True,
     **overrides,
 ):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     on_cpu = not torch.cuda.is_available()
     if args.padded_vocab_size % parallel.tensor_model_parallel_size:
@@ -77,7 +77,7 @@ def transformer_config(
         # The all-to-all dispatcher creates CUDA streams at construction; all-gather is exact and runs on CPU.
         kwargs["moe_token_dispatcher_type"] = "allgather" if on_cpu else "alltoall"
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return (MLATransformerConfig if args.is_mla else TransformerConfig)(**kwargs)
 
 
 def build_model_chunks(
@@ -100,6 +100,11 @@ def build_model_chunks(
     """
     if attention not in ("sdpa", "local"):
         raise ConfigError(f"model.attention={attention!r}: choose sdpa or local")
+    if attention == "local" and args.is_mla and not use_transformer_engine(spec):
+        raise ConfigError(
+            "model.attention=local: megatron-core 0.16's DotProductAttention cannot be built for multi-latent "
+            "attention (it takes no separate key / value head sizes); use model.attention=sdpa"
+        )
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
@@ -123,6 +128,10 @@ def build_model_chunks(
         block_spec = get_gpt_decoder_block_spec(
             config, use_transformer_engine=te, normalization="RMSNorm", vp_stage=stage
         )
+        if not te and args.is_mla:
+            from megatron_swift.models.mla import use_duplicated_down_projections
+
+            use_duplicated_down_projections(block_spec)
         if not te and attention == "sdpa":
             from megatron_swift.models.attention import use_sdpa_core_attention
 
@@ -143,6 +152,7 @@ def build_model_chunks(
                 share_embeddings_and_output_weights=args.share_embeddings_and_output_weights,
                 position_embedding_type="rope",
                 rotary_base=args.rotary_base,
+                rotary_percent=args.rotary_percent,
                 rope_scaling=args.rope_scaling,
                 rope_scaling_factor=args.rope_scaling_factor,
                 seq_len_interpolation_factor=args.seq_len_interpolation_factor,

@@ -1,17 +1,35 @@
 """Model families: what a family declares, and the registry that finds one for an HF config.
 
-A family is data: the HF `architectures` it covers, its parameter mapping (`RuleSet`), which
-optional features it reads from the HF config (qkv bias, qk-norm, MoE field names) and a tiny
-config for tests and examples. Adding a family means adding one file under `families/`.
+A family is data: the HF `architectures` it covers, its parameter mapping (`RuleSet`), and what
+differs from a Llama decoder (the defaults): qkv bias, qk-norm, attention kind (standard or
+multi-latent), the activations and rope types its configs may name, its MoE fields and router kind,
+its LoRA target names, and an optional hook for config fields only it has. Plus a tiny config for
+tests and examples. Adding a family means adding one file under `families/`; what a hook or a kind
+needs from megatron-core is translated generically (hf_config.py, mla.py), never by family name.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from megatron_swift.models.mapping import RuleSet
+
+# megatron-core linears of a standard (Llama) decoder layer, the LoRA targets `all-linear` names.
+STANDARD_LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+# Multi-latent attention's linears (q projected directly without q_lora_rank, else down + up).
+MLA_LINEARS = (
+    "linear_q_proj",
+    "linear_q_down_proj",
+    "linear_q_up_proj",
+    "linear_kv_down_proj",
+    "linear_kv_up_proj",
+    "linear_proj",
+    "linear_fc1",
+    "linear_fc2",
+)
 
 
 class UnsupportedModelError(ValueError):
@@ -38,6 +56,22 @@ class MoEFields:
     # stay per expert): megatron-core expert linear -> that parameter. PEFT adapters address them through
     # `target_parameters`; each expert's slice is the linear's weight as is ([gate; up] for linear_fc1).
     fused_expert_params: tuple[tuple[str, str], ...] = (("linear_fc1", "gate_up_proj"), ("linear_fc2", "down_proj"))
+    # Router kind. "softmax" (Mixtral / Qwen) or "sigmoid" (DeepSeek-V3: sigmoid scores, top-k chosen on
+    # scores + a per-expert bias, weights renormalised and scaled).
+    score_function: str = "softmax"
+    # The router carries a per-expert routing bias (HF `e_score_correction_bias`: megatron's expert_bias).
+    expert_bias: bool = False
+    # Group-limited top-k (HF field names): experts in `num_groups` groups, tokens routed within the best
+    # `group_topk` groups.
+    num_groups: str | None = None
+    group_topk: str | None = None
+    # HF field scaling the routed experts' weights (DeepSeek's routed_scaling_factor).
+    topk_scaling_factor: str | None = None
+    # HF field: the first N layers have a dense MLP (DeepSeek's first_k_dense_replace).
+    first_dense_layers: str | None = None
+    # HF field: number of always-on shared experts of `expert_ffn_hidden_size` each (DeepSeek's
+    # n_shared_experts), the alternative to `shared_expert_ffn_hidden_size`.
+    shared_expert_count: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,10 +80,23 @@ class Family:
     model_type: str  # HF config `model_type`
     architectures: tuple[str, ...]
     mapping: RuleSet
-    # q/k/v projections carry a bias (and o_proj does not): megatron's add_qkv_bias.
-    qkv_bias: bool = False
-    qk_layernorm: bool = False
+    # q/k/v projections carry a bias (and o_proj does not): megatron's add_qkv_bias. A string names the HF
+    # field that says so (GLM-4.5's `attention_bias` biases q/k/v only, Llama's biases o_proj too: refused).
+    qkv_bias: bool | str = False
+    # Per-head RMSNorm on q and k; a string names the HF field that switches it (GLM-4.5's `use_qk_norm`).
+    qk_layernorm: bool | str = False
     moe: MoEFields | None = None
+    # "standard" (q/k/v fused into linear_qkv) or "mla" (multi-latent attention: models/mla.py).
+    attention: str = "standard"
+    # HF `hidden_act` values the family's gated MLP may use (megatron-core's gated linear unit).
+    activations: tuple[str, ...] = ("silu",)
+    # HF rope types the family's configs may name (models/hf_config.py translates each).
+    rope_types: tuple[str, ...] = ("default", "linear", "llama3")
+    # megatron-core linears LoRA's `all-linear` targets.
+    lora_linears: tuple[str, ...] = STANDARD_LINEARS
+    # Family-only config fields: `extras(hf_config, transformer_kwargs)` validates them (raising ConfigError
+    # naming the field) and adds TransformerConfig arguments; pure, no side effects.
+    extras: Callable | None = None
     # Keyword arguments for the HF config class that make a tiny, fast test model.
     tiny_config: dict = field(default_factory=dict)
 

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from megatron_swift.config import ConfigError
 from megatron_swift.models.family import Family, family_for
 from megatron_swift.models.mapping import ModelDims
+from megatron_swift.models.mla import mla_args
+from megatron_swift.models.moe_args import moe_args
 
 # megatron-core's RotaryEmbedding._apply_scaling takes only the factor and hard-codes these.
 _MCORE_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -30,7 +32,8 @@ class GPTModelArgs:
     padded_vocab_size: int
     max_sequence_length: int
     share_embeddings_and_output_weights: bool
-    rotary_base: float
+    rotary_base: float = 10000.0  # GPTModel's rope (standard attention; MLA's rope is in `transformer`)
+    rotary_percent: float = 1.0
     rope_scaling: bool = False
     rope_scaling_factor: float = 8.0
     seq_len_interpolation_factor: float | None = None
@@ -48,6 +51,14 @@ class GPTModelArgs:
             vocab_size=self.vocab_size,
             padded_vocab_size=self.padded_vocab_size,
         )
+
+    @property
+    def num_layers(self) -> int:
+        return self.transformer["num_layers"]
+
+    @property
+    def is_mla(self) -> bool:
+        return bool(self.transformer.get("multi_latent_attention"))
 
     @property
     def is_moe(self) -> bool:
@@ -70,9 +81,13 @@ def rope_parameters(hf_config) -> dict:
     return params
 
 
-def _translate_rope(hf_config, args: dict) -> None:
-    rope = rope_parameters(hf_config)
+def _translate_rope(hf_config, rope: dict, args: dict) -> None:
+    """Rope of standard attention: GPTModel's rotary embedding arguments into `args`."""
     args["rotary_base"] = float(rope["rope_theta"])
+    partial = float(rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0)) or 1.0)
+    if partial != 1.0:
+        # HF rotates the first int(head_dim * factor) dims of each head; megatron's rotary_percent the same.
+        args["rotary_percent"] = partial
     rope_type = rope["rope_type"]
     if rope_type == "default":
         return
@@ -87,56 +102,36 @@ def _translate_rope(hf_config, args: dict) -> None:
                 )
         args["rope_scaling"] = True
         args["rope_scaling_factor"] = float(rope["factor"])
-    else:
+    else:  # a family declared a rope type standard attention has no translation for
+        raise ConfigError(f"rope_parameters.rope_type={rope_type!r} is not supported with standard attention")
+
+
+def _check_declared(hf_config, family: Family, rope: dict) -> None:
+    """What the family's configs may name: activation and rope type."""
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act not in family.activations:
         raise ConfigError(
-            f"rope_parameters.rope_type={rope_type!r} is not supported; supported: default, linear, llama3"
+            f"hidden_act={act!r} is not supported for {family.name}; supported: {', '.join(family.activations)}"
         )
-
-
-def _moe_args(hf_config, family: Family) -> dict:
-    fields = family.moe
-    num_layers = hf_config.num_hidden_layers
-    norm_topk = fields.norm_topk_prob
-    if isinstance(norm_topk, str):
-        norm_topk = bool(getattr(hf_config, norm_topk, False))
-    moe = dict(
-        num_moe_experts=int(getattr(hf_config, fields.num_experts)),
-        moe_router_topk=int(getattr(hf_config, fields.top_k)),
-        moe_ffn_hidden_size=int(getattr(hf_config, fields.expert_ffn_hidden_size)),
-        moe_aux_loss_coeff=float(getattr(hf_config, fields.aux_loss_coeff, 0.0) or 0.0),
-        moe_router_load_balancing_type="aux_loss",
-        # HF: softmax over all experts, then top-k, then (optionally) renormalise the k weights.
-        # Renormalised == softmax over the top-k logits == megatron's pre_softmax=False.
-        moe_router_pre_softmax=not norm_topk,
-        moe_router_score_function="softmax",
-        moe_router_dtype="fp32",
-        moe_grouped_gemm=False,
-    )
-    if fields.shared_expert_ffn_hidden_size:
-        shared = int(getattr(hf_config, fields.shared_expert_ffn_hidden_size, 0) or 0)
-        if shared:
-            moe["moe_shared_expert_intermediate_size"] = shared
-            moe["moe_shared_expert_gate"] = fields.shared_expert_gate
-    sparse = [True] * num_layers
-    if fields.sparse_step:
-        step = int(getattr(hf_config, fields.sparse_step, 1) or 1)
-        sparse = [(i + 1) % step == 0 for i in range(num_layers)]
-    if fields.dense_layers:
-        for i in getattr(hf_config, fields.dense_layers, None) or []:
-            sparse[i] = False
-    if not all(sparse):
-        moe["moe_layer_freq"] = [int(s) for s in sparse]
-    return moe
+    if rope["rope_type"] not in family.rope_types:
+        raise ConfigError(
+            f"rope_parameters.rope_type={rope['rope_type']!r} is not supported for {family.name}; supported: "
+            f"{', '.join(family.rope_types)}"
+        )
 
 
 def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModelArgs:
     """Translate an HF config of a supported family into megatron-core model arguments."""
     family = family_for(hf_config)
-    if getattr(hf_config, "hidden_act", "silu") != "silu":
-        raise ConfigError(f"hidden_act={hf_config.hidden_act!r} is not supported; the declared families use silu")
+    rope = rope_parameters(hf_config)
+    _check_declared(hf_config, family, rope)
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    if getattr(hf_config, "attention_bias", False):
+    qkv_bias, qk_norm = (
+        bool(getattr(hf_config, flag, False)) if isinstance(flag, str) else flag
+        for flag in (family.qkv_bias, family.qk_layernorm)
+    )
+    if getattr(hf_config, "attention_bias", False) and family.qkv_bias != "attention_bias":
         # Llama-style attention_bias puts a bias on o_proj as well; megatron-core only offers a bias
         # on every linear (add_bias_linear, MLP included) or on q/k/v alone (add_qkv_bias).
         raise ConfigError(
@@ -157,16 +152,23 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=family.qkv_bias,
-        qk_layernorm=family.qk_layernorm,
+        add_qkv_bias=qkv_bias,
+        qk_layernorm=qk_norm,
         hidden_dropout=0.0,
         attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
         init_method_std=float(getattr(hf_config, "initializer_range", 0.02)),
     )
     if family.moe is not None:
-        transformer.update(_moe_args(hf_config, family))
-    rope: dict = {}
-    _translate_rope(hf_config, rope)
+        transformer.update(moe_args(hf_config, family.moe))
+    rope_kwargs: dict = {}
+    if family.attention == "mla":
+        transformer.update(mla_args(hf_config, rope))
+    elif family.attention == "standard":
+        _translate_rope(hf_config, rope, rope_kwargs)
+    else:
+        raise ValueError(f"family {family.name}: unknown attention kind {family.attention!r}")
+    if family.extras is not None:
+        family.extras(hf_config, transformer)
     vocab = hf_config.vocab_size
     sliding = getattr(hf_config, "sliding_window", None)
     if getattr(hf_config, "use_sliding_window", True) is False:
@@ -179,7 +181,7 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
         max_sequence_length=hf_config.max_position_embeddings,
         share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
         sliding_window=sliding,
-        **rope,
+        **rope_kwargs,
     )
     if sliding and sliding < args.max_sequence_length:
         args.notes.append(

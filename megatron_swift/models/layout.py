@@ -15,6 +15,10 @@ def model_layout_problems(args: GPTModelArgs, parallel: ParallelConfig) -> list[
         found.append(f"num_attention_heads={t['num_attention_heads']} is not divisible by tensor parallel {tp}")
     if t["num_query_groups"] % tp:
         found.append(f"num_key_value_heads={t['num_query_groups']} is not divisible by tensor parallel {tp}")
+    if args.is_mla:
+        from megatron_swift.models.mla import mla_layout_problems
+
+        found += mla_layout_problems(t, tp)
     found += pipeline_split_problems(t["num_layers"], parallel)
     if args.padded_vocab_size % tp:
         found.append(f"padded vocabulary {args.padded_vocab_size} is not divisible by tensor parallel {tp}")

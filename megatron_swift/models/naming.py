@@ -48,12 +48,22 @@ def _partition_dim(module: nn.Module, param_name: str) -> int | None:
     return None
 
 
+def _checkpointed_tensors(module: nn.Module):
+    """A module's parameters and persistent buffers: what its state dict holds (e.g. the MoE router's
+    `expert_bias`, a buffer megatron-core updates outside the optimizer and checkpoints with the model)."""
+    yield from module.named_parameters(recurse=False)
+    for buffer_name, buffer in module.named_buffers(recurse=False):
+        if buffer is not None and buffer_name not in module._non_persistent_buffers_set:
+            yield buffer_name, buffer
+
+
 def canonical_parameters(model: nn.Module):
-    """Yield (canonical_name, parameter, TP partition dim or None) for one model chunk on this rank."""
+    """Yield (canonical_name, tensor, TP partition dim or None) for every parameter and persistent buffer of
+    one model chunk on this rank."""
     model = unwrap_model(model)
     layers = model.decoder.layers if getattr(model, "decoder", None) is not None else []
     for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
+        for param_name, param in _checkpointed_tensors(module):
             name = f"{module_name}.{param_name}" if module_name else param_name
             yield canonical_name(name, layers), param, _partition_dim(module, param_name)
 

@@ -2,8 +2,8 @@
 
 The tokenizer is a byte-level BPE trained in-process on a small embedded corpus, with ChatML
 special tokens and chat template. Models are the family's `tiny_config`, randomly initialised
-with every parameter perturbed (norm weights too), so a mapping that swaps or drops a tensor
-changes the logits.
+with every parameter and saved buffer perturbed (norm weights and routing biases too), so a
+mapping that swaps or drops a tensor changes the logits.
 """
 
 from __future__ import annotations
@@ -87,7 +87,13 @@ def make_tiny_model(
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but vocab_size={config.vocab_size}")
     generator = torch.Generator().manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    for name, param in model.named_parameters():
+    persistent_buffers = [
+        (f"{module_name}.{name}", buffer)
+        for module_name, module in model.named_modules()
+        for name, buffer in module.named_buffers(recurse=False)
+        if name not in module._non_persistent_buffers_set and buffer.is_floating_point()
+    ]  # saved with the weights, e.g. DeepSeek's e_score_correction_bias (zero at initialisation)
+    for name, param in [*model.named_parameters(), *persistent_buffers]:
         noise = torch.randn(param.shape, generator=generator)
         if param.ndim == 1 and "norm" in name:
             param.copy_(1.0 + 0.1 * noise)

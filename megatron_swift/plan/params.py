@@ -26,7 +26,7 @@ import numpy as np
 
 from megatron_swift.models.hf_config import GPTModelArgs
 from megatron_swift.plan.layout import Chunk, Layout, Ops
-from megatron_swift.tuners.lora.config import MCORE_LINEARS, LoraConfig
+from megatron_swift.tuners.lora.config import LoraConfig
 
 DENSE, EXPERT = 0, 1
 SAVE_ALIASES = {"embedding": "embedding", "output_layer": "output_layer", "router": "mlp.router"}
@@ -88,8 +88,8 @@ class Inventory:
         shorts, regexes = set(), []
         for pattern in self.lora.target_modules:
             if pattern == "all-linear":
-                shorts.update(MCORE_LINEARS)
-            elif pattern in MCORE_LINEARS:
+                shorts.update(self.args.family.lora_linears)
+            elif pattern in self.args.family.lora_linears:
                 shorts.add(pattern)
             elif pattern in hf_names:
                 shorts.add(hf_names[pattern])
@@ -124,7 +124,7 @@ class Inventory:
         if self.ops.te_spec:  # TE's LayerNormLinear registers its norm weight before its own weight
             entries.append((qkv.module, "layer_norm_weight", h, DENSE, None))
         entries.append((qkv.module, "weight", qkv_out * h // tp, DENSE, qkv))
-        if self.args.family.qkv_bias:
+        if t.get("add_qkv_bias"):
             entries.append((qkv.module, "bias", qkv_out // tp, DENSE, None))
         if t.get("qk_layernorm"):
             entries += [

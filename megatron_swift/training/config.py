@@ -217,13 +217,23 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
                 f"lora.target_modules {', '.join(expert_targets)} reaches them; target linear_qkv / linear_proj or a "
                 "re: pattern that leaves out .local_experts."
             )
-    found += moe_problems(job.moe, model_args.is_moe if model_args is not None else None)
+    expert_bias = bool(model_args.transformer.get("moe_router_enable_expert_bias")) if model_args else None
+    found += moe_problems(job.moe, model_args.is_moe if model_args is not None else None, expert_bias)
     found += rlhf_problems(job)
     if model_args is not None and model_args.is_moe and t.task in PAIR_TASKS:
         # megatron-core scales the router's auxiliary losses by the schedule's token count, which preference
         # losses set to the pair count: their weight against a TRL run is not checked yet.
         found.append(f"train.task={t.task}: preference training of MoE models is not built yet (the router's "
                      "auxiliary-loss scaling is unchecked); use a dense model")  # fmt: skip
+    if model_args is not None and model_args.is_moe and p.tensor_model_parallel_size > 1 and not p.sequence_parallel:
+        found.append("parallel.sequence_parallel: megatron-core trains MoE models at tensor parallel > 1 only with "
+                     "sequence parallel; set parallel.sequence_parallel: true")  # fmt: skip
+    if model_args is not None and model_args.is_mla and job.model.attention == "local" and job.model.spec != "te":
+        found.append("model.attention=local: megatron-core 0.16's DotProductAttention cannot be built for "
+                     "multi-latent attention; use model.attention=sdpa")  # fmt: skip
+    if job.train.train_type == "lora" and job.moe.moe_router_bias_update_rate:
+        found.append("moe.moe_router_bias_update_rate: under LoRA the routing bias stays the base model's (it is "
+                     "not part of the adapter); leave it unset")  # fmt: skip
     if model_args is not None:
         found += [f"model: {problem}" for problem in model_layout_problems(model_args, p) if problem not in found]
     return found
@@ -316,7 +326,7 @@ def transformer_overrides(job: JobConfig, is_moe: bool = False) -> dict:
     if t.fp8_format:
         overrides.update(fp8=t.fp8_format, fp8_recipe=t.fp8_recipe)
     if is_moe:
-        overrides.update(moe_overrides(job.moe, on_gpu=torch.cuda.is_available()))
+        overrides.update(moe_overrides(job.moe, on_gpu=torch.cuda.is_available(), lora=t.train_type == "lora"))
     return overrides | resolve_fusions(job.model, use_transformer_engine(job.model.spec), Machine.detect())
 
 

@@ -7,10 +7,13 @@ Convention (what `mfu` in metrics.jsonl means):
   own multiplies are left out (under 1% of a layer at rank <= 64 and hidden >= 2048);
 - per token: q/k/v projections with GQA (num_query_groups k/v heads), output projection, SwiGLU MLP
   (three matrices), for MoE the router plus top-k routed experts plus the shared expert, and the
-  output layer over the real (unpadded) vocabulary;
+  output layer over the real (unpadded) vocabulary; multi-latent attention counts its own linears: q
+  (down to q_lora_rank and up, or direct), kv down to kv_lora_rank + the rope key, kv up to every head's
+  key and value, output projection;
 - attention scores and the attention-weighted sum over a causal sequence: on average half of the
   sequence is attended, 2 * 2 * (seq / 2) * heads * head_dim per token (newer Megatron-LM's
-  convention; torchtitan counts the full square, which reports a higher MFU).
+  convention; torchtitan counts the full square, which reports a higher MFU); with MLA the scores use
+  the query / key head size (nope + rope) and the sum the value head size.
 MFU = FLOPs per token x tokens per second / (peak dense FLOP/s of the device x devices).
 """
 
@@ -28,8 +31,11 @@ PEAK_FLOPS = {
 def flops_per_token(t: dict, vocab_size: int, seq_length: int, frozen_weights: bool = False) -> float:
     """Training FLOPs per token for TransformerConfig keyword arguments `t` (see module docstring)."""
     h, heads, groups, head_dim = t["hidden_size"], t["num_attention_heads"], t["num_query_groups"], t["kv_channels"]
-    attention = 2 * h * (heads + 2 * groups) * head_dim + 2 * heads * head_dim * h
-    attention += 2 * 2 * (seq_length / 2) * heads * head_dim
+    if t.get("multi_latent_attention"):
+        attention = _mla_flops(t, seq_length)
+    else:
+        attention = 2 * h * (heads + 2 * groups) * head_dim + 2 * heads * head_dim * h
+        attention += 2 * 2 * (seq_length / 2) * heads * head_dim
     dense_mlp = 2 * 3 * h * t["ffn_hidden_size"]
     experts = t.get("num_moe_experts")
     if experts:
@@ -42,6 +48,18 @@ def flops_per_token(t: dict, vocab_size: int, seq_length: int, frozen_weights: b
         mlp = t["num_layers"] * dense_mlp
     forward = t["num_layers"] * attention + mlp + 2 * h * vocab_size
     return (2 if frozen_weights else 3) * forward
+
+
+def _mla_flops(t: dict, seq_length: int) -> float:
+    """Forward FLOPs per token of one multi-latent attention layer (megatron-core's MLATransformerConfig names)."""
+    h, heads, q_lora = t["hidden_size"], t["num_attention_heads"], t.get("q_lora_rank")
+    qk_head, v_head = t["qk_head_dim"] + t["qk_pos_emb_head_dim"], t["v_head_dim"]
+    q = 2 * (h * q_lora + q_lora * heads * qk_head) if q_lora else 2 * h * heads * qk_head
+    kv = 2 * h * (t["kv_lora_rank"] + t["qk_pos_emb_head_dim"]) + 2 * t["kv_lora_rank"] * heads * (
+        t["qk_head_dim"] + v_head
+    )
+    out = 2 * heads * v_head * h
+    return q + kv + out + 2 * (seq_length / 2) * heads * (qk_head + v_head)
 
 
 def peak_flops(device_name: str, precision: str) -> float | None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from megatron_swift.models.family import Family
 from megatron_swift.models.naming import canonical_name, unwrap_model
-from megatron_swift.tuners.lora.config import MCORE_LINEARS, LoraConfig
+from megatron_swift.tuners.lora.config import LoraConfig
 from megatron_swift.tuners.lora.layers import BASE, LoraError, LoraLinear, parallel_mode
 
 # modules_to_save short names -> module path suffix.
@@ -43,7 +43,7 @@ def hf_to_mcore_linear(family: Family) -> dict[str, str]:
     """HF projection name (q_proj, ...) -> the megatron-core linear holding it, from the family table."""
     found = {}
     for rule in family.mapping.rules:
-        short = next((s for s in MCORE_LINEARS if rule.mcore.endswith(f".{s}.weight")), None)
+        short = next((s for s in family.lora_linears if rule.mcore.endswith(f".{s}.weight")), None)
         if short is not None:
             for hf_name in rule.hf:
                 found[hf_name.rsplit(".", 2)[-2]] = short
@@ -56,8 +56,8 @@ def _linear_matcher(config: LoraConfig, family: Family):
     shorts, regexes, hf_requested = set(), [], set()
     for pattern in config.target_modules:
         if pattern == "all-linear":
-            shorts.update(MCORE_LINEARS)
-        elif pattern in MCORE_LINEARS:
+            shorts.update(family.lora_linears)
+        elif pattern in family.lora_linears:
             shorts.add(pattern)
         elif pattern in hf_names:
             hf_requested.add(pattern)
@@ -66,7 +66,7 @@ def _linear_matcher(config: LoraConfig, family: Family):
         else:
             raise LoraError(
                 f"lora.target_modules: {pattern!r} is not a linear of the {family.name} family; use all-linear, "
-                f"{', '.join(MCORE_LINEARS)}, {', '.join(sorted(hf_names))} or re:<regex over module paths>"
+                f"{', '.join(family.lora_linears)}, {', '.join(sorted(hf_names))} or re:<regex over module paths>"
             )
     for short in sorted({hf_names[name] for name in hf_requested}):
         fused = sorted(name for name, target in hf_names.items() if target == short)

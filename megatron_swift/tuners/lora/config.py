@@ -5,9 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-# megatron-core linear names; `all-linear` means all four.
-MCORE_LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-
 
 @dataclass
 class LoraConfig:
@@ -17,7 +14,8 @@ class LoraConfig:
     use_rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
     # DoRA (PEFT's use_dora): a trained magnitude per output feature rescales W + scale * B A (tuners/lora/layers.py).
     use_dora: bool = False
-    # Short megatron names (linear_qkv, linear_proj, linear_fc1, linear_fc2), HF names (q_proj, ..., mapped
+    # Short megatron names (the family's `lora_linears`: linear_qkv, linear_proj, linear_fc1, linear_fc2 on a
+    # standard decoder), HF names (q_proj, ..., mapped
     # through the family table), `all-linear`, or regular expressions over module paths (`re:...`).
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     # Trained in full and saved with the adapter: `embedding`, `output_layer`, `router`, or module paths.

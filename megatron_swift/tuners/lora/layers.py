@@ -100,6 +100,8 @@ class LoraLinear(nn.Module):
             set_tensor_model_parallel_attributes(param, sharded, split[1] if sharded else -1, 1)
             # Expert weights are reduced over the expert-data-parallel group, not the data-parallel one.
             param.allreduce = getattr(base.weight, "allreduce", True)
+            if self.mode == "duplicated":  # e.g. MLA's down projections: under SP each rank sees its tokens only
+                param.sequence_parallel = getattr(base.weight, "sequence_parallel", False)
         self.lora_magnitude_vector = None
         if use_dora:
             if magnitude is None:
@@ -112,7 +114,10 @@ class LoraLinear(nn.Module):
             set_tensor_model_parallel_attributes(self.lora_magnitude_vector, column_split, 0 if column_split else -1, 1)
             self.lora_magnitude_vector.allreduce = getattr(base.weight, "allreduce", True)
             # Row-parallel under SP: each rank scales its part of the sequence (see the module docstring).
-            self.lora_magnitude_vector.sequence_parallel = self.mode == "row" and self.sequence_parallel
+            # Duplicated (e.g. MLA's down projections) under SP: each rank sees its tokens only, like the factors.
+            self.lora_magnitude_vector.sequence_parallel = (self.mode == "row" and self.sequence_parallel) or (
+                self.mode == "duplicated" and getattr(base.weight, "sequence_parallel", False)
+            )
         self.register_state_dict_post_hook(_drop_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
 
