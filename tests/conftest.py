@@ -26,14 +26,16 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 # Each family's tiny model keeps its seed when families are added: a seed from the family's position in the
 # sorted list moved every later family's weights (adding deepseek_v3 re-seeded llama), and with them the last
-# bits of every test that compares runs, not the claims they check. New families are appended here.
-_SEEDED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+# bits of every test that compares runs, not the claims they check. A new family gets a seed here.
+_FAMILY_SEEDS = {
+    **{name: i for i, name in enumerate(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"))},
+    "deepseek_v3": 0,
+    "glm4_moe": 1,
+}
 
 
 def _family_seed(name: str) -> int:
-    if name in _SEEDED_FAMILIES:
-        return _SEEDED_FAMILIES.index(name)
-    return len(_SEEDED_FAMILIES) + zlib.crc32(name.encode())
+    return _FAMILY_SEEDS.get(name, zlib.crc32(name.encode()))
 
 
 @pytest.fixture(scope="session")
