@@ -9,6 +9,7 @@ megatron-core's parallel state from a ParallelConfig, and seeds the model-parall
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -135,6 +136,10 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    # The finished run's model, optimizer and DDP buffers hold its process groups in reference cycles; until
+    # the cyclic collector runs, each group keeps its gloo threads (measured: 17 of a run's 18 tcp-loop threads
+    # freed by this collect). A process that runs several jobs (tests, benchmarks) would pile them up.
+    gc.collect()
     if not torch.cuda.is_available():
         from megatron_swift.compat import leave_device_redirect
 

@@ -3,6 +3,13 @@
 Used by the converter CLI so `--tp 2` works without the user writing a torchrun line. Workers
 get RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT exactly as torchrun would set them, so the
 same code path (`init_distributed`) serves both.
+
+Without a GPU, workers fork from a server process that imported torch, transformers, megatron-core and the
+worker function's module once (multiprocessing's forkserver): a launch costs a fork per rank instead of those
+imports in every rank (about 8 CPU-seconds each), which is most of a small multi-rank job. The server holds no
+threads or process groups, so a fork of it is as clean as a fresh interpreter; each worker takes the caller's
+environment as it is at the launch (the server's is the one it started with). With a GPU, workers are spawned:
+an import that touches CUDA (Transformer Engine's, for one) would make every fork of the server unable to use it.
 """
 
 from __future__ import annotations
@@ -12,16 +19,22 @@ import pickle
 import time
 from collections.abc import Callable
 
+import torch
 import torch.multiprocessing as mp
 
 from megatron_swift.distributed.runtime import free_port
+
+# Imported once by the fork server; a worker function's module is added at the server's start.
+_SERVER_PRELOAD = ("torch", "transformers", "megatron.core")
 
 
 class WorkerError(RuntimeError):
     """A worker process failed; the message is the worker's own error."""
 
 
-def _worker(local_rank: int, world_size: int, port: int, fn: Callable, payload: bytes, queue) -> None:
+def _worker(local_rank: int, world_size: int, port: int, fn: Callable, payload: bytes, env: dict, queue) -> None:
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(
         RANK=str(local_rank),
         LOCAL_RANK=str(local_rank),
@@ -38,6 +51,17 @@ def _worker(local_rank: int, world_size: int, port: int, fn: Callable, payload: 
     queue.put((local_rank, "ok", pickle.dumps(result)))
 
 
+def _context(fn: Callable):
+    if torch.cuda.is_available():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    module = getattr(fn, "__module__", None)
+    # Read only when the server starts (the first launch of this process); later functions' modules are
+    # imported by the forked workers themselves.
+    ctx.set_forkserver_preload([*_SERVER_PRELOAD, *([module] if module and module != "__main__" else [])])
+    return ctx
+
+
 def run_workers(fn: Callable, nprocs: int, *args) -> list:
     """Run `fn(*args)` on `nprocs` spawned processes; return their results ordered by rank.
 
@@ -45,14 +69,14 @@ def run_workers(fn: Callable, nprocs: int, *args) -> list:
     """
     if nprocs == 1 and "WORLD_SIZE" not in os.environ:
         return [fn(*args)]
-    ctx = mp.get_context("spawn")
+    ctx = _context(fn)
     queue = ctx.SimpleQueue()
     port = free_port()
     # Plain pickle bytes: torch's multiprocessing pickler would pass tensors through shared-memory
     # files that vanish when a worker exits before the parent reads its result.
     payload = pickle.dumps(args)
     procs = [
-        ctx.Process(target=_worker, args=(rank, nprocs, port, fn, payload, queue), daemon=False)
+        ctx.Process(target=_worker, args=(rank, nprocs, port, fn, payload, dict(os.environ), queue), daemon=False)
         for rank in range(nprocs)
     ]
     for proc in procs:
