@@ -27,6 +27,9 @@ DATA = str(ROOT / "examples" / "data" / "sft_sample.jsonl")
 PLAN = ROOT / "examples" / "plan"
 # Large enough that activations, not fixed overheads, dominate a step's peak; small enough for 2 CPU cores.
 SHAPE = dict(hidden_size=256, intermediate_size=704, num_attention_heads=8, num_key_value_heads=4)
+# DeepSeek-V3's layout (MLA with q_lora_rank, first layer dense, shared expert) at the same scale
+MLA_SHAPE = dict(SHAPE, num_key_value_heads=8, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
+                 qk_rope_head_dim=16, v_head_dim=32, moe_intermediate_size=128)  # fmt: skip
 SEQ = {"seq_length": 256}
 BF16 = {"bf16": True, "micro_batch_size": 2}
 
@@ -40,6 +43,10 @@ def shaped(tmp_path_factory) -> dict[str, str]:
     }
     # a vocabulary large against the hidden size, so that the loss is a sizeable share of the peak
     models["llama_vocab"] = str(make_tiny_model("llama", root / "llama_vocab", seed=9, vocab_size=8192, **SHAPE))
+    models["deepseek_v3"] = str(make_tiny_model("deepseek_v3", root / "deepseek_v3", seed=10, **MLA_SHAPE))
+    models["deepseek_v3_no_q_lora"] = str(
+        make_tiny_model("deepseek_v3", root / "deepseek_v3_no_q_lora", seed=11, **dict(MLA_SHAPE, q_lora_rank=None))
+    )
     return models  # fmt: skip
 
 
@@ -102,6 +109,13 @@ def _cases_two_ranks(models, tiny=None):
              parallel=dict(tensor_model_parallel_size=2, sequence_parallel=True),
              train=dict(BF16, global_batch_size=2, recompute_granularity="selective")),
         dict(name="MoE DP2", hf=mixtral, parallel={}, train=dict(BF16, global_batch_size=4), data=SEQ, profile=True),
+        # MLA: duplicated down projections whole on both TP ranks, the up projections split; the latent path's
+        # activations on SP tokens
+        dict(name="MLA TP2 + SP", hf=models["deepseek_v3"], parallel=dict(tensor_model_parallel_size=2,
+             sequence_parallel=True), train=dict(BF16, global_batch_size=2), data=SEQ, profile=True),
+        dict(name="MLA EP2, distributed optimizer", hf=models["deepseek_v3"], parallel=dict(
+             expert_model_parallel_size=2), train=dict(BF16, global_batch_size=4, use_distributed_optimizer=True),
+             data=SEQ, profile=True),
     ]  # fmt: skip
 
 
@@ -148,13 +162,14 @@ def test_activation_estimate_within_15_percent_of_the_measured_peak(two_rank_run
             ratio = stage.activations_bytes / max(peaks)
             assert 0.85 <= ratio <= 1.15, (case["name"], stage.pp_stage, ratio)
             compared += 1
-    assert compared >= 7
+    assert compared >= 8
 
 
 def test_activation_estimate_for_other_implementations_and_recompute_savings(shaped, tmp_path):
     """One process (deterministic peaks): megatron's local attention ([s, s] probabilities), fp32 training (no
     norm copies), the fused linear cross entropy (no logits), shared experts with a gate, a vocabulary of 8192
-    at hidden 256 (the loss a third of the peak), each within 15%; and
+    at hidden 256 (the loss a third of the peak), multi-latent attention (with and without q_lora_rank,
+    selective recompute), each within 15%, their static bytes exact; and
     what selective / full recomputation change against no recomputation, estimated vs measured, within 15%."""
     llama = shaped["llama"]
     recompute = {
@@ -168,12 +183,17 @@ def test_activation_estimate_for_other_implementations_and_recompute_savings(sha
              model=dict(fused_linear_cross_entropy=True)),
         dict(name="shared experts", hf=shaped["qwen2_moe"], parallel={}, train=BF16, data=SEQ),
         dict(name="large vocabulary", hf=shaped["llama_vocab"], parallel={}, train=BF16, data=SEQ),
+        dict(name="multi-latent attention", hf=shaped["deepseek_v3"], parallel={}, train=BF16, data=SEQ),
+        dict(name="MLA, selective recompute", hf=shaped["deepseek_v3"], parallel={}, data=SEQ,
+             train=dict(BF16, recompute_granularity="selective")),
+        dict(name="MLA without q_lora_rank", hf=shaped["deepseek_v3_no_q_lora"], parallel={}, train=BF16, data=SEQ),
         dict(name="none", hf=llama, parallel={}, train=BF16, data=SEQ),
         *(dict(name=name, hf=llama, parallel={}, train=dict(BF16, **fields), data=SEQ)
           for name, fields in recompute.items()),
     ]  # fmt: skip
     cases = [dict(case, train=dict(case["train"], global_batch_size=2), profile=True) for case in cases]
     measured = run_measurements(cases, DATA, tmp_path, world_size=1)
+    _assert_static_exact(cases, measured, 1)
     planned, peaks = {}, {}
     for index, case in enumerate(cases):
         job, args = _job(case, 1)

@@ -113,13 +113,20 @@ class SDPACoreAttention(DotProductAttention):
         # positions (forward + backward measured 15% slower at 8 x 512 tokens). SDPA maps query heads onto
         # the k/v groups (GQA) itself.
         q, k, v = (t.transpose(0, 1).contiguous().transpose(1, 2) for t in (query, key, value))
+        value_dim = v.shape[-1]
+        if value_dim < q.shape[-1]:
+            # MLA: value heads narrower than query / key heads (DeepSeek-V3: 128 vs 192). SDPA's fused kernels
+            # (CPU flash, GPU flash) take one head size; for two it falls back to its math path, which keeps
+            # the [b, heads, s, s] probabilities in fp32 (measured on CPU: 4x the saved bytes at 2 x 256
+            # tokens, 8 heads). Zero value columns give zero output columns, dropped below.
+            v = F.pad(v, (0, q.shape[-1] - value_dim))
         dropout = self.config.attention_dropout if self.training else 0.0
         gqa = k.shape[1] != q.shape[1]
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext():
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=keep, dropout_p=dropout, is_causal=causal, scale=self.softmax_scale, enable_gqa=gqa
             )
-        context = context.permute(2, 0, 1, 3).reshape(seq_q, batch, self.hidden_size_per_partition)
+        context = context[..., :value_dim].permute(2, 0, 1, 3).reshape(seq_q, batch, self.hidden_size_per_partition)
         return context.squeeze(1) if packed else context
 
 

@@ -16,6 +16,10 @@ unless configured), not the paper's GPT-3 layer, and depend on the implementatio
   as a view) and the fp32 log-sum-exp; TE keeps rope'd q, k, the fused qkv output (v is a view of it)
   and the output; megatron's local attention the [s, s] probabilities. Unfused rotary keeps cos / sin
   tables per layer. Selective recomputation keeps the core attention's inputs instead.
+- Multi-latent attention (MLA): the same core attention over q / k of width heads x (qk + rope) and v of
+  heads x v_head (SDPA: padded to the q width, with a padded output); before it the latent path: the
+  q / kv down projections' outputs (duplicated linears, on this rank's SP tokens), their RMSNorms, and
+  the up projections' inputs (column-parallel: kept locally).
 - SwiGLU: our torch kernel keeps fc1's output and silu(gate) (3f), Triton / bias_swiglu fc1's output
   (2f), megatron's unfused glu 4f; plus fc2's input (f). Experts: megatron's MLP with the routing
   probabilities multiplied in (6f unfused, 3f fused) on this rank's routed tokens (balanced routing).
@@ -57,13 +61,26 @@ class ActivationModel:
         t = args.transformer
         self.h, self.d = t["hidden_size"], t["kv_channels"]
         self.nq, self.nkv = t["num_attention_heads"] // layout.tp, t["num_query_groups"] // layout.tp
+        self.mla = args.is_mla
+        if self.mla:  # widths on this rank of the core attention's q, k, v and output
+            qk, self.rope_dim = t["qk_head_dim"] + t["qk_pos_emb_head_dim"], t["qk_pos_emb_head_dim"]
+            self.q_width, self.k_width, self.v_width = self.nq * qk, self.nq * qk, self.nq * t["v_head_dim"]
+        else:
+            self.rope_dim = self.d
+            self.q_width, self.k_width, self.v_width = self.nq * self.d, self.nkv * self.d, self.nkv * self.d
+        self.out_width = self.nq * (t["v_head_dim"] if self.mla else self.d)
+        # SDPA pads narrower value heads to the query's head size (models/attention.py): it keeps padded v and
+        # output, and linear_proj its own unpadded copy of the output.
+        self.padded_v = self.mla and self.ops.attention == "sdpa" and self.v_width < self.q_width
+        if self.padded_v:
+            self.v_width = self.q_width
         self.ffn = t["ffn_hidden_size"] // layout.tp
         self.experts = t.get("num_moe_experts") or 0
         self.topk = t.get("moe_router_topk", 0)
         self.expert_ffn = (t.get("moe_ffn_hidden_size") or 0) // layout.etp
         self.shared_ffn = (t.get("moe_shared_expert_intermediate_size") or 0) // layout.tp
         self.shared_gate = bool(t.get("moe_shared_expert_gate"))
-        self.qk_norm = bool(t.get("qk_layernorm"))
+        self.qk_norm = bool(t.get("qk_layernorm")) and not self.mla  # MLA's are the latent norms
         self.aux_loss = t.get("moe_router_load_balancing_type", "aux_loss") != "none"
         self.hidden_dropout, self.packing = hidden_dropout, packing
         self.vocab = args.padded_vocab_size // layout.tp
@@ -80,43 +97,60 @@ class ActivationModel:
     def attention_core(self) -> int:
         """What the core attention keeps (the part selective recomputation drops)."""
         e, T, lay = self.lay.dtype_bytes, self.lay.tokens, self.lay
-        q, kv = self.nq * self.d, self.nkv * self.d
+        q, k, v, out = self.q_width, self.k_width, self.v_width, self.out_width
         if self.ops.attention == "te":
-            return T * (e * (q + kv) + e * (q + 2 * kv) + e * q + 4 * self.nq)
+            return T * (e * (q + k) + e * (q + k + v) + e * out + 4 * self.nq)
         if self.ops.attention == "local":
             # q, k / v repeated to every head, the softmax's fp32 output [b, heads, s, s] and its cast for the
             # probabilities x v product, the context copy linear_proj keeps
             s = self._row_length()
             probs = 4 * self.nq * s + (e * self.nq * s if e != 4 else 0)
             return T * (e * 3 * q + probs + e * q)
-        # SDPA: contiguous q, k, v (k / v gathered over CP), output, fp32 log-sum-exp
-        return T * (e * (q + 2 * kv * lay.cp) + e * q + 4 * self.nq)
+        # SDPA: contiguous q, k, v (k, v gathered over CP), output, fp32 log-sum-exp
+        if self.padded_v:
+            out += self.v_width
+        return T * (e * (q + (k + v) * lay.cp) + e * out + 4 * self.nq)
 
     def _row_length(self) -> int:
         """Tokens one attention row spans: the sequence on this CP rank, or a whole packed micro-batch."""
         return self.lay.tokens if self.packing else self.lay.tokens // self.lay.micro_batch_size
 
     def attention_inputs(self) -> int:
-        """Selective recomputation keeps the core attention's inputs: rope'd q, k and the qkv output."""
+        """Selective recomputation keeps the core attention's inputs: rope'd q, k and the projections' output."""
         e, T = self.lay.dtype_bytes, self.lay.tokens
-        q, kv = self.nq * self.d, self.nkv * self.d
-        return T * e * ((q + kv) + (q + 2 * kv))
+        q, k = self.q_width, self.k_width
+        if self.mla:  # q and k concatenated from their rope'd parts; v a view of kv_up's output [k_nope; v]
+            t = self.args.transformer
+            return T * e * (q + k + self.nq * (t["qk_head_dim"] + t["v_head_dim"]))
+        return T * e * ((q + k) + (q + k + self.v_width))
 
     def rope_tables(self) -> int:
         """Unfused rotary: cos and sin [s, 1, 1, d] in the activation dtype, for q and for k, each layer."""
         if self.ops.rope_fused:
             return 0
-        return 4 * (self.lay.tokens // self.lay.micro_batch_size) * self.d * self.lay.dtype_bytes
+        return 4 * (self.lay.tokens // self.lay.micro_batch_size) * self.rope_dim * self.lay.dtype_bytes
+
+    def mla_latents(self) -> int:
+        """MLA before its core attention: the kv down projection's output (its rope key part gathered over SP
+        and freed, the latent part normalised), each latent's RMSNorm and the up projection's local input."""
+        if not self.mla:
+            return 0
+        e, Tsp, t = self.lay.dtype_bytes, self.lay.sp_tokens, self.args.transformer
+        q_lora, kv_lora = t.get("q_lora_rank"), t["kv_lora_rank"]
+        total = Tsp * e * self.rope_dim + self.norm(Tsp, kv_lora) + Tsp * kv_lora * e
+        if q_lora:
+            total += self.norm(Tsp, q_lora) + Tsp * q_lora * e
+        return total
 
     def attention_block(self, selective: bool) -> int:
         e, Tsp, T = self.lay.dtype_bytes, self.lay.sp_tokens, self.lay.tokens
-        total = self.norm(Tsp, self.h) + Tsp * self.h * e  # input norm, linear_qkv's input
+        total = self.norm(Tsp, self.h) + Tsp * self.h * e  # input norm, the projections' input
         if self.qk_norm:
             total += self.norm(T * self.nq, self.d) + self.norm(T * self.nkv, self.d)
-        total += self.rope_tables()
+        total += self.rope_tables() + self.mla_latents()
         if selective:
             # The core attention's output is recomputed too; linear_proj keeps its own copy.
-            total += self.attention_inputs() + T * e * self.nq * self.d
+            total += self.attention_inputs() + T * e * self.out_width
         else:
             total += self.attention_core()
         return total

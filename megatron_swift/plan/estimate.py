@@ -109,8 +109,6 @@ def estimate(
     """Per-stage memory (and, with a cluster, step time) of `job` on `world_size` ranks; the job must pass
     preflight. `target` (default: a GPU machine with the `.[gpu]` extra) decides kernels and fusions.
     `static_cache` (a dict kept by the caller) reuses the static part between jobs of the same layout."""
-    if args.is_mla:  # its parameter inventory and activations are not modelled: no number beats a wrong one
-        raise NotImplementedError("multi-latent attention (MLA) models are not modelled by mswift-plan yet")
     target = target if target is not None else Target()
     lay = Layout.from_job(job, world_size, args)
     ops = Ops.resolve(job, target)

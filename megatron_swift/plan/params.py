@@ -112,25 +112,13 @@ class Inventory:
     # --- parameters ---
     def _layer_entries(self, layer: int, moe: bool) -> list:
         """(module, param, numel, buffer, Linear or None) of one transformer layer, registration order."""
-        lay, h, d = self.layout, self.h, self.head_dim
+        lay, h = self.layout, self.h
         t = self.args.transformer
-        tp, qkv_out = lay.tp, (self.heads + 2 * self.groups) * d
-        qkv = Linear("self_attention.linear_qkv", qkv_out, h, tp, "column", False)
-        proj = Linear("self_attention.linear_proj", h, self.heads * d, tp, "row", False)
+        tp = lay.tp
         entries = []
-        if not self.ops.te_spec:
+        if not self.ops.te_spec or self.args.is_mla:  # TE fuses it into linear_qkv; MLA's spec keeps a TENorm
             entries.append(("input_layernorm", "weight", h, DENSE, None))
-        entries.append((proj.module, "weight", h * self.heads * d // tp, DENSE, proj))
-        if self.ops.te_spec:  # TE's LayerNormLinear registers its norm weight before its own weight
-            entries.append((qkv.module, "layer_norm_weight", h, DENSE, None))
-        entries.append((qkv.module, "weight", qkv_out * h // tp, DENSE, qkv))
-        if t.get("add_qkv_bias"):
-            entries.append((qkv.module, "bias", qkv_out // tp, DENSE, None))
-        if t.get("qk_layernorm"):
-            entries += [
-                ("self_attention.q_layernorm", "weight", d, DENSE, None),
-                ("self_attention.k_layernorm", "weight", d, DENSE, None),
-            ]
+        entries += self._mla_entries() if self.args.is_mla else self._attention_entries()
         if not moe:
             ffn = t["ffn_hidden_size"]
             fc1 = Linear("mlp.linear_fc1", 2 * ffn, h, tp, "column", False)
@@ -173,6 +161,54 @@ class Inventory:
                 (fc1.module, "weight", 2 * shared * h // tp, DENSE, fc1),
                 (fc2.module, "weight", shared * h // tp, DENSE, fc2),
             ]
+        return entries
+
+    def _attention_entries(self) -> list:
+        h, d, tp, t = self.h, self.head_dim, self.layout.tp, self.args.transformer
+        qkv_out = (self.heads + 2 * self.groups) * d
+        qkv = Linear("self_attention.linear_qkv", qkv_out, h, tp, "column", False)
+        proj = Linear("self_attention.linear_proj", h, self.heads * d, tp, "row", False)
+        entries = [(proj.module, "weight", h * self.heads * d // tp, DENSE, proj)]
+        if self.ops.te_spec:  # TE's LayerNormLinear registers its norm weight before its own weight
+            entries.append((qkv.module, "layer_norm_weight", h, DENSE, None))
+        entries.append((qkv.module, "weight", qkv_out * h // tp, DENSE, qkv))
+        if t.get("add_qkv_bias"):
+            entries.append((qkv.module, "bias", qkv_out // tp, DENSE, None))
+        if t.get("qk_layernorm"):
+            entries += [
+                ("self_attention.q_layernorm", "weight", d, DENSE, None),
+                ("self_attention.k_layernorm", "weight", d, DENSE, None),
+            ]
+        return entries
+
+    def _mla_entries(self) -> list:
+        """megatron-core's MLASelfAttention: linear_proj, the q projection (direct, or down + up with q_lora_rank),
+        kv down + up, then the latent norms (inside the up projections with TE's LayerNormLinear). The down
+        projections are duplicated (whole on every TP rank) in both specs (models/mla.py says why)."""
+        h, tp, t, te = self.h, self.layout.tp, self.args.transformer, self.ops.te_spec
+        heads, q_lora, kv_lora = self.heads, t.get("q_lora_rank"), t["kv_lora_rank"]
+        qk, rope, v = t["qk_head_dim"], t["qk_pos_emb_head_dim"], t["v_head_dim"]
+        attn = "self_attention"
+        proj = Linear(f"{attn}.linear_proj", h, heads * v, tp, "row", False)
+        entries = [(proj.module, "weight", h * heads * v // tp, DENSE, proj)]
+
+        def linear(name: str, out_full: int, in_full: int, split: int, norm: int = 0) -> None:
+            lin = Linear(f"{attn}.{name}", out_full, in_full, split, "column", False)
+            if norm and te:
+                entries.append((lin.module, "layer_norm_weight", norm, DENSE, None))
+            entries.append((lin.module, "weight", out_full * in_full // split, DENSE, lin))
+
+        if q_lora:
+            linear("linear_q_down_proj", q_lora, h, 1)
+            linear("linear_q_up_proj", heads * (qk + rope), q_lora, tp, norm=q_lora)
+        else:
+            linear("linear_q_proj", heads * (qk + rope), h, tp)
+        linear("linear_kv_down_proj", kv_lora + rope, h, 1)
+        linear("linear_kv_up_proj", heads * (qk + v), kv_lora, tp, norm=kv_lora)
+        if not te:
+            if q_lora:
+                entries.append((f"{attn}.q_layernorm", "weight", q_lora, DENSE, None))
+            entries.append((f"{attn}.kv_layernorm", "weight", kv_lora, DENSE, None))
         return entries
 
     def _to_params(self, entries: list, layer: int | None) -> Params:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from megatron_swift.models.hf_config import GPTModelArgs
 from megatron_swift.plan.hardware import Cluster
 from megatron_swift.plan.layout import Layout, Ops
-from megatron_swift.training.flops import flops_per_token
+from megatron_swift.training.flops import attention_flops, flops_per_token
 
 
 @dataclass
@@ -46,9 +46,8 @@ def _ring(bytes_: float, ranks: int, bandwidth: float) -> float:
 def layer_flops(args: GPTModelArgs, seq: int, moe: bool) -> tuple[float, float, float]:
     """Forward FLOPs per token of one layer: (attention incl. projections, core attention alone, MLP)."""
     t = args.transformer
-    h, heads, groups, d = t["hidden_size"], t["num_attention_heads"], t["num_query_groups"], t["kv_channels"]
-    core = 2 * 2 * (seq / 2) * heads * d
-    attention = 2 * h * (heads + 2 * groups) * d + 2 * heads * d * h + core
+    h = t["hidden_size"]
+    attention, core = attention_flops(t, seq)
     if moe:
         mlp = 2 * h * t["num_moe_experts"] + t["moe_router_topk"] * 2 * 3 * h * t["moe_ffn_hidden_size"]
         mlp += 2 * 3 * h * (t.get("moe_shared_expert_intermediate_size") or 0)

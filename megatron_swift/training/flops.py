@@ -30,12 +30,8 @@ PEAK_FLOPS = {
 
 def flops_per_token(t: dict, vocab_size: int, seq_length: int, frozen_weights: bool = False) -> float:
     """Training FLOPs per token for TransformerConfig keyword arguments `t` (see module docstring)."""
-    h, heads, groups, head_dim = t["hidden_size"], t["num_attention_heads"], t["num_query_groups"], t["kv_channels"]
-    if t.get("multi_latent_attention"):
-        attention = _mla_flops(t, seq_length)
-    else:
-        attention = 2 * h * (heads + 2 * groups) * head_dim + 2 * heads * head_dim * h
-        attention += 2 * 2 * (seq_length / 2) * heads * head_dim
+    h = t["hidden_size"]
+    attention = attention_flops(t, seq_length)[0]
     dense_mlp = 2 * 3 * h * t["ffn_hidden_size"]
     experts = t.get("num_moe_experts")
     if experts:
@@ -50,16 +46,22 @@ def flops_per_token(t: dict, vocab_size: int, seq_length: int, frozen_weights: b
     return (2 if frozen_weights else 3) * forward
 
 
-def _mla_flops(t: dict, seq_length: int) -> float:
-    """Forward FLOPs per token of one multi-latent attention layer (megatron-core's MLATransformerConfig names)."""
-    h, heads, q_lora = t["hidden_size"], t["num_attention_heads"], t.get("q_lora_rank")
+def attention_flops(t: dict, seq_length: int) -> tuple[float, float]:
+    """Forward FLOPs per token of one attention layer: (all of it, the core attention's share)."""
+    h, heads = t["hidden_size"], t["num_attention_heads"]
+    if not t.get("multi_latent_attention"):
+        groups, head_dim = t["num_query_groups"], t["kv_channels"]
+        core = 2 * 2 * (seq_length / 2) * heads * head_dim
+        return 2 * h * (heads + 2 * groups) * head_dim + 2 * heads * head_dim * h + core, core
+    # Multi-latent attention (megatron-core's MLATransformerConfig names)
+    q_lora = t.get("q_lora_rank")
     qk_head, v_head = t["qk_head_dim"] + t["qk_pos_emb_head_dim"], t["v_head_dim"]
     q = 2 * (h * q_lora + q_lora * heads * qk_head) if q_lora else 2 * h * heads * qk_head
     kv = 2 * h * (t["kv_lora_rank"] + t["qk_pos_emb_head_dim"]) + 2 * t["kv_lora_rank"] * heads * (
         t["qk_head_dim"] + v_head
     )
-    out = 2 * heads * v_head * h
-    return q + kv + out + 2 * (seq_length / 2) * heads * (qk_head + v_head)
+    core = 2 * (seq_length / 2) * heads * (qk_head + v_head)
+    return q + kv + 2 * heads * v_head * h + core, core
 
 
 def peak_flops(device_name: str, precision: str) -> float | None:
