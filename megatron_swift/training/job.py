@@ -43,7 +43,7 @@ def check_job(job: JobConfig, world_size: int):
         problem = f"not a usable model config ({type(exc).__name__}: {exc})"
         raise CheckpointError(f"{source / 'config.json'}: {problem}") from None
     problems = preflight(job, world_size, args) + environment_problems(job) + directory_problems(job, args)
-    if job.train.task == "dpo" and job.rlhf.ref_model:  # preflight refuses it for the other tasks
+    if job.train.task in ("dpo", "kto") and job.rlhf.ref_model:  # preflight refuses it for the other tasks
         problems += reference_model_problems(job.rlhf.ref_model, args, job.model.make_vocab_size_divisible_by)
     if job.model.hf:
         try:
@@ -151,21 +151,27 @@ def build_model(job: JobConfig, args) -> list:
 
 
 def build_preference(job: JobConfig, args, chunks: list, source):
-    """Preference tasks: the loss and the reference model (training/preference.py); None for other tasks.
+    """Preference tasks: the loss and the reference model (training/preference.py, training/kto.py); None for other
+    tasks.
 
     The reference is the policy's own chunks with adapters off (LoRA), nothing (`rlhf.reference_free`), or a
     frozen copy at the same layout: of `rlhf.ref_model` when set, else of the initial weights, read from the same
     source as the policy (also when the run resumes: the reference never moves)."""
+    from megatron_swift.data.kto import KTO_TASK
     from megatron_swift.data.pairs import PAIR_TASKS
+    from megatron_swift.training.kto import Kto, KtoLoss
     from megatron_swift.training.preference import Preference, PreferenceLoss, ReferenceModel
 
-    if job.train.task not in PAIR_TASKS:
+    if job.train.task == KTO_TASK:
+        step, loss = Kto, KtoLoss.from_section(job.rlhf)
+    elif job.train.task in PAIR_TASKS:
+        step, loss = Preference, PreferenceLoss.from_section(job.train.task, job.rlhf)
+    else:
         return None
-    loss = PreferenceLoss.from_section(job.train.task, job.rlhf)
-    if job.rlhf.reference_free or job.train.task != "dpo":  # SimPO and ORPO have no reference
-        return Preference(loss, ReferenceModel.none())
+    if job.rlhf.reference_free or job.train.task in ("simpo", "orpo"):  # SimPO and ORPO have no reference
+        return step(loss, ReferenceModel.none())
     if job.train.train_type == "lora" and not job.rlhf.ref_model:
-        return Preference(loss, ReferenceModel.adapters_off(chunks))
+        return step(loss, ReferenceModel.adapters_off(chunks))
     frozen = build_chunks(job, args)
     if job.rlhf.ref_model:  # a reference of its own (same architecture: checked in check_job)
         from megatron_swift.checkpoint import engine
@@ -181,7 +187,7 @@ def build_preference(job: JobConfig, args, chunks: list, source):
         from megatron.core.transformer.module import Float16Module
 
         frozen = [Float16Module(chunk.config, chunk) for chunk in frozen]
-    return Preference(loss, ReferenceModel.copy(frozen))
+    return step(loss, ReferenceModel.copy(frozen))
 
 
 def run_job(job: JobConfig, ctx, args) -> list:

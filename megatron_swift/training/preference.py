@@ -66,10 +66,11 @@ class PreferenceLoss:
 
     @classmethod
     def from_section(cls, task: str, rlhf) -> PreferenceLoss:
-        weights = rlhf.loss_weights if rlhf.loss_weights is not None else [1.0] * len(rlhf.loss_type)
+        loss_types = rlhf.loss_type or ["sigmoid"]  # null: DPO's default
+        weights = rlhf.loss_weights if rlhf.loss_weights is not None else [1.0] * len(loss_types)
         nll = {"dpo": rlhf.rpo_alpha or 0.0, "simpo": 1.0 if rlhf.cpo_alpha is None else rlhf.cpo_alpha, "orpo": 1.0}
         gamma = 0.5 if rlhf.simpo_gamma is None else rlhf.simpo_gamma
-        return cls(task, rlhf.beta, tuple(rlhf.loss_type), tuple(weights), rlhf.label_smoothing, nll[task], gamma)
+        return cls(task, rlhf.beta, tuple(loss_types), tuple(weights), rlhf.label_smoothing, nll[task], gamma)
 
     def per_pair(self, chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens):
         """(loss [n] without the NLL term, chosen rewards, rejected rewards, chosen logps, rejected logps as
