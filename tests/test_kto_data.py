@@ -138,3 +138,11 @@ def test_preflight_accepts_kto_and_keeps_its_fields_off_other_tasks(tmp_path):
     assert "rlhf.undesirable_weight: used by train.task kto only" in preflight(job, 1)
     job = job_for("hf", KTO, str(tmp_path), {}, {"task": "kto"}, lora={"modules_to_save": ["output_layer"]})
     assert any(p.startswith("lora.modules_to_save: the reference") for p in preflight(job, 1))
+
+
+def test_the_kto_example_passes_preflight_at_its_layout():
+    from megatron_swift.config import load_config
+    from megatron_swift.training.config import JobConfig
+
+    job = load_config(JobConfig, "examples/tiny_kto.yaml")
+    assert job.train.task == "kto" and not preflight(job, 2), preflight(job, 2)

@@ -65,7 +65,8 @@ def run_training(
     preemption signal arrives (the current step finishes, a checkpoint is saved, the loop returns).
     With `eval_items` (the validation data, collated by `eval_collate`) the step record also holds
     `val_loss` / `val_ppl` every `train.eval_interval` steps and at the end. With `preference` (training/
-    preference.py: train.task dpo) its step runs instead of the token-loss step, and its metrics are logged.
+    preference.py: train.task dpo / simpo / orpo; training/kto.py: kto) its step runs instead of the token-loss
+    step, and its metrics are logged.
     """
     from megatron.core import parallel_state as ps
 
