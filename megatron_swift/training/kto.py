@@ -31,10 +31,8 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.distributed as dist
 
-from megatron_swift.distributed.runtime import comm_device
-from megatron_swift.training.preference import ReferenceModel
+from megatron_swift.training.preference import ReferenceModel, global_report
 from megatron_swift.training.step import StepResult, run_forward_backward
 
 # Reported per micro-batch (sums over its items) and summed over the global batch.
@@ -44,6 +42,8 @@ REPORT = ("loss", "items", "desirable", "undesirable", "rewards/chosen", "reward
 
 @dataclass(frozen=True)
 class KtoLoss:
+    """TRL's KTOTrainer loss (`loss_type` kto or apo_zero_unpaired) with its per-class weights."""
+
     beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
@@ -84,12 +84,13 @@ def _rows(batch: dict, second_half: bool) -> dict:
 
 
 def _sequence_logps(per_token_loss: torch.Tensor, batch: dict) -> torch.Tensor:
-    return -(per_token_loss.float() * batch["loss_mask"].float()).sum(dim=1)
+    """Each row's log-prob, summed in float64 (as preference.pair_sums)."""
+    return -(per_token_loss.double() * batch["loss_mask"].double()).sum(dim=1)
 
 
 def _kl_func(batch: dict, per_token_loss):
     """Forward-only: sums over the micro-batch's real items of (policy - reference) KL log-probs, and their count."""
-    weight = batch["pair_weight"].float().to(per_token_loss.device)
+    weight = batch["pair_weight"].double().to(per_token_loss.device)
     ratio = _sequence_logps(per_token_loss, batch) - batch["ref_logps"].to(per_token_loss.device)
     report = torch.stack([(ratio * weight).sum(), weight.sum()]).detach().double()
     return torch.zeros((), device=report.device), torch.tensor(0, dtype=torch.int), {"kl": report}
@@ -98,7 +99,7 @@ def _kl_func(batch: dict, per_token_loss):
 def _loss_func(loss: KtoLoss, kl: float, batch: dict, per_token_loss):
     logps = _sequence_logps(per_token_loss, batch)
     device = logps.device
-    desirable, weight = batch["desirable"].float().to(device), batch["pair_weight"].float().to(device)
+    desirable, weight = batch["desirable"].double().to(device), batch["pair_weight"].double().to(device)
     per_item, rewards = loss.per_item(logps, batch["ref_logps"].to(device), kl, desirable)
     total = (per_item * weight).sum()
     chosen, rejected = desirable * weight, (1 - desirable) * weight
@@ -114,22 +115,6 @@ def _forward_step(data_iterator, model, loss_func):
     tokens, labels = batch["tokens"], batch["labels"]
     position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
     return model(tokens, position_ids, None, labels=labels), partial(loss_func, batch)
-
-
-def _last_stage_sum(reports: list[dict], key: str, size: int) -> torch.Tensor:
-    """`key`'s reports summed over micro-batches and data-parallel ranks; sent from the last pipeline stage to all."""
-    from megatron.core import parallel_state as ps
-
-    total = torch.zeros(size, dtype=torch.float64, device=comm_device())
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
-        for item in reports:
-            total += item[key].to(total.device)
-        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(
-            total, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
-        )
-    return total.cpu()
 
 
 def kto_metrics(total: torch.Tensor, kl: float) -> dict[str, float]:
@@ -161,7 +146,7 @@ class Kto:
         kl_rows = [_rows(mb, second_half=True) for mb in microbatches]
         with torch.no_grad(), parameters_synced(chunks):
             reports = run_forward_backward(chunks, kl_rows, partial(_forward_step, loss_func=_kl_func), True)
-        ratio_sum, items = _last_stage_sum(reports, "kl", 2).tolist()
+        ratio_sum, items = global_report(reports, "kl", 2).tolist()
         return max(ratio_sum / max(items, 1.0), 0.0)
 
     def run(self, chunks, microbatches: list[dict], forward_only: bool) -> tuple[list[dict], float]:
@@ -184,7 +169,7 @@ class Kto:
                 chunk.eval()
             for microbatches in microbatch_groups:
                 reports, kl = self.run(chunks, microbatches, forward_only=True)
-                total += _last_stage_sum(reports, "kto", len(REPORT))
+                total += global_report(reports, "kto", len(REPORT))
                 kls.append(kl)
         for chunk in chunks:
             chunk.train()
@@ -202,7 +187,7 @@ class Kto:
         updated, grad_norm, _ = optimizer.step()
         if updated:
             scheduler.step(increment=1)
-        total = _last_stage_sum(reports, "kto", len(REPORT))
+        total = global_report(reports, "kto", len(REPORT))
         metrics = kto_metrics(total, kl)
         loss = metrics.pop("loss")
         router = router_losses(chunks[0].config, len(microbatches))
