@@ -2,7 +2,9 @@
 the single process (3 steps, losses, reward / log-prob metrics, grad norms), packed DPO at TP2 + SP, PP2 and DP2,
 SimPO and ORPO at two layouts each, precomputed reference log-probs at one and two processes;
 LoRA's adapters-off reference against an explicit frozen copy of the base (`rlhf.ref_model`); a run stopped after
-2 steps and resumed equals the straight run. Every layout of a world size runs inside one launch."""
+2 steps and resumed equals the straight run; KTO full and LoRA at the same four layouts (its KL term reduced over
+the global batch: DP2 equals one process), precomputed at DP2. Every layout of a world size runs inside one
+launch."""
 
 from __future__ import annotations
 
@@ -34,6 +36,26 @@ def _metrics(run_dir: Path) -> list[dict]:
 # Packed: whole pairs per row of 256 positions (about 3 pairs a row), global batches of 4 rows.
 PACKED = {**DATA, "seq_length": 256, "packing": True}
 PRECOMPUTE = {"precompute_ref_logps": True}
+KTO = "examples/data/kto_sample.jsonl"
+KTO_DATA = {"seq_length": 64, "dataset": [KTO], "val_dataset": [f"{KTO}#10"]}
+KTO_METRICS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+def _kto_case(hf, parallel: dict, lora: dict | None, rlhf: dict | None = None, train: dict | None = None):
+    return _case(hf, parallel, lora, rlhf={"undesirable_weight": 1.2, **(rlhf or {})},
+                 train={"task": "kto", **(train or {})}, data=KTO_DATA)  # fmt: skip
+
+
+def _assert_same_kto(got: list[dict], expected: list[dict], rel: float, what, steps: int = 3) -> None:
+    """KTO's metrics: per-class means are absent when a global batch has no item of the class (as TRL's)."""
+    assert len(got) == len(expected) == steps, what
+    for step, (a, b) in enumerate(zip(got, expected, strict=True)):
+        keys = [key for key in b if key in KTO_METRICS or key.startswith("val_")]
+        assert {key for key in a if key in KTO_METRICS or key.startswith("val_")} == set(keys), (what, step)
+        assert any(key.startswith("val_") for key in keys) == (step == steps - 1), (what, step)
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=rel, abs=rel), (what, step, key, a[key], b[key])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (what, step, a["grad_norm"], b["grad_norm"])
 
 
 def _case(hf, parallel: dict, lora: dict | None, rlhf: dict | None = None, train: dict | None = None,
@@ -71,6 +93,7 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
     ]
     single.append(_case(llama, {}, None, data=PACKED))  # 7: packed
     single.append(_case(llama, {}, None, rlhf=PRECOMPUTE))  # 8: reference log-probs precomputed
+    single += [_kto_case(llama, {}, None), _kto_case(llama, {}, LORA)]  # 9, 10: KTO full, LoRA
     run_cases(single, DPO, tmp_path / "one", world_size=1)
     one = [_metrics(tmp_path / "one" / f"case{i}") for i in range(3)]
     full, lora = one[0], one[1]
@@ -97,6 +120,9 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
     cases += [_case(llama, LAYOUTS[layout], None, data=PACKED) for layout in packed_layouts]
     precomputed_layouts = ("pp2", "dp2")
     cases += [_case(llama, LAYOUTS[layout], None, rlhf=PRECOMPUTE) for layout in precomputed_layouts]
+    kto_first = len(cases)
+    cases += [_kto_case(llama, LAYOUTS[layout], LORA if train == "lora" else None) for train, layout in names]
+    cases.append(_kto_case(llama, LAYOUTS["dp2"], None, rlhf=PRECOMPUTE))
     run_cases(cases, DPO, tmp_path / "two", world_size=2)
     for index, (train, layout) in enumerate(names):
         _assert_same(_metrics(tmp_path / "two" / f"case{index}"), full if train == "full" else lora, 1e-5,
@@ -116,17 +142,32 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
     _assert_same(precomputed, full, 1e-6, "precomputed vs frozen copy")
     for index, layout in enumerate(precomputed_layouts, start=len(names) + len(other) + len(packed_layouts)):
         _assert_same(_metrics(tmp_path / "two" / f"case{index}"), full, 1e-5, ("precomputed", layout))
+    # KTO: full and LoRA at every layout, and precomputed at DP2, equal the single process.
+    kto = {"full": _metrics(tmp_path / "one" / "case9"), "lora": _metrics(tmp_path / "one" / "case10")}
+    assert kto["full"][-1]["loss"] < kto["full"][0]["loss"] and kto["full"][-1]["kl"] > 0
+    for index, (train, layout) in enumerate(names, start=kto_first):
+        _assert_same_kto(_metrics(tmp_path / "two" / f"case{index}"), kto[train], 1e-5, ("kto", train, layout))
+    _assert_same_kto(_metrics(tmp_path / "two" / f"case{kto_first + len(names)}"), kto["full"], 1e-5, "kto precomputed")
 
 
 def test_dpo_tp2_sp_matches_the_single_process_fast_guard(tiny_models, tmp_path):
     """The default suite's guard: full DPO (frozen-copy reference) at TP2 + SP for 2 steps, one launch per size; the
-    same with precomputed reference log-probs in the single process."""
+    same with precomputed reference log-probs in the single process; full KTO at DP2 (its KL term over the global
+    batch) for 3 steps (the third's KL term is above the clamp's zero)."""
     llama, two_steps = tiny_models["llama"], {"train_iters": 2}
-    single = [_case(llama, {}, None, train=two_steps), _case(llama, {}, None, rlhf=PRECOMPUTE, train=two_steps)]
+    single = [_case(llama, {}, None, train=two_steps), _case(llama, {}, None, rlhf=PRECOMPUTE, train=two_steps),
+              _kto_case(llama, {}, None)]  # fmt: skip
     run_cases(single, DPO, tmp_path / "one", world_size=1)
     _assert_same(_metrics(tmp_path / "one" / "case1"), _metrics(tmp_path / "one" / "case0"), 1e-6, "precomputed", 2)
-    run_cases([_case(llama, LAYOUTS["tp2_sp"], None, train=two_steps)], DPO, tmp_path / "two", world_size=2)
+    two = [
+        _case(llama, LAYOUTS["tp2_sp"], None, train=two_steps),
+        _kto_case(llama, LAYOUTS["dp2"], None),
+    ]
+    run_cases(two, DPO, tmp_path / "two", world_size=2)
     expected, got = _metrics(tmp_path / "one" / "case0"), _metrics(tmp_path / "two" / "case0")
     assert len(got) == len(expected) == 2 and expected[-1]["rewards/margins"] != 0
     for a, b in zip(got, expected, strict=True):
         assert all(a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5) for key in METRICS), (a, b)
+    kto = _metrics(tmp_path / "one" / "case2")
+    assert kto[-1]["kl"] > 0.1 and kto[-1]["val_kl"] > 0.1  # the policy has moved: the KL term is live
+    _assert_same_kto(_metrics(tmp_path / "two" / "case1"), kto, 1e-5, "kto dp2")

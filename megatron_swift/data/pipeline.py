@@ -21,6 +21,7 @@ from megatron_swift.data.cache import SampleCache, cache_key
 from megatron_swift.data.encode import Encoder, Sample, encode_rows
 from megatron_swift.data.errors import BadRows, DataError
 from megatron_swift.data.indexed import TokenWindows, is_indexed_prefix
+from megatron_swift.data.kto import KTO_TASK, KtoCollate, KtoEncoder, LabelledSample, with_kl_sequences
 from megatron_swift.data.labels import LossPolicy, TruncationCounts, parse_role_scales, truncate
 from megatron_swift.data.packing import PackedCollate, PaddedCollate, pack, padding_fraction
 from megatron_swift.data.pairs import (
@@ -52,13 +53,16 @@ class TrainData:
         return "data: " + ", ".join(f"{key}={value}" for key, value in self.stats.items())
 
 
-def make_encoder(data, tokenizer, task: str) -> Encoder | PairEncoder:
-    template = make_template(data.template, tokenizer) if task in ("sft", *PAIR_TASKS) else None
-    # Preference pairs score the response (the turns after the last user turn) unless loss_scale says otherwise.
-    scope = "last_round" if task in PAIR_TASKS and data.loss_scale == "default" else data.loss_scale
+def make_encoder(data, tokenizer, task: str) -> Encoder | PairEncoder | KtoEncoder:
+    preference = task in (*PAIR_TASKS, KTO_TASK)
+    template = make_template(data.template, tokenizer) if task == "sft" or preference else None
+    # Preference data scores the response (the turns after the last user turn) unless loss_scale says otherwise.
+    scope = "last_round" if preference and data.loss_scale == "default" else data.loss_scale
     policy = LossPolicy(scope, {"tool": 0.0, **parse_role_scales(data.role_loss_scale)})
     if task in PAIR_TASKS:
         return PairEncoder(Encoder(tokenizer, template, policy, data.format, "sft"))
+    if task == KTO_TASK:
+        return KtoEncoder(Encoder(tokenizer, template, policy, data.format, "sft"))
     return Encoder(tokenizer, template, policy, data.format, task)
 
 
@@ -75,6 +79,8 @@ def encode_dataset(data, encoder: Encoder, seed: int, progress: bool) -> tuple[l
             samples, info = cached
             if encoder.task == "dpo":  # stored flat: chosen, rejected, chosen, ...
                 samples = [PairSample(*samples[i : i + 2]) for i in range(0, len(samples), 2)]
+            elif encoder.task == KTO_TASK:  # the labels are stored with the info
+                samples = [LabelledSample(*item) for item in zip(samples, info.pop("kto_labels"), strict=True)]
             return samples, info
     bad = BadRows(skip=data.skip_bad_rows)
     rows = load_rows(data.dataset, seed, bad)
@@ -89,20 +95,25 @@ def encode_dataset(data, encoder: Encoder, seed: int, progress: bool) -> tuple[l
     info = {"rows": len(rows), "bad_rows": bad.count, "bad_examples": bad.examples}
     if cache is not None:
         flat = [side for pair in samples for side in (pair.chosen, pair.rejected)] if encoder.task == "dpo" else samples
+        if encoder.task == KTO_TASK:
+            flat, info = [item.sample for item in samples], {**info, "kto_labels": [item.desirable for item in samples]}
         cache.save(flat, info)
+        info.pop("kto_labels", None)
     return samples, info
+
+
+def fit_sample(sample: Sample, max_length: int, strategy: str, counts: TruncationCounts) -> Sample | None:
+    """The sample cut to max_length by the truncation strategy; None when nothing is left to train on."""
+    if len(sample.ids) <= max_length:
+        return sample  # the common case; its trainable tokens were checked when it was encoded
+    kept = truncate(sample.ids, sample.weights, max_length, strategy, counts)
+    return Sample(*kept) if kept is not None and kept[1][1:].any() else None
 
 
 def fit_samples(samples: list[Sample], max_length: int, strategy: str, stats: dict) -> list[Sample]:
     """Samples cut to max_length by the truncation strategy; those left with nothing to train on are dropped."""
-    counts, fitted = TruncationCounts(), []
-    for sample in samples:
-        if len(sample.ids) <= max_length:
-            fitted.append(sample)  # the common case; its trainable tokens were checked when it was encoded
-            continue
-        kept = truncate(sample.ids, sample.weights, max_length, strategy, counts)
-        if kept is not None and kept[1][1:].any():
-            fitted.append(Sample(*kept))
+    counts = TruncationCounts()
+    fitted = [kept for sample in samples if (kept := fit_sample(sample, max_length, strategy, counts)) is not None]
     stats |= {"truncated": counts.truncated, "deleted_too_long": counts.deleted,
               "no_target_after_truncation": counts.no_target, "trained_samples": len(fitted)}  # fmt: skip
     if not fitted:
@@ -111,9 +122,32 @@ def fit_samples(samples: list[Sample], max_length: int, strategy: str, stats: di
     return fitted
 
 
-def validation_items(validation: list[Sample], task: str, data, max_length: int, seed: int) -> Sequence[Sample]:
+def fit_labelled(items: list[LabelledSample], data, max_length: int, chunk: int, stats: dict) -> list:
+    """KTO: each conversation cut like an SFT sample, then given its KL sequence (data/kto.py)."""
+    counts, labelled = TruncationCounts(), []
+    for item in items:
+        kept = fit_sample(item.sample, max_length, data.truncation_strategy, counts)
+        if kept is not None:
+            labelled.append(LabelledSample(kept, item.desirable))
+    stats |= {"truncated": counts.truncated, "deleted_too_long": counts.deleted,
+              "no_target_after_truncation": counts.no_target, "trained_samples": len(labelled),
+              "desirable": sum(item.desirable for item in labelled)}  # fmt: skip
+    if not labelled:
+        raise DataError(f"no sample left to train on after truncation to {max_length} tokens; raise "
+                        "data.seq_length or change data.truncation_strategy")  # fmt: skip
+    return with_kl_sequences(labelled, chunk, max_length)
+
+
+def validation_items(validation: list[Sample], task: str, data, max_length: int, seed: int,
+                     global_batch_size: int = 1) -> Sequence[Sample]:  # fmt: skip
     """The validation samples cut like the training samples (SFT, pairs), or as pretraining windows (pretrain)."""
     source = "data.val_dataset" if data.val_dataset else f"data.split_dataset_ratio={data.split_dataset_ratio}"
+    if task == KTO_TASK:
+        try:
+            return fit_labelled(validation, data, max_length, global_batch_size, {})
+        except DataError:
+            raise DataError(f"{source}: no validation row has a target left after truncation to {max_length} "
+                            "tokens; validate on more (or shorter) conversations") from None  # fmt: skip
     if task in PAIR_TASKS:
         pairs = fit_pairs(validation, max_length, data.truncation_strategy, {})
         if not pairs:
@@ -145,6 +179,8 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
     max_length = data.max_length or seq_length + 1
     padded = PaddedCollate(seq_length, pad_id)
     eval_collate = PairCollate(seq_length, pad_id) if task in PAIR_TASKS else padded
+    if task == KTO_TASK:
+        eval_collate = KtoCollate(seq_length, pad_id)
 
     def batches(items, collate=padded) -> GlobalBatches:
         return GlobalBatches(items, global_batch_size, seed, data.shuffle, collate)
@@ -156,7 +192,7 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
     held_out = {}
     if data.val_dataset:  # a validation set of its own: read whole, also when the training data streams
         val_samples, _ = encode_dataset(dataclasses.replace(data, dataset=data.val_dataset), encoder, seed, False)
-        held_out = {"eval_items": validation_items(val_samples, task, data, max_length, seed),
+        held_out = {"eval_items": validation_items(val_samples, task, data, max_length, seed, global_batch_size),
                     "eval_collate": eval_collate}  # fmt: skip
     if data.streaming:
         stream = StreamingBatches(data.dataset, encoder, max_length, data.truncation_strategy, global_batch_size,
@@ -169,8 +205,11 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
     samples, validation = split_rows(samples, data.split_dataset_ratio, seed)
     stats |= {"samples": len(samples), "validation": len(validation)}
     if validation:
-        held_out = {"eval_items": validation_items(validation, task, data, max_length, seed),
+        held_out = {"eval_items": validation_items(validation, task, data, max_length, seed, global_batch_size),
                     "eval_collate": eval_collate}  # fmt: skip
+    if task == KTO_TASK:  # preflight refuses streaming and packing for KTO
+        items = fit_labelled(samples, data, max_length, global_batch_size, stats)
+        return TrainData(batches(items, KtoCollate(seq_length, pad_id)), len(items), validation, stats, **held_out)
     if task in PAIR_TASKS:  # preflight refuses streaming for pairs
         pairs = fit_pairs(samples, max_length, data.truncation_strategy, stats)
         if data.packing:  # whole pairs per row: a pair longer than a row cannot be packed

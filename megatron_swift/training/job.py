@@ -43,7 +43,7 @@ def check_job(job: JobConfig, world_size: int):
         problem = f"not a usable model config ({type(exc).__name__}: {exc})"
         raise CheckpointError(f"{source / 'config.json'}: {problem}") from None
     problems = preflight(job, world_size, args) + environment_problems(job) + directory_problems(job, args)
-    if job.train.task == "dpo" and job.rlhf.ref_model:  # preflight refuses it for the other tasks
+    if job.train.task in ("dpo", "kto") and job.rlhf.ref_model:  # preflight refuses it for the other tasks
         problems += reference_model_problems(job.rlhf.ref_model, args, job.model.make_vocab_size_divisible_by)
     if job.model.hf:
         try:
@@ -58,26 +58,45 @@ def check_job(job: JobConfig, world_size: int):
     return args
 
 
-def precompute_reference(job: JobConfig, preference, data, is_main: bool):
+def precompute_reference(job: JobConfig, preference, data, is_main: bool, cache_file: Path | None = None,
+                         cached: bool = False):  # fmt: skip
     """rlhf.precompute_ref_logps: the reference's log-probs of every training and validation item, computed once
     now (also when the run resumes: from the same reference, so the values are the same) and kept with the items;
-    the reference model is then dropped (a frozen copy's memory is freed)."""
+    the reference model is then dropped (a frozen copy's memory is freed). `cache_file` (training/reference_cache.py):
+    `cached` (every rank sees it), they are read from it and no reference runs; else, computed, they are written
+    there."""
     import time
 
-    from megatron_swift.training.preference import ReferenceCollate, ReferenceModel, precompute_reference_logps
+    from megatron_swift.training import reference_cache
+    from megatron_swift.training.preference import ReferenceCollate, ReferenceModel, WithReference
+    from megatron_swift.training.preference import precompute_reference_logps as compute
 
-    t, started = job.train, time.perf_counter()
-    batches = data.batches
-    batches.items = precompute_reference_logps(preference.reference, batches.items, batches.collate,
-                                               t.global_batch_size, t.micro_batch_size)  # fmt: skip
+    t, started, batches = job.train, time.perf_counter(), data.batches
+    splits = {"train": (batches.items, batches.collate)}
+    if data.eval_items is not None:
+        splits["eval"] = (data.eval_items, data.eval_collate)
+    if cached:
+        stored = reference_cache.load(cache_file)
+        logps = {split: stored[split] for split in splits}
+        for split, (items, _) in splits.items():
+            if len(logps[split]) != len(items):
+                raise ValueError(f"{cache_file}: holds {len(logps[split])} {split} items, the job has {len(items)}; "
+                                 "delete the file to recompute it")  # fmt: skip
+    else:
+        logps = {split: [item.ref_logps for item in compute(preference.reference, items, collate,
+                                                           t.global_batch_size, t.micro_batch_size)]
+                 for split, (items, collate) in splits.items()}  # fmt: skip
+        if cache_file is not None:
+            reference_cache.save(cache_file, logps)
+    batches.items = [WithReference(item, value) for item, value in zip(batches.items, logps["train"], strict=True)]
     batches.collate = ReferenceCollate(batches.collate)
     if data.eval_items is not None:
-        eval_items = precompute_reference_logps(preference.reference, data.eval_items, data.eval_collate,
-                                                t.global_batch_size, t.micro_batch_size)  # fmt: skip
+        eval_items = [WithReference(item, value) for item, value in zip(data.eval_items, logps["eval"], strict=True)]
         data = dataclasses.replace(data, eval_items=eval_items, eval_collate=ReferenceCollate(data.eval_collate))
     preference.reference = ReferenceModel.precomputed()
     if is_main:
-        print(f"reference log-probs of {len(batches.items)} items precomputed in {time.perf_counter() - started:.1f} s")
+        how = f"read from {cache_file}" if cached else "precomputed"
+        print(f"reference log-probs of {len(batches.items)} items {how} in {time.perf_counter() - started:.1f} s")
     return data
 
 
@@ -150,22 +169,30 @@ def build_model(job: JobConfig, args) -> list:
     return chunks
 
 
-def build_preference(job: JobConfig, args, chunks: list, source):
-    """Preference tasks: the loss and the reference model (training/preference.py); None for other tasks.
+def build_preference(job: JobConfig, args, chunks: list, source, reference_cached: bool = False):
+    """Preference tasks: the loss and the reference model (training/preference.py, training/kto.py); None for other
+    tasks.
 
     The reference is the policy's own chunks with adapters off (LoRA), nothing (`rlhf.reference_free`), or a
     frozen copy at the same layout: of `rlhf.ref_model` when set, else of the initial weights, read from the same
     source as the policy (also when the run resumes: the reference never moves)."""
+    from megatron_swift.data.kto import KTO_TASK
     from megatron_swift.data.pairs import PAIR_TASKS
+    from megatron_swift.training.kto import Kto, KtoLoss
     from megatron_swift.training.preference import Preference, PreferenceLoss, ReferenceModel
 
-    if job.train.task not in PAIR_TASKS:
+    if job.train.task == KTO_TASK:
+        step, loss = Kto, KtoLoss.from_section(job.rlhf)
+    elif job.train.task in PAIR_TASKS:
+        step, loss = Preference, PreferenceLoss.from_section(job.train.task, job.rlhf)
+    else:
         return None
-    loss = PreferenceLoss.from_section(job.train.task, job.rlhf)
-    if job.rlhf.reference_free or job.train.task != "dpo":  # SimPO and ORPO have no reference
-        return Preference(loss, ReferenceModel.none())
+    if job.rlhf.reference_free or job.train.task in ("simpo", "orpo"):  # SimPO and ORPO have no reference
+        return step(loss, ReferenceModel.none())
+    if reference_cached:  # precompute_reference reads the log-probs
+        return step(loss, ReferenceModel.none())
     if job.train.train_type == "lora" and not job.rlhf.ref_model:
-        return Preference(loss, ReferenceModel.adapters_off(chunks))
+        return step(loss, ReferenceModel.adapters_off(chunks))
     frozen = build_chunks(job, args)
     if job.rlhf.ref_model:  # a reference of its own (same architecture: checked in check_job)
         from megatron_swift.checkpoint import engine
@@ -181,7 +208,7 @@ def build_preference(job: JobConfig, args, chunks: list, source):
         from megatron.core.transformer.module import Float16Module
 
         frozen = [Float16Module(chunk.config, chunk) for chunk in frozen]
-    return Preference(loss, ReferenceModel.copy(frozen))
+    return step(loss, ReferenceModel.copy(frozen))
 
 
 def run_job(job: JobConfig, ctx, args) -> list:
@@ -194,8 +221,11 @@ def run_job(job: JobConfig, ctx, args) -> list:
 
     from megatron_swift.checkpoint.mcore import describe_model, latest_checkpoint
     from megatron_swift.data import build_train_data
+    from megatron_swift.data.kto import KTO_TASK
+    from megatron_swift.data.pairs import PAIR_TASKS
     from megatron_swift.distributed import on_rank_zero_agreed
     from megatron_swift.plan.runtime import startup_summary
+    from megatron_swift.training import reference_cache
     from megatron_swift.training.checkpoint import load_checkpoint, save_checkpoint
     from megatron_swift.training.flops import flops_per_token
     from megatron_swift.training.loop import run_training
@@ -211,8 +241,9 @@ def run_job(job: JobConfig, ctx, args) -> list:
     try:
         chunks = build_chunks(job, args)
         source = check_weights(job, chunks, args)
-        data = build_train_data(job.data, AutoTokenizer.from_pretrained(model_source(job)), job.train.task,
-                                job.train.global_batch_size, job.train.seed, progress=ctx.is_main)  # fmt: skip
+        tokenizer = AutoTokenizer.from_pretrained(model_source(job))
+        data = build_train_data(job.data, tokenizer, job.train.task, job.train.global_batch_size, job.train.seed,
+                                progress=ctx.is_main)  # fmt: skip
         if ctx.is_main:
             print(data.summary())
         if job.train.epochs is not None:
@@ -229,9 +260,13 @@ def run_job(job: JobConfig, ctx, args) -> list:
         if resume_from is None or job.train.train_type == "lora":  # LoRA checkpoints hold only the adapters
             load_weights(job, chunks, args, source)
         chunks, optimizer, scheduler = wrap_for_training(chunks, job)
-        preference = build_preference(job, args, chunks, source)
+        cache_file, cached = None, False
+        if job.train.task in (*PAIR_TASKS, KTO_TASK) and job.rlhf.precompute_ref_logps:
+            cache_file = reference_cache.cache_path(job, tokenizer)
+            cached = reference_cache.present_on_every_rank(cache_file)
+        preference = build_preference(job, args, chunks, source, reference_cached=cached)
         if preference is not None and job.rlhf.precompute_ref_logps:
-            data = precompute_reference(job, preference, data, ctx.is_main)
+            data = precompute_reference(job, preference, data, ctx.is_main, cache_file, cached)
         start = 0
         if resume_from is not None:
             state = load_checkpoint(resume_from, chunks, optimizer, scheduler)

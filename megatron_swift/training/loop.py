@@ -65,7 +65,8 @@ def run_training(
     preemption signal arrives (the current step finishes, a checkpoint is saved, the loop returns).
     With `eval_items` (the validation data, collated by `eval_collate`) the step record also holds
     `val_loss` / `val_ppl` every `train.eval_interval` steps and at the end. With `preference` (training/
-    preference.py: train.task dpo) its step runs instead of the token-loss step, and its metrics are logged.
+    preference.py: train.task dpo / simpo / orpo; training/kto.py: kto) its step runs instead of the token-loss
+    step, and its metrics are logged.
     """
     from megatron.core import parallel_state as ps
 
@@ -92,7 +93,7 @@ def run_training(
             elapsed = time.perf_counter() - start
             results.append(result)
             step = iteration + 1
-            rows = 2 if preference is not None else 1  # a preference pair is two sequences
+            rows = 2 if preference is not None else 1  # a preference pair (KTO: a completion + its KL row) is two rows
             tokens_per_sec = rows * t.global_batch_size * job.data.seq_length / elapsed
             validation = {}
             if eval_items is not None and _due(step, t.train_iters, t.eval_interval):
@@ -101,9 +102,9 @@ def run_training(
                 if preference is not None:
                     validation = preference.validate(chunks, groups)
                     if is_main:
-                        bar.write(f"step {step}: validation loss {validation['val_loss']:.4f}, reward accuracy "
-                                  f"{validation['val_rewards/accuracies']:.3f}, margin "
-                                  f"{validation['val_rewards/margins']:.4f}")  # fmt: skip
+                        names = ("val_loss", "val_rewards/accuracies", "val_rewards/margins", "val_kl")
+                        shown = ", ".join(f"{name[4:]} {validation[name]:.4f}" for name in names if name in validation)
+                        bar.write(f"step {step}: validation {shown}")
                 else:
                     held_out = validation_loss(chunks, groups, vocab_size)
                     validation = {"val_loss": held_out.loss, "val_ppl": round(held_out.perplexity, 4)}
@@ -125,8 +126,11 @@ def run_training(
                         **validation,
                     }
                 )
-            shown = {"acc": result.metrics["rewards/accuracies"], "margin": result.metrics["rewards/margins"]} \
-                if "rewards/margins" in result.metrics else {}  # fmt: skip
+            shown = {
+                short: result.metrics[name]
+                for short, name in (("acc", "rewards/accuracies"), ("margin", "rewards/margins"), ("kl", "kl"))
+                if name in result.metrics
+            }
             bar.set_postfix(
                 loss=f"{result.loss:.4f}",
                 lr=f"{result.lr:.2e}",

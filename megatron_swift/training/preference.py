@@ -66,10 +66,11 @@ class PreferenceLoss:
 
     @classmethod
     def from_section(cls, task: str, rlhf) -> PreferenceLoss:
-        weights = rlhf.loss_weights if rlhf.loss_weights is not None else [1.0] * len(rlhf.loss_type)
+        loss_types = rlhf.loss_type or ["sigmoid"]  # null: DPO's default
+        weights = rlhf.loss_weights if rlhf.loss_weights is not None else [1.0] * len(loss_types)
         nll = {"dpo": rlhf.rpo_alpha or 0.0, "simpo": 1.0 if rlhf.cpo_alpha is None else rlhf.cpo_alpha, "orpo": 1.0}
         gamma = 0.5 if rlhf.simpo_gamma is None else rlhf.simpo_gamma
-        return cls(task, rlhf.beta, tuple(rlhf.loss_type), tuple(weights), rlhf.label_smoothing, nll[task], gamma)
+        return cls(task, rlhf.beta, tuple(loss_types), tuple(weights), rlhf.label_smoothing, nll[task], gamma)
 
     def per_pair(self, chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens):
         """(loss [n] without the NLL term, chosen rewards, rejected rewards, chosen logps, rejected logps as
@@ -122,8 +123,10 @@ class PairSums:
 def pair_sums(per_token_loss: torch.Tensor, batch: dict, nll_mask: str = "loss_mask") -> PairSums:
     """From the model's per-token cross entropy: [2n, s] rows (chosen rows first), or one packed row [1, T] whose
     documents `document_pair` / `document_side` place (data/pairs.py)."""
-    per_token = per_token_loss.float()
-    masks = {name: batch[name].float() for name in {"loss_mask", nll_mask}}
+    # Summed in float64: a sum of ~-100 carries fp32 ulps of ~8e-6 by itself, which differences of sums (rewards,
+    # KTO's KL) and other summation orders (layouts) would show.
+    per_token = per_token_loss.double()
+    masks = {name: batch[name].double() for name in {"loss_mask", nll_mask}}
     if "cu_seqlens" not in batch:
         scored, nll = (per_token * masks["loss_mask"]).sum(dim=1), (per_token * masks[nll_mask]).sum(dim=1)
         tokens = masks["loss_mask"].sum(dim=1)
@@ -269,14 +272,15 @@ def _global_chosen_tokens(microbatches: list[dict], mask: str) -> float:
     return float(total.item())
 
 
-def global_report(reports: list[dict]) -> torch.Tensor:
-    """REPORT summed over micro-batches and data-parallel ranks; sent from the last pipeline stage to all."""
+def global_report(reports: list[dict], key: str = "dpo", size: int = len(REPORT)) -> torch.Tensor:
+    """The reports' `key` entries ([size] sums; default: REPORT) summed over micro-batches and data-parallel ranks;
+    sent from the last pipeline stage to all."""
     from megatron.core import parallel_state as ps
 
-    total = torch.zeros(len(REPORT), dtype=torch.float64, device=comm_device())
+    total = torch.zeros(size, dtype=torch.float64, device=comm_device())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         for item in reports:
-            total += item["dpo"].to(total.device)
+            total += item[key].to(total.device)
         dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(

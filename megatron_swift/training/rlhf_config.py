@@ -1,20 +1,23 @@
 """The `rlhf` section: preference-training options with TRL / ms-swift field names, and their preflight checks.
 
-Used by `train.task: dpo / simpo / orpo` (training/preference.py). Field names and meanings follow TRL's
-`DPOConfig` (`beta`, `loss_type` as a list summed with `loss_weights`, `label_smoothing`), `CPOConfig`
-(`simpo_gamma`, `cpo_alpha`) and ms-swift's `RLHFArguments` (`rpo_alpha`, `reference_free`, `ref_model`,
+Used by `train.task: dpo / simpo / orpo` (training/preference.py) and `kto` (training/kto.py). Field names and
+meanings follow TRL's `DPOConfig` (`beta`, `loss_type` as a list summed with `loss_weights`, `label_smoothing`),
+`CPOConfig` (`simpo_gamma`, `cpo_alpha`), `KTOConfig` (`desirable_weight`, `undesirable_weight`, `loss_type`
+kto / apo_zero_unpaired) and ms-swift's `RLHFArguments` (`rpo_alpha`, `reference_free`, `ref_model`,
 `precompute_ref_logps`). Checks are pure: they return every
 problem, each naming its field, and build nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from megatron_swift.data.kto import KTO_TASK
 from megatron_swift.data.pairs import PAIR_TASKS
 
 # Loss types built (TRL's names and formulas; `sigmoid` with label_smoothing is cDPO, as TRL < 1.0 and ms-swift).
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # TRL's KTOConfig.loss_type
 
 
 @dataclass
@@ -22,8 +25,9 @@ class RlhfSection:
     # DPO: strength of the pull towards the reference (IPO: the regularisation tau); SimPO: the reward scale;
     # ORPO: the weight of the odds-ratio term (lambda)
     beta: float = 0.1
-    # One loss type, or several summed with `loss_weights` (TRL's multi-loss DPO, e.g. MPO's sigmoid + ...).
-    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    # DPO: one loss type, or several summed with `loss_weights` (TRL's multi-loss DPO, e.g. MPO's sigmoid + ...);
+    # KTO: one of kto / apo_zero_unpaired. null: the task's default (dpo: [sigmoid], kto: [kto]).
+    loss_type: list[str] | None = None
     loss_weights: list[float] | None = None  # one per loss_type (default: all 1)
     label_smoothing: float = 0.0  # cDPO (sigmoid) / robust DPO: the assumed rate of flipped preference labels
     # RPO: adds rpo_alpha x the NLL of the chosen responses (token mean over the global batch), as TRL's `sft`.
@@ -37,20 +41,26 @@ class RlhfSection:
     precompute_ref_logps: bool = False
     simpo_gamma: float | None = None  # SimPO's target reward margin (null: TRL's 0.5)
     cpo_alpha: float | None = None  # SimPO: weight of the chosen responses' NLL (null: TRL's CPO default 1.0)
+    # KTO: weights of the desirable and undesirable items' losses (TRL's; to balance unequal counts)
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
 
 
 def rlhf_problems(job) -> list[str]:
     """Every problem of the `rlhf` section and of what the preference tasks do not support (yet)."""
     r, t, d, p = job.rlhf, job.train, job.data, job.parallel
     found = []
-    if t.task not in PAIR_TASKS:
+    if t.task not in (*PAIR_TASKS, KTO_TASK):
         return found
     if t.task != "simpo":
         found += [f"rlhf.{name}: used by train.task simpo only" for name in ("simpo_gamma", "cpo_alpha")
                   if getattr(r, name) is not None]  # fmt: skip
-    if t.task != "dpo":  # SimPO and ORPO: no reference, one fixed loss
+    if t.task != KTO_TASK:
+        found += [f"rlhf.{name}: used by train.task kto only" for name in ("desirable_weight", "undesirable_weight")
+                  if getattr(r, name) != 1.0]  # fmt: skip
+    if t.task in ("simpo", "orpo"):  # no reference, one fixed loss
         changed = [name for name, value, default in (
-            ("loss_type", r.loss_type, ["sigmoid"]), ("loss_weights", r.loss_weights, None),
+            ("loss_type", r.loss_type, None), ("loss_weights", r.loss_weights, None),
             ("rpo_alpha", r.rpo_alpha, None), ("reference_free", r.reference_free, False),
             ("ref_model", r.ref_model, None), ("precompute_ref_logps", r.precompute_ref_logps, False),
         ) if value != default]  # fmt: skip
@@ -60,19 +70,10 @@ def rlhf_problems(job) -> list[str]:
             found.append("rlhf.label_smoothing: not used by train.task orpo")
     if r.beta <= 0:
         found.append(f"rlhf.beta={r.beta} must be > 0")
-    unknown = [name for name in r.loss_type if name not in DPO_LOSS_TYPES]
-    if unknown or not r.loss_type:
-        found.append(f"rlhf.loss_type={r.loss_type}: choose one or more of {', '.join(DPO_LOSS_TYPES)}")
-    if len(set(r.loss_type)) != len(r.loss_type):
-        found.append(f"rlhf.loss_type={r.loss_type}: each loss type at most once")
-    if r.loss_weights is not None and len(r.loss_weights) != len(r.loss_type):
-        found.append(
-            f"rlhf.loss_weights={r.loss_weights}: one weight per rlhf.loss_type entry ({len(r.loss_type)} given)"
-        )
-    if not 0 <= r.label_smoothing < 0.5:
-        found.append(f"rlhf.label_smoothing={r.label_smoothing} must be in [0, 0.5)")
-    elif t.task == "dpo" and r.label_smoothing and not {"sigmoid", "robust"} & set(r.loss_type):
-        found.append("rlhf.label_smoothing: used by loss_type sigmoid (cDPO) and robust only")
+    if t.task == KTO_TASK:
+        found += kto_problems(job)
+    else:
+        found += dpo_loss_problems(r, t.task)
     for name in ("rpo_alpha", "cpo_alpha"):
         if getattr(r, name) is not None and getattr(r, name) < 0:
             found.append(f"rlhf.{name}={getattr(r, name)} must be >= 0")
@@ -80,7 +81,7 @@ def rlhf_problems(job) -> list[str]:
         found.append("rlhf.reference_free: a reference-free run has no reference (unset rlhf.ref_model and "
                      "rlhf.precompute_ref_logps)")  # fmt: skip
     if (
-        t.task == "dpo"
+        t.task in ("dpo", KTO_TASK)
         and t.train_type == "lora"
         and job.lora.modules_to_save
         and not (r.reference_free or r.ref_model)
@@ -90,7 +91,8 @@ def rlhf_problems(job) -> list[str]:
     # What preference training does not support yet, each named (the SFT path supports them).
     for bad, problem in (
         (d.streaming, "data.streaming: preference data is read whole; set data.streaming: false"),
-        (d.format == "text", "data.format=text: preference rows are conversations (messages + rejected_response)"),
+        (d.format == "text", "data.format=text: preference rows are conversations (messages + rejected_response, "
+                             "or messages + label for kto)"),
         (p.context_parallel_size > 1, "parallel.context_parallel_size: preference training needs 1 (per-sequence "
                                       "log-probs are not yet reduced over context-parallel ranks)"),
         (job.model.fused_linear_cross_entropy, "model.fused_linear_cross_entropy: preference training needs "
@@ -98,4 +100,45 @@ def rlhf_problems(job) -> list[str]:
     ):  # fmt: skip
         if bad:
             found.append(problem)
+    return found
+
+
+def dpo_loss_problems(r, task: str) -> list[str]:
+    found = []
+    loss_type = r.loss_type or ["sigmoid"]
+    unknown = [name for name in loss_type if name not in DPO_LOSS_TYPES]
+    if unknown or (r.loss_type is not None and not r.loss_type):
+        found.append(f"rlhf.loss_type={r.loss_type}: choose one or more of {', '.join(DPO_LOSS_TYPES)}")
+    if len(set(loss_type)) != len(loss_type):
+        found.append(f"rlhf.loss_type={r.loss_type}: each loss type at most once")
+    if r.loss_weights is not None and len(r.loss_weights) != len(loss_type):
+        found.append(
+            f"rlhf.loss_weights={r.loss_weights}: one weight per rlhf.loss_type entry ({len(loss_type)} given)"
+        )
+    if not 0 <= r.label_smoothing < 0.5:
+        found.append(f"rlhf.label_smoothing={r.label_smoothing} must be in [0, 0.5)")
+    elif task == "dpo" and r.label_smoothing and not {"sigmoid", "robust"} & set(loss_type):
+        found.append("rlhf.label_smoothing: used by loss_type sigmoid (cDPO) and robust only")
+    return found
+
+
+def kto_problems(job) -> list[str]:
+    """train.task kto: TRL's KTOTrainer options only; what KTO is not built with, named."""
+    r, t = job.rlhf, job.train
+    found = []
+    if r.loss_type is not None and (len(r.loss_type) != 1 or r.loss_type[0] not in KTO_LOSS_TYPES):
+        found.append(f"rlhf.loss_type={r.loss_type}: train.task kto takes one of {', '.join(KTO_LOSS_TYPES)}")
+    for name in ("desirable_weight", "undesirable_weight"):
+        if getattr(r, name) <= 0:
+            found.append(f"rlhf.{name}={getattr(r, name)} must be > 0")
+    changed = [name for name, value, default in (
+        ("loss_weights", r.loss_weights, None), ("label_smoothing", r.label_smoothing, 0.0),
+        ("rpo_alpha", r.rpo_alpha, None), ("reference_free", r.reference_free, False),
+    ) if value != default]  # fmt: skip
+    found += [f"rlhf.{name}: not used by train.task kto (TRL's KTOTrainer has no such option)" for name in changed]
+    if (r.loss_type or ["kto"]) == ["kto"] and t.global_batch_size < 2:
+        found.append("train.global_batch_size: kto estimates its KL term from the other items of the global batch "
+                     "(their completions with this item's prompt), so it needs at least 2")  # fmt: skip
+    if job.data.packing:
+        found.append("data.packing: not built for train.task kto; set data.packing: false")
     return found

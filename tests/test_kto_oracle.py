@@ -1,0 +1,163 @@
+"""KTO against TRL 1.16's KTOTrainer: the same weights (a tuned policy, its base as the reference), the same items and
+KL sequences, fp32.
+
+Our numbers come from the training path (the data pipeline's global batch of 6 items, one per micro-batch, the
+reference's log-probs attached by `Kto.run`, the KL pass, the per-item reports of its loss function); TRL's from
+`KTOTrainer._compute_loss` on the same token ids with its per-device batch = our global batch (TRL's KL term is then
+the mean over the same 6 KL sequences): its per-item losses (the tensor it takes `nanmean` of), its logged `kl` and
+per-class means, the per-item rewards and log-probs from one-item calls, and the gradient of its batch loss.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_kto_data import _split
+from tests.tiny_tuning import fine_tune
+from tests.train_matrix import job_for
+
+KTO = "examples/data/kto_sample.jsonl"
+ITEMS = 6
+TOL = 1e-5
+
+# (our rlhf section = TRL's KTOConfig fields)
+CASES = {
+    "kto": {"beta": 0.3, "desirable_weight": 1.33, "undesirable_weight": 0.8},
+    "apo_zero_unpaired": {"loss_type": ["apo_zero_unpaired"], "beta": 0.2},
+}
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_models, tmp_path_factory):
+    return fine_tune(tiny_models["llama"], tmp_path_factory.mktemp("tuned"), steps=6)
+
+
+def _ours(tiny_models, tuned, tmp_path, rlhf: dict):
+    from transformers import AutoTokenizer
+
+    from megatron_swift.data import build_train_data
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.job import build_model, build_preference, check_job, check_weights
+    from megatron_swift.training.kto import REPORT
+    from megatron_swift.training.optim import wrap_for_training
+
+    rlhf = {"ref_model": str(tiny_models["llama"]), **rlhf}
+    job = job_for(str(tuned), KTO, str(tmp_path), {}, {"task": "kto", "global_batch_size": ITEMS},
+                  data={"seq_length": 64, "shuffle": False}, rlhf=rlhf)  # fmt: skip
+    args = check_job(job, 1)
+    init_distributed(job.parallel, seed=job.train.seed)
+    try:
+        chunks = build_model(job, args)
+        kto = build_preference(job, args, chunks, check_weights(job, chunks, args))
+        data = build_train_data(job.data, AutoTokenizer.from_pretrained(tuned), "kto", ITEMS, 0)
+        microbatches = data.batches.next_microbatches(0, 1, 1)  # the first global batch, one item per micro-batch
+        batches = [{key: value.clone() for key, value in mb.items()} for mb in microbatches]
+        with torch.no_grad():
+            reports, kl = kto.run(chunks, microbatches, forward_only=True)
+        found = [dict(zip(REPORT, report["kto"].tolist(), strict=True)) for report in reports]
+        chunks, optimizer, scheduler = wrap_for_training(chunks, job)
+        step = kto.train_step(chunks, optimizer, scheduler, [dict(b) for b in batches], args.vocab_size)
+    finally:
+        destroy_distributed()
+    return found, kl, step, batches
+
+
+def _trl_examples(batches: list[dict]) -> list[dict]:
+    """TRL's examples from our micro-batches: prompt and completion of each completion row; KL completions by TRL's
+    own rule over its batch ([c[-1]] + c[:-1], `add_kl_completion_ids`)."""
+    examples = []
+    for batch in batches:
+        prompt, completion = _split(batch, 0)
+        examples.append({"prompt_ids": prompt, "completion_ids": completion, "label": bool(batch["desirable"][0])})
+    completions = [example["completion_ids"] for example in examples]
+    for example, kl_completion in zip(examples, [completions[-1], *completions[:-1]], strict=True):
+        example["KL_completion_ids"] = kl_completion
+    return examples
+
+
+def _trl(tiny_models, tuned, tmp_path, config: dict, batches):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tuned)
+    model = AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
+    config = {**config, "loss_type": config.get("loss_type", ["kto"])[0]}
+    args = KTOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False, fp16=False,
+                     per_device_train_batch_size=ITEMS, **config)  # fmt: skip
+    unused = Dataset.from_list([{"prompt": "a", "completion": "b", "label": label} for label in (True, False)])
+    trainer = KTOTrainer(model=model, ref_model=reference, args=args, processing_class=tokenizer,
+                         train_dataset=unused)  # fmt: skip
+    trainer.model.train()
+    examples = _trl_examples(batches)
+    # Our KL rows are TRL's KL sequences: the rotation is the same.
+    theirs = trainer.data_collator(examples)
+    for i, batch in enumerate(batches):
+        length = int(theirs["KL_attention_mask"][i].sum())
+        ours = torch.cat([batch["tokens"][1, :1], batch["labels"][1]])[:length]
+        assert ours.tolist() == theirs["KL_input_ids"][i, :length].tolist(), i
+    captured = []
+    nanmean = torch.Tensor.nanmean
+
+    def recording_nanmean(tensor, *args, **kwargs):  # the per-item losses TRL averages
+        captured.append(tensor.detach().clone())
+        return nanmean(tensor, *args, **kwargs)
+
+    torch.Tensor.nanmean = recording_nanmean
+    try:
+        loss = trainer._compute_loss(trainer.model, trainer.data_collator(examples), return_outputs=False)
+    finally:
+        torch.Tensor.nanmean = nanmean
+    logged = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+    (losses,) = captured  # desirable items first, then undesirable ones, each in batch order
+    order = [i for i, e in enumerate(examples) if e["label"]] + [i for i, e in enumerate(examples) if not e["label"]]
+    per_item = [{"loss": float(losses[order.index(i)])} for i in range(len(examples))]
+    trainer.model.zero_grad()
+    loss.backward()
+    loss = loss.detach()
+    grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model.parameters()
+                                                      if p.grad is not None])).item()  # fmt: skip
+    with torch.no_grad():  # each item's reward and log-prob (they do not depend on the KL term)
+        for example, item in zip(examples, per_item, strict=True):
+            trainer._compute_loss(trainer.model, trainer.data_collator([{**example}]), return_outputs=False)
+            side = "chosen" if example["label"] else "rejected"
+            item.update({key: trainer._metrics["train"][f"{key}/{side}"][-1] for key in ("rewards", "logps")})
+    return per_item, logged, loss.item(), grad_norm
+
+
+@pytest.mark.parametrize("case", ["kto", pytest.param("apo_zero_unpaired", marks=pytest.mark.slow)])
+def test_kto_per_item_values_equal_trl(tiny_models, tuned, tmp_path, case):
+    ours, kl, step, batches = _ours(tiny_models, tuned, tmp_path, CASES[case])
+    per_item, logged, trl_loss, trl_grad_norm = _trl(tiny_models, tuned, tmp_path, CASES[case], batches)
+    worst = {}
+
+    def check(key, mine, expected, scale=1.0):
+        worst[key] = max(worst.get(key, 0.0), abs(mine - expected))
+        # fp32 sums of per-token log-probs near -100 carry ulps of ~8e-6: 1e-5, or 1e-6 of the log-prob's size.
+        assert mine == pytest.approx(expected, abs=max(TOL, 1e-6 * scale)), (case, key, mine, expected)
+
+    labels = [bool(b["desirable"][0]) for b in batches]
+    assert 0 < sum(labels) < ITEMS  # both kinds in the batch
+    for mine, theirs, desirable in zip(ours, per_item, labels, strict=True):
+        side = "chosen" if desirable else "rejected"
+        assert mine["items"] == 1 and mine["desirable"] == desirable
+        scale = abs(theirs["logps"])
+        check("loss", mine["loss"], theirs["loss"])
+        check(f"logps/{side}", mine[f"logps/{side}"], theirs["logps"], scale)
+        check(f"rewards/{side}", mine[f"rewards/{side}"], theirs["rewards"], scale)
+    if case == "kto":
+        check("kl", kl, logged["kl"], 100.0)
+        assert logged["kl"] > 1e-3, logged  # the policy moved: the KL term is not the clamp's zero
+    else:
+        assert kl == 0.0
+    # The step's metrics (global means) are TRL's logged ones; its loss the mean; its gradient TRL's batch gradient.
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        check(key, step.metrics[key], logged[key], 100.0)
+    check("mean loss", step.loss, trl_loss)
+    assert step.grad_norm == pytest.approx(trl_grad_norm, rel=1e-5), (step.grad_norm, trl_grad_norm)
+    assert len({round(item["loss"], 6) for item in per_item}) > 2
+    print(f"{case}: max abs diff vs TRL " + ", ".join(f"{key} {value:.1e}" for key, value in worst.items())
+          + f"; grad norm {step.grad_norm:.6g} vs {trl_grad_norm:.6g}")  # fmt: skip
