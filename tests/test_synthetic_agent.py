@@ -66,12 +66,11 @@ def test_dependent_calls_use_the_first_tools_response(data):
     assert chained > 0
 
 
-def test_training_conversations_encode_with_a_loss_on_each_assistant_turn(data, tiny_models):
-    from transformers import AutoTokenizer
-
+def test_training_conversations_encode_with_a_loss_on_each_assistant_turn(data):
     from megatron_swift.eval.perplexity import encode_rows
+    from megatron_swift.models.tiny import make_tiny_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    tokenizer = make_tiny_tokenizer()
     samples = encode_rows(data["train"], tokenizer, 2048, "sft")
     rows = _rows(data["train"])
     assert len(samples) == len(rows)

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-agent", help="agent JSONL: export each run and score it with mswift-eval --agent")
     t.add_argument("--eval-qa", help="QA JSONL: export each run and score it with mswift-eval --qa")
     t.add_argument("--max-new-tokens", type=int, default=64, help="generation length for the eval set")
+    t.add_argument("--eval-batch-size", type=int, default=32, help="generation batch size for the eval set")
     t.add_argument("--out", type=Path, default=Path("outputs/techniques"), help="results directory")
     t.add_argument("--launcher", type=Path, help="the training entry point (default: launch/pretrain_sft.py)")
     t.add_argument("--timeout", type=float, help="seconds before a run is stopped and reported failed")
@@ -88,7 +89,7 @@ def run_techniques(args) -> int:
         print("error: " + "\n  ".join([f"{len(problems)} problem(s):", *problems]), file=sys.stderr)
         return 2
     settings = RunSettings(args.out, args.launcher, args.warmup, args.eval_agent, args.eval_qa, args.max_new_tokens,
-                           args.timeout)  # fmt: skip
+                           args.eval_batch_size, args.timeout)  # fmt: skip
     base_job = load_config(JobConfig, args.config, common)
     rows = []
     bar = tqdm(plan.techniques, desc="techniques", unit="run")
@@ -101,7 +102,7 @@ def run_techniques(args) -> int:
         bar.write(
             f"{technique.name}: {row['status']}" + (f" ({row['wall_seconds']} s)" if "wall_seconds" in row else "")
         )
-    kinds = {row["peak_memory_kind"] for row in rows if row["status"] == "ok"}
+    kinds = {row["peak_memory_kind"] for row in rows if "peak_memory_kind" in row}
     results = {
         "config": args.config,
         "common_overrides": common,

@@ -42,7 +42,7 @@ def markdown(results: dict) -> str:
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|",
     ]
     for row in rows:
-        if row["status"] != "ok":
+        if "loss_curve" not in row:  # the training run failed: nothing measured
             cells = [row["technique"], str(row["ranks"])] + ["-"] * (len(header) - 3)
             cells.append(f"failed: {_first_line(row['error'])}")
         else:
@@ -53,7 +53,7 @@ def markdown(results: dict) -> str:
             agent = row.get("task_metrics", {}).get("agent", {})
             cells += [_number(agent.get(key), 3) for key, _ in AGENT_COLUMNS] if with_agent else []
             cells += [_number(row.get("task_metrics", {}).get("qa", {}).get("exact_match"), 3)] if with_qa else []
-            cells.append("ok")
+            cells.append("ok" if row["status"] == "ok" else f"{row['status']}: {_first_line(row['error'])}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -67,7 +67,7 @@ def figure(results: dict):
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    done = [row for row in results["rows"] if row["status"] == "ok"]
+    done = [row for row in results["rows"] if "loss_curve" in row]  # every run that trained
     fig, (curves, memory, speed) = plt.subplots(1, 3, figsize=(16, 4.5))
     for row in done:
         curves.plot(row["loss_curve"]["step"], row["loss_curve"]["loss"], label=row["technique"])
