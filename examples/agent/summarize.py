@@ -18,7 +18,7 @@ SPLITS = [("in_domain", "in-domain"), ("out_of_domain", "out-of-domain (held-out
 
 def collect(out: Path) -> dict:
     """{split: {model: {metric: [value per seed]}}, "seeds": [...]} from the eval reports."""
-    seeds = sorted(out.glob("seed*"), key=lambda p: int(p.name[4:]))
+    seeds = sorted((p for p in out.glob("seed*") if p.is_dir()), key=lambda p: int(p.name[4:]))
     table: dict = {"seeds": [int(p.name[4:]) for p in seeds]}
     for split, _ in SPLITS:
         for seed_dir in seeds:
