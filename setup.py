@@ -34,6 +34,8 @@ setup(
         # Weight-only int8 quantization that runs on CPU (mswift-quantize --method int8); transformers
         # saves and loads it through TorchAoConfig.
         "quant": ["torchao>=0.14"],
+        # The techniques comparison's plots (python -m megatron_swift.bench techniques).
+        "plot": ["matplotlib>=3.8"],
         # GPU quantization paths (mswift-quantize --method gptq/awq/fp8); need CUDA.
         "quant-gpu": ["optimum>=1.20", "gptqmodel>=2.0", "llmcompressor>=0.6"],
         # triton: the kernel tests run the Triton kernels on CPU through its interpreter (TRITON_INTERPRET=1);
@@ -55,6 +57,7 @@ setup(
             "jieba>=0.42",
             "rouge-chinese>=1.0",
             "trl>=1.16",
+            "matplotlib>=3.8",
         ],
     },
     entry_points={

@@ -32,6 +32,7 @@ from megatron_swift.distributed import destroy_distributed, init_distributed
 from megatron_swift.models.tiny import make_tiny_model
 from megatron_swift.training.config import JobConfig, TrainSection
 from megatron_swift.training.job import build_model, check_job
+from megatron_swift.training.measure import median_step_seconds, tokens_per_second
 from megatron_swift.training.optim import wrap_for_training
 from megatron_swift.training.step import train_step
 
@@ -106,18 +107,17 @@ def compare_steps(sides: dict, batch: dict, steps: int, warmup: int) -> tuple[di
     """
     times: dict[str, list[float]] = {name: [] for name in sides}
     first_losses = {}
-    for i in range(warmup + steps):
+    for _ in range(warmup + steps):
         for name, side in sides.items():
             start = time.perf_counter()
             loss = side.step(batch)
-            seconds = time.perf_counter() - start
+            times[name].append(time.perf_counter() - start)
             first_losses.setdefault(name, loss)
-            if i >= warmup:
-                times[name].append(seconds)
-    ours, theirs = times.values()
+    ours, theirs = (values[warmup:] for values in times.values())
     p25, per_round, p75 = statistics.quantiles([a / b for a, b in zip(ours, theirs, strict=True)], n=4)
-    median = {name: statistics.median(values) for name, values in times.items()}
-    ratio = statistics.median(ours) / statistics.median(theirs)
+    median = {name: median_step_seconds(values, warmup) for name, values in times.items()}
+    ours_median, their_median = median.values()
+    ratio = ours_median / their_median
     fields = {
         "steps": steps,
         "threads": torch.get_num_threads(),
@@ -160,7 +160,7 @@ def run(work: Path, batch: int, seq: int, steps: int, warmup: int) -> dict:
     return {
         "model": {"family": "llama", **SHAPE, "parameters": sum(p.numel() for p in hf.model.parameters())},
         "batch": {"micro_batch_size": batch, "seq_length": seq, "dtype": "fp32"},
-        "tokens_per_sec": {k: round(batch * seq / v, 1) for k, v in median.items()},
+        "tokens_per_sec": {k: round(tokens_per_second(batch * seq, v), 1) for k, v in median.items()},
         **timing,
     }
 

@@ -1,4 +1,4 @@
-"""Optional GPU extras (transformer-engine, apex, vllm), imported lazily with a one-line remedy."""
+"""Optional extras (transformer-engine, apex, vllm, matplotlib), imported lazily with a one-line remedy."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ _EXTRAS = {
     "transformer_engine": "pip install 'megatron-swift[gpu]' (transformer-engine, needs CUDA)",
     "apex": "build NVIDIA apex from source (it is not the 'apex' package on PyPI)",
     "vllm": "pip install 'megatron-swift[serve]' (vllm, needs a CUDA GPU)",
+    "matplotlib": "pip install 'megatron-swift[plot]' (matplotlib, for the plots), or pass --no-plots",
 }
 
 

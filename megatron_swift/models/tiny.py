@@ -33,8 +33,9 @@ CHATML_TEMPLATE = (
 )
 
 
-def make_tiny_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE tokenizer (`PreTrainedTokenizerFast`) trained on CORPUS."""
+def make_tiny_tokenizer(vocab_size: int = 384, corpus: str | None = None):
+    """A byte-level BPE tokenizer (`PreTrainedTokenizerFast`) trained on CORPUS (or on `corpus`, e.g. a task's
+    training text, so its frequent words become single tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,7 +48,7 @@ def make_tiny_tokenizer(vocab_size: int = 384):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    tokenizer.train_from_iterator((CORPUS if corpus is None else corpus).splitlines(), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",
@@ -67,15 +68,23 @@ def tiny_hf_config(family: Family, **overrides):
 
 @torch.no_grad()
 def make_tiny_model(
-    family_name: str, out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32, **config_overrides
+    family_name: str,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tokenizer_corpus: str | None = None,
+    tokenizer_vocab_size: int = 384,
+    **config_overrides,
 ) -> Path:
-    """Write a random tiny HF model of `family_name` + tokenizer to `out_dir`; returns the path."""
+    """Write a random tiny HF model of `family_name` + tokenizer to `out_dir`; returns the path. The tokenizer is
+    trained on `tokenizer_corpus` when given (then `vocab_size` must hold `tokenizer_vocab_size` tokens)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     known = all_families()
     if family_name not in known:
         raise ValueError(f"unknown family {family_name!r}; known: {', '.join(sorted(known))}")
-    tokenizer = make_tiny_tokenizer()
+    tokenizer = make_tiny_tokenizer(tokenizer_vocab_size, tokenizer_corpus)
     config = tiny_hf_config(
         known[family_name],
         eos_token_id=tokenizer.eos_token_id,

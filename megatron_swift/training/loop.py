@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from megatron_swift.distributed.runtime import comm_device
 from megatron_swift.training.config import JobConfig
 from megatron_swift.training.evaluate import validation_loss, validation_microbatches
 from megatron_swift.training.flops import peak_flops
+from megatron_swift.training.measure import peak_memory_bytes, reset_peak_memory
 from megatron_swift.training.metrics import MetricsLogger
 from megatron_swift.training.optim import parameters_synced
 from megatron_swift.training.preemption import PreemptionFlag
@@ -41,6 +43,34 @@ def _mfu_fn(job: JobConfig, flops_per_token: float | None):
 def _due(step: int, last: int, interval: int | None) -> bool:
     """Every `interval` steps, and at the last one."""
     return step == last or bool(interval and step % interval == 0)
+
+
+def write_run_summary(job: JobConfig, chunks, tokens_per_step: int, steps: int, is_main: bool) -> None:
+    """OUTPUT_DIR/logs/run_summary.json (rank 0): every rank's peak memory over the training steps and the
+    model's trainable / total parameters (whole tensors, counted once over all ranks). Collective: every
+    rank calls it."""
+    from megatron_swift.tuners.lora.apply import parameter_counts
+
+    peak = peak_memory_bytes()
+    per_rank = [peak]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, peak)
+    trainable, total = parameter_counts(chunks)
+    if not is_main:
+        return
+    summary = {
+        "world_size": len(per_rank),
+        "steps": steps,
+        "tokens_per_step": tokens_per_step,
+        "peak_memory_bytes_per_rank": per_rank,
+        "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "peak_rss",
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+    }
+    log_dir = Path(job.checkpoint.output_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "run_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def run_training(
@@ -74,8 +104,11 @@ def run_training(
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mfu = _mfu_fn(job, flops_per_token)
     results = []
+    rows = 2 if preference is not None else 1  # a preference pair (KTO: a completion + its KL row) is two rows
+    tokens_per_step = rows * t.global_batch_size * job.data.seq_length
     if save_fn is not None:
         keep_checkpoint_writer_in_process()
+    reset_peak_memory()  # peak memory of the training steps (weights, optimizer state, activations)
     with contextlib.ExitStack() as stack:
         preemption = stack.enter_context(PreemptionFlag(comm_device()))
         metrics = None
@@ -93,8 +126,7 @@ def run_training(
             elapsed = time.perf_counter() - start
             results.append(result)
             step = iteration + 1
-            rows = 2 if preference is not None else 1  # a preference pair (KTO: a completion + its KL row) is two rows
-            tokens_per_sec = rows * t.global_batch_size * job.data.seq_length / elapsed
+            tokens_per_sec = tokens_per_step / elapsed
             validation = {}
             if eval_items is not None and _due(step, t.train_iters, t.eval_interval):
                 groups = validation_microbatches(eval_items, eval_collate, t.global_batch_size, t.micro_batch_size,
@@ -119,6 +151,7 @@ def run_training(
                         "lr": result.lr,
                         "grad_norm": result.grad_norm,
                         "tokens_per_sec": round(tokens_per_sec, 1),
+                        "step_seconds": round(elapsed, 5),
                         "mfu": mfu(tokens_per_sec),
                         "skipped": result.skipped,
                         **result.router_losses,
@@ -145,4 +178,5 @@ def run_training(
                     save_fn(step)
             if preempted:
                 break
+    write_run_summary(job, chunks, tokens_per_step, len(results), is_main)
     return results

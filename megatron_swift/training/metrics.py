@@ -8,12 +8,7 @@ from pathlib import Path
 import torch
 
 from megatron_swift.fs import atomic_write_text
-
-
-def _rss_gb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
+from megatron_swift.training.measure import peak_memory_bytes
 
 
 class GpuTelemetry:
@@ -77,8 +72,7 @@ class MetricsLogger:
         self.gpu = GpuTelemetry()
 
     def log(self, record: dict) -> dict:
-        mem = torch.cuda.max_memory_allocated() / 1024**3 if torch.cuda.is_available() else _rss_gb()
-        record = {**record, "mem_gb": round(mem, 3), **self.gpu.read()}
+        record = {**record, "mem_gb": round(peak_memory_bytes() / 1024**3, 3), **self.gpu.read()}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         step = record["step"]
