@@ -37,20 +37,26 @@ def _assert_same_losses(cases, results, expected) -> None:
 
 
 def test_lora_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
-    """LoRA at TP2+SP / TP2 / PP2 / EP2, and DoRA at TP2+SP (TP2 / PP2 in the slow suite)."""
+    """LoRA at TP2+SP / TP2 / PP2 / EP2, and DoRA at TP2+SP (TP2 / PP2 in the slow suite). Full recomputation
+    trains the adapters exactly as without it (one process: bitwise; TP2+SP and PP2 with the block method)."""
     llama, moe = tiny_models["llama"], tiny_models["qwen3_moe"]
     dora = _dora_from_peft(llama, tmp_path)
-    reference = run_cases([(llama, {}, {}, LORA), (moe, {}, {}, LORA), (llama, {}, {}, dora)], DATA, tmp_path / "ref",
-                          world_size=1)  # fmt: skip
+    full = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    block = dict(full, recompute_method="block")
+    reference = run_cases([(llama, {}, {}, LORA), (moe, {}, {}, LORA), (llama, {}, {}, dora), (llama, {}, full, LORA)],
+                          DATA, tmp_path / "ref", world_size=1)  # fmt: skip
+    assert reference[3] == reference[0]  # recomputed layers' adapters get their gradients
     cases = [
         (llama, TP2_SP, {}, LORA),
         (llama, {"tensor_model_parallel_size": 2}, {}, LORA),
         (llama, {"pipeline_model_parallel_size": 2}, {}, LORA),
         (moe, {"expert_model_parallel_size": 2, "expert_tensor_parallel_size": 1}, {}, LORA),
         (llama, TP2_SP, {}, dora),
+        (llama, TP2_SP, full, LORA),
+        (llama, {"pipeline_model_parallel_size": 2}, block, LORA),
     ]
     results = run_cases(cases, DATA, tmp_path / "par", world_size=2)
-    _assert_same_losses(cases, results, [reference[0]] * 3 + [reference[1], reference[2]])
+    _assert_same_losses(cases, results, [reference[0]] * 3 + [reference[1], reference[2]] + [reference[0]] * 2)
 
 
 @pytest.mark.slow

@@ -151,6 +151,7 @@ def load_weights(job: JobConfig, chunks, args, source) -> None:
     from megatron_swift.checkpoint.engine import load_hf_into_chunks
     from megatron_swift.checkpoint.mcore import load_model
     from megatron_swift.checkpoint.peft import apply_lora_with_adapter
+    from megatron_swift.tuners.lora.apply import embedding_output_requires_grad
 
     if job.model.hf:
         load_hf_into_chunks(chunks, source, args)
@@ -158,6 +159,8 @@ def load_weights(job: JobConfig, chunks, args, source) -> None:
         load_model(chunks, source)
     if job.train.train_type == "lora":
         report = apply_lora_with_adapter(chunks, job.lora, args, model_source(job), job.train.seed)
+        if job.train.recompute_granularity == "full":
+            embedding_output_requires_grad(chunks)
         if int(os.environ.get("RANK", 0)) == 0:
             print(report.summary())
 
