@@ -20,6 +20,7 @@ Results go to OUT/convert.{json,md} (OUT/convert-SHAPE.{json,md} for another --s
 
     python benchmarks/convert.py                       # Qwen2.5-0.5B shape, ~1 GB of bf16 tensors
     python benchmarks/convert.py --shape qwen2-1.5b    # the issue's 3.1 GB checkpoint
+    python benchmarks/convert.py --shape deepseek-v3-0.5gb   # MoE + MLA: 2,361 tensors, mostly experts
     python benchmarks/convert.py --layers 2 --repeats 1   # quick smoke run
 """
 
@@ -79,7 +80,27 @@ QWEN2_0_5B = {
 }
 QWEN2_1_5B = {**QWEN2_0_5B, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
               "num_attention_heads": 12, "max_window_layers": 28, "sliding_window": 32768}  # fmt: skip
-SHAPES = {"qwen2-0.5b": ("Qwen2.5-0.5B", QWEN2_0_5B), "qwen2-1.5b": ("Qwen2-1.5B", QWEN2_1_5B)}
+# DeepSeek-V3's config with every width / 16 (hidden, FFN, MoE FFN, heads, latent ranks, head sizes) and its counts
+# kept (256 experts, top-8 in the best 4 of 8 groups, 1 shared expert, vocabulary): each MoE layer's routed experts
+# are then 1/256 of the real layer's; 1 dense + 3 MoE layers make ~0.5 GB.
+DEEPSEEK_V3_SMALL = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 448,
+    "intermediate_size": 1152, "moe_intermediate_size": 128, "num_hidden_layers": 4, "first_k_dense_replace": 1,
+    "num_attention_heads": 8, "num_key_value_heads": 8, "q_lora_rank": 96, "kv_lora_rank": 32,
+    "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "n_routed_experts": 256, "n_shared_experts": 1,
+    "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+    "scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1, "vocab_size": 129280,
+    "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "max_position_embeddings": 163840, "rope_theta": 10000,
+    "rope_scaling": {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+                     "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096},
+    "hidden_act": "silu", "torch_dtype": "bfloat16", "attention_bias": False, "attention_dropout": 0.0,
+    "initializer_range": 0.02, "num_nextn_predict_layers": 0, "bos_token_id": 0, "eos_token_id": 1, "use_cache": True,
+}  # fmt: skip
+SHAPES = {
+    "qwen2-0.5b": ("Qwen2.5-0.5B", QWEN2_0_5B),
+    "qwen2-1.5b": ("Qwen2-1.5B", QWEN2_1_5B),
+    "deepseek-v3-0.5gb": ("DeepSeek-V3 widths / 16, 1 dense + 3 MoE layers of 256 experts", DEEPSEEK_V3_SMALL),
+}
 # Fresh processes import the same checkout this process does (PYTHONPATH may point at another one).
 ROOT = Path(converters.__file__).resolve().parents[1]
 # The bare copy as a fresh process: only what reading and writing safetensors needs.
@@ -160,6 +181,51 @@ def qwen2_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def deepseek_v3_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """HF parameter names and shapes of DeepseekV3ForCausalLM on disk (per-expert tensors, untied lm_head)."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    q_head = config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
+
+    def mlp(prefix: str, ffn: int) -> None:
+        shapes.update({f"{prefix}.gate_proj.weight": (ffn, hidden), f"{prefix}.up_proj.weight": (ffn, hidden),
+                       f"{prefix}.down_proj.weight": (hidden, ffn)})  # fmt: skip
+
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (hidden,),
+                p + "self_attn.q_a_proj.weight": (config["q_lora_rank"], hidden),
+                p + "self_attn.q_a_layernorm.weight": (config["q_lora_rank"],),
+                p + "self_attn.q_b_proj.weight": (heads * q_head, config["q_lora_rank"]),
+                p + "self_attn.kv_a_proj_with_mqa.weight": (
+                    config["kv_lora_rank"] + config["qk_rope_head_dim"],
+                    hidden,
+                ),
+                p + "self_attn.kv_a_layernorm.weight": (config["kv_lora_rank"],),
+                p + "self_attn.kv_b_proj.weight": (
+                    heads * (config["qk_nope_head_dim"] + config["v_head_dim"]),
+                    config["kv_lora_rank"],
+                ),
+                p + "self_attn.o_proj.weight": (hidden, heads * config["v_head_dim"]),
+                p + "post_attention_layernorm.weight": (hidden,),
+            }
+        )
+        if i < config["first_k_dense_replace"]:
+            mlp(p + "mlp", config["intermediate_size"])
+            continue
+        experts, ffn = config["n_routed_experts"], config["moe_intermediate_size"]
+        shapes[p + "mlp.gate.weight"] = (experts, hidden)
+        shapes[p + "mlp.gate.e_score_correction_bias"] = (experts,)
+        for expert in range(experts):
+            mlp(f"{p}mlp.experts.{expert}", ffn)
+        mlp(p + "mlp.shared_experts", ffn * config["n_shared_experts"])
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (config["vocab_size"], hidden)
+    return shapes
+
+
 def write_random_checkpoint(out: Path, config: dict, seed: int = 0) -> dict[str, int]:
     """Write config, tokenizer and random bf16 weights (sharded, with index); returns parameter and byte counts."""
     out.mkdir(parents=True)
@@ -168,7 +234,8 @@ def write_random_checkpoint(out: Path, config: dict, seed: int = 0) -> dict[str,
     generator = torch.Generator().manual_seed(seed)
     writer = ShardedSafetensorsWriter(out, MAX_SHARD_BYTES)
     params = 0
-    for name, shape in qwen2_shapes(config).items():
+    shapes = deepseek_v3_shapes(config) if config["model_type"] == "deepseek_v3" else qwen2_shapes(config)
+    for name, shape in shapes.items():
         writer.add(name, (0.02 * torch.randn(shape, generator=generator)).to(torch.bfloat16))
         params += torch.Size(shape).numel()
     writer.close()

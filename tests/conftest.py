@@ -31,6 +31,7 @@ _FAMILY_SEEDS = {
     **{name: i for i, name in enumerate(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"))},
     "deepseek_v3": 0,
     "glm4_moe": 1,
+    "gemma3": 2,
 }
 
 

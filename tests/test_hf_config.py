@@ -20,7 +20,8 @@ def test_every_family_translates_its_tiny_config():
             assert t["kv_channels"] == hf.v_head_dim and t["qk_layernorm"] and t["multi_latent_attention"]
         else:
             assert t["kv_channels"] == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
-            assert t["qk_layernorm"] == (name.startswith("qwen3") or name == "glm4_moe")  # GLM-4.5: use_qk_norm
+            # GLM-4.5: use_qk_norm
+            assert t["qk_layernorm"] == (name.startswith("qwen3") or name in ("glm4_moe", "gemma3"))
         assert args.share_embeddings_and_output_weights == hf.tie_word_embeddings
         assert args.padded_vocab_size % 128 == 0 and args.padded_vocab_size >= hf.vocab_size
 
@@ -116,6 +117,6 @@ def test_unknown_architecture_lists_supported():
     with pytest.raises(
         UnsupportedModelError,
         match=r"unsupported architecture \['GPT2LMHeadModel'\]; supported: "
-        r"DeepseekV3ForCausalLM, Glm4MoeForCausalLM, LlamaForCausalLM, MistralForCausalLM",
+        r"DeepseekV3ForCausalLM, Gemma3ForCausalLM, Glm4MoeForCausalLM, LlamaForCausalLM, MistralForCausalLM",
     ):
         translate(GPT2Config(architectures=["GPT2LMHeadModel"]))

@@ -87,7 +87,9 @@ def _logits(model, tokens):
 MOE_TARGETS = ["linear_qkv", "linear_proj", r"re:\.mlp\.experts\.local_experts\.\d+\.linear_fc[12]$"]
 
 
-@pytest.mark.parametrize(("family", "dora"), [("llama", False), ("qwen3_moe", False), ("llama", True)])
+@pytest.mark.parametrize(
+    ("family", "dora"), [("llama", False), ("qwen3_moe", False), ("llama", True), ("gemma3", False)]
+)
 def test_merged_export_equals_base_plus_peft_adapter(family, dora, tiny_models, tmp_path):
     """DoRA: trained from PEFT's start (magnitude = row norms), two steps move the magnitude off the norms."""
     from peft import PeftModel

@@ -41,19 +41,24 @@ LLAMA_LAYOUTS = [
     ({"context_parallel_size": 2}, {}),  # seq 32 split into 4 chunks of 8, two per rank
 ]
 MOE_LAYOUTS = [({"expert_model_parallel_size": 2}, {}), ({"pipeline_model_parallel_size": 2}, {})]
+# Gemma 3 (sliding windows shorter than the sequence, (1 + w) and output norms): TP2 / CP2 / packed in the slow suite.
+GEMMA3_LAYOUTS = [({"tensor_model_parallel_size": 2, "sequence_parallel": True}, {}),
+                  ({"pipeline_model_parallel_size": 2}, {})]  # fmt: skip
+FAMILIES = ("llama", "mixtral", "gemma3")
 
 
 def test_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
-    llama, mixtral = tiny_models["llama"], tiny_models["mixtral"]
+    llama, mixtral, gemma3 = (tiny_models[name] for name in FAMILIES)
     reference = dict(
         zip(
-            ("llama", "mixtral"),
-            run_cases([(llama, {}, {}), (mixtral, {}, {})], DATA, tmp_path / "ref", world_size=1),
+            FAMILIES,
+            run_cases([(llama, {}, {}), (mixtral, {}, {}), (gemma3, {}, {})], DATA, tmp_path / "ref", world_size=1),
             strict=True,
         )
     )
     cases = [(llama, *layout) for layout in LLAMA_LAYOUTS] + [(mixtral, *layout) for layout in MOE_LAYOUTS]
-    names = ["llama"] * len(LLAMA_LAYOUTS) + ["mixtral"] * len(MOE_LAYOUTS)
+    cases += [(gemma3, *layout) for layout in GEMMA3_LAYOUTS]
+    names = ["llama"] * len(LLAMA_LAYOUTS) + ["mixtral"] * len(MOE_LAYOUTS) + ["gemma3"] * len(GEMMA3_LAYOUTS)
     results = run_cases(cases, DATA, tmp_path / "par", world_size=2)
     failures = []
     for name, (_, parallel, train), losses in zip(names, cases, results, strict=True):
@@ -69,7 +74,7 @@ def test_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
     def grad_norms(run_dir: Path) -> list[float]:
         return [record["grad_norm"] for record in _metrics(run_dir)]
 
-    expected_norms = {name: grad_norms(tmp_path / "ref" / f"case{i}") for i, name in enumerate(("llama", "mixtral"))}
+    expected_norms = {name: grad_norms(tmp_path / "ref" / f"case{i}") for i, name in enumerate(FAMILIES)}
     for index, name in enumerate(names):
         got = grad_norms(tmp_path / "par" / f"case{index}")
         assert got == pytest.approx(expected_norms[name], rel=1e-4), (cases[index][1:], got, expected_norms[name])
@@ -363,7 +368,7 @@ def test_flops_convention_against_the_hf_models_own_matrices(tiny_models):
     from megatron_swift.models import translate
     from megatron_swift.training.flops import flops_per_token, peak_flops
 
-    for name in ("llama", "qwen3_moe", "deepseek_v3"):
+    for name in ("llama", "qwen3_moe", "deepseek_v3", "gemma3"):
         config = load_hf_config(tiny_models[name])
         model = AutoModelForCausalLM.from_pretrained(tiny_models[name])
         args = translate(config)
@@ -381,9 +386,14 @@ def test_flops_convention_against_the_hf_models_own_matrices(tiny_models):
         if name == "deepseek_v3":  # MLA: scores over the q/k head size (nope + rope), the sum over the value heads
             per_head = config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim
             attention = config.num_hidden_layers * 2 * (seq / 2) * config.num_attention_heads * per_head
-        else:
+        else:  # Gemma 3's sliding-window layers: on average W - W^2 / (2 seq) keys (flops.py), the others seq / 2
             head_dim = args.transformer["kv_channels"]
-            attention = config.num_hidden_layers * 2 * 2 * (seq / 2) * config.num_attention_heads * head_dim
+            window = getattr(config, "sliding_window", None) or seq
+            keys = [
+                window - window**2 / (2 * seq) if kind == "sliding_attention" and window < seq else seq / 2
+                for kind in getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+            ]
+            attention = sum(keys) * 2 * 2 * config.num_attention_heads * head_dim
         assert flops_per_token(args.transformer, args.vocab_size, seq) == pytest.approx(3 * (2 * linear + attention))
         lora = flops_per_token(args.transformer, args.vocab_size, seq, frozen_weights=True)
         assert lora == pytest.approx(2 * (2 * linear + attention))

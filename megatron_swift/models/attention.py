@@ -13,7 +13,11 @@ subclasses DotProductAttention) and computes the same attention with PyTorch's f
   every rank's keys and values with megatron-core's sequence-parallel gather (whose backward
   reduce-scatters their gradients) and masks causally by global position.
 
-Cases it does not cover (attention bias, sliding windows, query-key layer scaling, explicit masks
+- sliding windows (megatron's `window_size` = (left, 0) on the layers `window_attn_skip_freq` picks): keys more
+  than `left` positions before the query are masked, by position within the document (THD) or in the whole
+  sequence (CP).
+
+Cases it does not cover (attention bias, windows looking ahead, query-key layer scaling, explicit masks
 under CP or THD) fall back to megatron's implementation, which raises for CP/THD. The Transformer
 Engine spec is not affected: on GPUs CP and THD go through TE.
 """
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.utils import is_layer_window_attention
 
 
 def cp_positions(local_len: int, cp_rank: int, cp_size: int, device=None) -> torch.Tensor:
@@ -52,11 +57,24 @@ def _packed_keep_cached(offsets: tuple[int, ...], total: int, device: torch.devi
 
 
 @functools.lru_cache(maxsize=8)
-def _cp_keep_cached(local_len: int, cp_rank: int, cp_size: int, device: torch.device) -> torch.Tensor:
+def _cp_keep_cached(
+    local_len: int, cp_rank: int, cp_size: int, device: torch.device, window: int | None = None
+) -> torch.Tensor:
     """[local, cp * local] bool: causal by global position, query chunks of `cp_rank` vs every rank's keys."""
     query_pos = cp_positions(local_len, cp_rank, cp_size, device)
     key_pos = torch.cat([cp_positions(local_len, r, cp_size, device) for r in range(cp_size)])
-    return query_pos[:, None] >= key_pos[None, :]
+    return _window_keep(query_pos[:, None] >= key_pos[None, :], query_pos, key_pos, window)
+
+
+def _window_keep(keep: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None):
+    """`keep` without the keys more than `window` positions before the query (None: no window)."""
+    return keep if window is None else keep & (query_pos[:, None] - key_pos[None, :] <= window)
+
+
+@functools.lru_cache(maxsize=8)
+def _window_causal_keep_cached(length: int, window: int, device: torch.device) -> torch.Tensor:
+    index = torch.arange(length, device=device)
+    return _window_keep(index[:, None] >= index[None, :], index, index, window)
 
 
 class SDPACoreAttention(DotProductAttention):
@@ -73,6 +91,12 @@ class SDPACoreAttention(DotProductAttention):
             parent_config.context_parallel_size = 1
         super().__init__(parent_config, *args, **kwargs)
         self.config = config
+        # This layer's window: megatron's (left, right) when `window_attn_skip_freq` makes it a windowed layer.
+        self.window_size = (
+            tuple(config.window_size)
+            if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, self.layer_number)
+            else None
+        )
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):  # fmt: skip
@@ -85,7 +109,7 @@ class SDPACoreAttention(DotProductAttention):
             or attention_bias is not None
             or kwargs
             or self.config.apply_query_key_layer_scaling
-            or self.config.window_size is not None
+            or (self.window_size is not None and self.window_size[1] != 0)
             or mask_type not in (AttnMaskType.causal, AttnMaskType.padding, AttnMaskType.no_mask)
         )
         if unsupported:
@@ -94,19 +118,29 @@ class SDPACoreAttention(DotProductAttention):
         if packed:  # THD: [tokens, heads, d] with no batch dimension; one "batch" of all documents
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         seq_q, batch = query.shape[0], query.shape[1]
+        window = None if self.window_size is None else self.window_size[0]
         keep = None
         if packed:
             keep = _packed_keep_cached(tuple(packed_seq_params.cu_seqlens_q.tolist()), seq_q, query.device)
+            if window is not None:  # documents start where they start: the distance is the same in the pack
+                keep = keep & _window_causal_keep_cached(seq_q, window, query.device)
         elif cp_size > 1:
             group = parallel_state.get_context_parallel_group()
             key, value = (
                 tensor_parallel.gather_from_sequence_parallel_region(t, tensor_parallel_output_grad=True, group=group)
                 for t in (key, value)
             )
-            keep = _cp_keep_cached(seq_q, parallel_state.get_context_parallel_rank(), cp_size, query.device)
+            keep = _cp_keep_cached(seq_q, parallel_state.get_context_parallel_rank(), cp_size, query.device, window)
         elif attention_mask is not None:
             # megatron's masks are True where attention is NOT allowed; SDPA's boolean masks the opposite.
             keep = ~attention_mask
+            if window is not None:
+                index = torch.arange(seq_q, device=query.device)
+                keep = _window_keep(keep, index, torch.arange(key.shape[0], device=query.device), window)
+        elif window is not None and mask_type == AttnMaskType.causal:
+            keep = _window_causal_keep_cached(seq_q, window, query.device)
+        elif window is not None:
+            raise ValueError(f"a sliding window needs causal attention, not {mask_type}")
         causal = keep is None and mask_type == AttnMaskType.causal
         # [s, b, heads, d] -> [b, heads, s, d] over [b, s, heads, d] memory (one copy each), the layout HF
         # hands SDPA: over megatron's [s, b] memory the CPU flash kernel strides b * heads * d between

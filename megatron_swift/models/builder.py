@@ -128,6 +128,16 @@ def build_model_chunks(
         block_spec = get_gpt_decoder_block_spec(
             config, use_transformer_engine=te, normalization="RMSNorm", vp_stage=stage
         )
+        if args.transformer.get("layernorm_zero_centered_gamma") or args.output_norms or args.window_rotary_base:
+            from megatron_swift.models.layer_variants import use_layer_variants
+
+            use_layer_variants(
+                block_spec,
+                zero_centered_norms=bool(args.transformer.get("layernorm_zero_centered_gamma")),
+                output_norms=args.output_norms,
+                window_rotary_base=args.window_rotary_base,
+                te=te,
+            )
         if not te and args.is_mla:
             from megatron_swift.models.mla import use_duplicated_down_projections
 
@@ -157,6 +167,7 @@ def build_model_chunks(
                 rope_scaling_factor=args.rope_scaling_factor,
                 seq_len_interpolation_factor=args.seq_len_interpolation_factor,
                 vp_stage=stage,
+                embedding_multiplier=args.embedding_multiplier,
                 **model_kwargs,
             )
         )

@@ -88,8 +88,18 @@ class Family:
     moe: MoEFields | None = None
     # "standard" (q/k/v fused into linear_qkv) or "mla" (multi-latent attention: models/mla.py).
     attention: str = "standard"
-    # HF `hidden_act` values the family's gated MLP may use (megatron-core's gated linear unit).
+    # HF activation values the family's gated MLP may use (megatron-core's gated linear unit), and the config
+    # field naming it (Gemma's `hidden_activation`).
     activations: tuple[str, ...] = ("silu",)
+    activation_field: str = "hidden_act"
+    # Gemma-style layers (models/layer_variants.py): RMSNorms scaling by (1 + weight); norms on the attention and
+    # MLP outputs before the residual add; embeddings multiplied by sqrt(hidden_size).
+    zero_centered_norms: bool = False
+    output_norms: bool = False
+    scale_embeddings: bool = False
+    # The config's `layer_types` choose sliding-window (`sliding_window`) or full attention per layer, and
+    # `rope_parameters` may hold one rope per layer type (models/hf_config.py).
+    window_layers: bool = False
     # HF rope types the family's configs may name (models/hf_config.py translates each).
     rope_types: tuple[str, ...] = ("default", "linear", "llama3")
     # megatron-core linears LoRA's `all-linear` targets.

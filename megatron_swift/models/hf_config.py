@@ -37,8 +37,13 @@ class GPTModelArgs:
     rope_scaling: bool = False
     rope_scaling_factor: float = 8.0
     seq_len_interpolation_factor: float | None = None
-    # HF sliding window; megatron's local attention has none, so sequences must stay within it.
+    # HF sliding window not built into the model (families without `window_layers`): sequences must stay within it.
     sliding_window: int | None = None
+    # Gemma-style layers (models/layer_variants.py): embeddings times this, output norms, the sliding-window
+    # layers' own rope base (None: every layer uses GPTModel's rope).
+    embedding_multiplier: float | None = None
+    output_norms: bool = False
+    window_rotary_base: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -106,12 +111,22 @@ def _translate_rope(hf_config, rope: dict, args: dict) -> None:
         raise ConfigError(f"rope_parameters.rope_type={rope_type!r} is not supported with standard attention")
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """HF's `gelu_pytorch_tanh` (GeGLU's gate activation in Gemma)."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": gelu_tanh}
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
 def _check_declared(hf_config, family: Family, rope: dict) -> None:
     """What the family's configs may name: activation and rope type."""
-    act = getattr(hf_config, "hidden_act", "silu")
+    act = getattr(hf_config, family.activation_field, "silu")
     if act not in family.activations:
         raise ConfigError(
-            f"hidden_act={act!r} is not supported for {family.name}; supported: {', '.join(family.activations)}"
+            f"{family.activation_field}={act!r} is not supported for {family.name}; supported: "
+            f"{', '.join(family.activations)}"
         )
     if rope["rope_type"] not in family.rope_types:
         raise ConfigError(
@@ -120,10 +135,47 @@ def _check_declared(hf_config, family: Family, rope: dict) -> None:
         )
 
 
+def _window_layers(hf_config, transformer: dict) -> tuple[dict, float | None]:
+    """`layer_types` + `sliding_window` -> megatron's window_size / window_attn_skip_freq in `transformer`; returns
+    the full-attention layers' rope and the sliding-window layers' rope base (None when they share one rope).
+
+    HF's window keeps keys with query - key < sliding_window; megatron's (left, 0) keeps query - key <= left."""
+    layer_types = list(getattr(hf_config, "layer_types", None) or ["full_attention"] * hf_config.num_hidden_layers)
+    unknown = sorted(set(layer_types) - set(LAYER_TYPES))
+    if unknown or len(layer_types) != hf_config.num_hidden_layers:
+        raise ConfigError(
+            f"layer_types={layer_types}: one of {', '.join(LAYER_TYPES)} per layer (num_hidden_layers="
+            f"{hf_config.num_hidden_layers}) is supported"
+        )
+    if "sliding_attention" in layer_types:
+        window = getattr(hf_config, "sliding_window", None)
+        if not window or int(window) < 1:
+            raise ConfigError(f"layer_types has sliding_attention layers but sliding_window={window!r}")
+        transformer["window_size"] = (int(window) - 1, 0)
+        transformer["window_attn_skip_freq"] = [int(kind == "sliding_attention") for kind in layer_types]
+    per_type = getattr(hf_config, "rope_parameters", None) or {}
+    if "full_attention" not in per_type:
+        return rope_parameters(hf_config), None
+    local = dict(per_type.get("sliding_attention") or {})
+    if local.get("rope_type", "default") != "default":
+        raise ConfigError(
+            f"rope_parameters.sliding_attention.rope_type={local['rope_type']!r} is not supported: the sliding-window "
+            "layers' own rope is the default one"
+        )
+    full = dict(per_type["full_attention"])
+    full.setdefault("rope_type", "default")
+    return full, float(local.get("rope_theta", full["rope_theta"]))
+
+
 def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModelArgs:
     """Translate an HF config of a supported family into megatron-core model arguments."""
     family = family_for(hf_config)
-    rope = rope_parameters(hf_config)
+    window_transformer: dict = {}
+    window_rotary_base = None
+    if family.window_layers:
+        rope, window_rotary_base = _window_layers(hf_config, window_transformer)
+    else:
+        rope = rope_parameters(hf_config)
     _check_declared(hf_config, family, rope)
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
@@ -149,8 +201,9 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
         kv_channels=head_dim,
         normalization="RMSNorm",
         layernorm_epsilon=float(hf_config.rms_norm_eps),
+        layernorm_zero_centered_gamma=family.zero_centered_norms,
         gated_linear_unit=True,
-        activation_func=F.silu,
+        activation_func=ACTIVATIONS[getattr(hf_config, family.activation_field, "silu")],
         add_bias_linear=False,
         add_qkv_bias=qkv_bias,
         qk_layernorm=qk_norm,
@@ -158,6 +211,7 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
         attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
         init_method_std=float(getattr(hf_config, "initializer_range", 0.02)),
     )
+    transformer.update(window_transformer)
     if family.moe is not None:
         transformer.update(moe_args(hf_config, family.moe))
     rope_kwargs: dict = {}
@@ -171,8 +225,8 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
         family.extras(hf_config, transformer)
     vocab = hf_config.vocab_size
     sliding = getattr(hf_config, "sliding_window", None)
-    if getattr(hf_config, "use_sliding_window", True) is False:
-        sliding = None
+    if getattr(hf_config, "use_sliding_window", True) is False or family.window_layers:
+        sliding = None  # window_layers: built into the model
     args = GPTModelArgs(
         family=family,
         transformer=transformer,
@@ -181,6 +235,9 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
         max_sequence_length=hf_config.max_position_embeddings,
         share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
         sliding_window=sliding,
+        embedding_multiplier=hf_config.hidden_size**0.5 if family.scale_embeddings else None,
+        output_norms=family.output_norms,
+        window_rotary_base=window_rotary_base if "window_size" in transformer else None,
         **rope_kwargs,
     )
     if sliding and sliding < args.max_sequence_length:

@@ -233,6 +233,10 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
     if model_args is not None and model_args.is_mla and job.model.attention == "local" and job.model.spec != "te":
         found.append("model.attention=local: megatron-core 0.16's DotProductAttention cannot be built for "
                      "multi-latent attention; use model.attention=sdpa")  # fmt: skip
+    windowed = model_args is not None and model_args.transformer.get("window_size") is not None
+    if windowed and job.model.attention == "local" and job.model.spec != "te":
+        found.append("model.attention=local: the sliding-window layers are checked against HF with our SDPA core "
+                     "attention only; use model.attention=sdpa")  # fmt: skip
     if job.train.train_type == "lora" and job.moe.moe_router_bias_update_rate:
         found.append("moe.moe_router_bias_update_rate: under LoRA the routing bias stays the base model's (it is "
                      "not part of the adapter); leave it unset")  # fmt: skip

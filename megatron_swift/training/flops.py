@@ -13,7 +13,9 @@ Convention (what `mfu` in metrics.jsonl means):
 - attention scores and the attention-weighted sum over a causal sequence: on average half of the
   sequence is attended, 2 * 2 * (seq / 2) * heads * head_dim per token (newer Megatron-LM's
   convention; torchtitan counts the full square, which reports a higher MFU); with MLA the scores use
-  the query / key head size (nope + rope) and the sum the value head size.
+  the query / key head size (nope + rope) and the sum the value head size; a sliding-window layer (megatron's
+  `window_size` on the layers `window_attn_skip_freq` picks) attends on average to the same continuous count
+  over its window, W - W^2 / (2 seq) keys for a window of W = left + 1 < seq (seq / 2 otherwise).
 MFU = FLOPs per token x tokens per second / (peak dense FLOP/s of the device x devices).
 """
 
@@ -31,7 +33,7 @@ PEAK_FLOPS = {
 def flops_per_token(t: dict, vocab_size: int, seq_length: int, frozen_weights: bool = False) -> float:
     """Training FLOPs per token for TransformerConfig keyword arguments `t` (see module docstring)."""
     h = t["hidden_size"]
-    attention = attention_flops(t, seq_length)[0]
+    attention = t["num_layers"] * attention_flops(t, seq_length)[0]
     dense_mlp = 2 * 3 * h * t["ffn_hidden_size"]
     experts = t.get("num_moe_experts")
     if experts:
@@ -42,16 +44,30 @@ def flops_per_token(t: dict, vocab_size: int, seq_length: int, frozen_weights: b
         mlp = sum(moe_mlp if is_moe else dense_mlp for is_moe in sparse)
     else:
         mlp = t["num_layers"] * dense_mlp
-    forward = t["num_layers"] * attention + mlp + 2 * h * vocab_size
+    forward = attention + mlp + 2 * h * vocab_size
     return (2 if frozen_weights else 3) * forward
 
 
+def _attended_keys(t: dict, layer_number: int, seq_length: int) -> float:
+    """Keys a query of layer `layer_number` (1-based, as megatron's) attends to on average (module docstring)."""
+    window, pattern = t.get("window_size"), t.get("window_attn_skip_freq")
+    windowed = window is not None and (
+        pattern is None or (pattern[layer_number - 1] if isinstance(pattern, list) else layer_number % pattern != 0)
+    )
+    width = window[0] + 1 if windowed else seq_length
+    if width >= seq_length:
+        return seq_length / 2
+    return width - width**2 / (2 * seq_length)
+
+
 def attention_flops(t: dict, seq_length: int) -> tuple[float, float]:
-    """Forward FLOPs per token of one attention layer: (all of it, the core attention's share)."""
+    """Forward FLOPs per token of one attention layer, averaged over the model's layers (sliding windows differ):
+    (all of it, the core attention's share)."""
     h, heads = t["hidden_size"], t["num_attention_heads"]
     if not t.get("multi_latent_attention"):
-        groups, head_dim = t["num_query_groups"], t["kv_channels"]
-        core = 2 * 2 * (seq_length / 2) * heads * head_dim
+        groups, head_dim, layers = t["num_query_groups"], t["kv_channels"], t["num_layers"]
+        attended = sum(_attended_keys(t, layer, seq_length) for layer in range(1, layers + 1)) / layers
+        core = 2 * 2 * attended * heads * head_dim
         return 2 * h * (heads + 2 * groups) * head_dim + 2 * heads * head_dim * h + core, core
     # Multi-latent attention (megatron-core's MLATransformerConfig names)
     q_lora = t.get("q_lora_rank")
