@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from megatron_swift.models.hf_config import GPTModelArgs
 from megatron_swift.plan.hardware import Cluster
 from megatron_swift.plan.layout import Layout, Ops
-from megatron_swift.training.flops import attention_flops, flops_per_token
+from megatron_swift.training.flops import attention_flops, flops_per_token, mlp_flops
 
 
 @dataclass
@@ -45,15 +45,8 @@ def _ring(bytes_: float, ranks: int, bandwidth: float) -> float:
 
 def layer_flops(args: GPTModelArgs, seq: int, moe: bool) -> tuple[float, float, float]:
     """Forward FLOPs per token of one layer: (attention incl. projections, core attention alone, MLP)."""
-    t = args.transformer
-    h = t["hidden_size"]
-    attention, core = attention_flops(t, seq)
-    if moe:
-        mlp = 2 * h * t["num_moe_experts"] + t["moe_router_topk"] * 2 * 3 * h * t["moe_ffn_hidden_size"]
-        mlp += 2 * 3 * h * (t.get("moe_shared_expert_intermediate_size") or 0)
-    else:
-        mlp = 2 * 3 * h * t["ffn_hidden_size"]
-    return attention, core, mlp
+    attention, core = attention_flops(args.transformer, seq)
+    return attention, core, mlp_flops(args.transformer, moe)
 
 
 def step_time(

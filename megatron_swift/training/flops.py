@@ -34,18 +34,23 @@ def flops_per_token(t: dict, vocab_size: int, seq_length: int, frozen_weights: b
     """Training FLOPs per token for TransformerConfig keyword arguments `t` (see module docstring)."""
     h = t["hidden_size"]
     attention = t["num_layers"] * attention_flops(t, seq_length)[0]
-    dense_mlp = 2 * 3 * h * t["ffn_hidden_size"]
-    experts = t.get("num_moe_experts")
-    if experts:
-        moe_mlp = 2 * h * experts + t["moe_router_topk"] * 2 * 3 * h * t["moe_ffn_hidden_size"]
-        moe_mlp += 2 * 3 * h * (t.get("moe_shared_expert_intermediate_size") or 0)
+    if t.get("num_moe_experts"):
         pattern = t.get("moe_layer_freq", 1)
         sparse = pattern if isinstance(pattern, list) else [int(i % pattern == 0) for i in range(t["num_layers"])]
-        mlp = sum(moe_mlp if is_moe else dense_mlp for is_moe in sparse)
+        mlp = sum(mlp_flops(t, bool(is_moe)) for is_moe in sparse)
     else:
-        mlp = t["num_layers"] * dense_mlp
+        mlp = t["num_layers"] * mlp_flops(t, False)
     forward = attention + mlp + 2 * h * vocab_size
     return (2 if frozen_weights else 3) * forward
+
+
+def mlp_flops(t: dict, moe: bool) -> float:
+    """Forward FLOPs per token of one layer's MLP: SwiGLU, or the router + top-k experts + the shared expert."""
+    h = t["hidden_size"]
+    if not moe:
+        return 2 * 3 * h * t["ffn_hidden_size"]
+    routed = 2 * h * t["num_moe_experts"] + t["moe_router_topk"] * 2 * 3 * h * t["moe_ffn_hidden_size"]
+    return routed + 2 * 3 * h * (t.get("moe_shared_expert_intermediate_size") or 0)
 
 
 def _attended_keys(t: dict, layer_number: int, seq_length: int) -> float:
