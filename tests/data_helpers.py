@@ -79,3 +79,10 @@ def tool_conversations() -> list[dict]:
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows))
     return path
+
+
+def preference_data(*datasets, **options):
+    """The DataSection the preference / KTO data tests build from: 96-token rows, file order kept."""
+    from megatron_swift.training.config import DataSection
+
+    return DataSection(dataset=[str(d) for d in datasets], **{"seq_length": 96, "shuffle": False, **options})

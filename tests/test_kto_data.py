@@ -8,8 +8,8 @@ import torch
 
 from megatron_swift.data import DataError, build_train_data
 from megatron_swift.models.tiny import make_tiny_tokenizer
-from megatron_swift.training.config import DataSection, preflight
-from tests.data_helpers import write_jsonl
+from megatron_swift.training.config import preflight
+from tests.data_helpers import preference_data, write_jsonl
 from tests.train_matrix import job_for
 
 KTO = "examples/data/kto_sample.jsonl"
@@ -19,10 +19,6 @@ QUESTION = {"role": "user", "content": "Capital of France?"}
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tiny_tokenizer()
-
-
-def _data(*datasets, **options) -> DataSection:
-    return DataSection(dataset=[str(d) for d in datasets], **{"seq_length": 96, "shuffle": False, **options})
 
 
 def _row(question: str, answer: str, label) -> dict:
@@ -45,7 +41,7 @@ def test_kl_sequences_are_trls_rotation_within_each_global_batch(tokenizer, tmp_
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
     rows = [_row(f"Question {i}?", f"Answer number {i}.", i % 2 == 0) for i in range(5)]
-    data = build_train_data(_data(write_jsonl(tmp_path / "k.jsonl", rows)), tokenizer, "kto", 2, 0)
+    data = build_train_data(preference_data(write_jsonl(tmp_path / "k.jsonl", rows)), tokenizer, "kto", 2, 0)
     assert data.num_samples == 5 and data.stats["desirable"] == 3
     batch = data.batches.collate(list(data.batches.items))
     n = 5
@@ -68,8 +64,8 @@ def test_kl_sequences_are_trls_rotation_within_each_global_batch(tokenizer, tmp_
 
 def test_labels_and_cache(tokenizer, tmp_path):
     options = {"cache_dir": str(tmp_path / "cache")}
-    first = build_train_data(_data(KTO, **options), tokenizer, "kto", 4, 0)
-    again = build_train_data(_data(KTO, **options), tokenizer, "kto", 4, 0)
+    first = build_train_data(preference_data(KTO, **options), tokenizer, "kto", 4, 0)
+    again = build_train_data(preference_data(KTO, **options), tokenizer, "kto", 4, 0)
     assert list((tmp_path / "cache").iterdir()) and first.stats == again.stats
     assert first.stats["desirable"] == 24 and first.num_samples == 48
     for a, b in zip(first.batches.next_microbatches(0, 1, 2), again.batches.next_microbatches(0, 1, 2), strict=True):
@@ -77,7 +73,7 @@ def test_labels_and_cache(tokenizer, tmp_path):
         assert a["desirable"].tolist() == [1.0, 0.0]  # the shipped file alternates true / false
     labels = [True, False, 1, 0]
     path = write_jsonl(tmp_path / "l.jsonl", [_row(f"Q{i}", f"A{i}", label) for i, label in enumerate(labels)])
-    (batch,) = build_train_data(_data(path), tokenizer, "kto", 4, 0).batches.next_microbatches(0, 1, 4)
+    (batch,) = build_train_data(preference_data(path), tokenizer, "kto", 4, 0).batches.next_microbatches(0, 1, 4)
     assert batch["desirable"].tolist() == [1.0, 0.0, 1.0, 0.0]
 
 
@@ -97,7 +93,7 @@ BAD = [
 def test_bad_kto_rows_name_file_and_line(tokenizer, tmp_path, row, message):
     path = write_jsonl(tmp_path / "k.jsonl", [_row("Q", "A", True), row])
     with pytest.raises(DataError, match=re.escape(message)):
-        build_train_data(_data(path), tokenizer, "kto", 2, 0)
+        build_train_data(preference_data(path), tokenizer, "kto", 2, 0)
 
 
 PREFLIGHT = [

@@ -12,8 +12,8 @@ from megatron_swift.data.labels import LossPolicy
 from megatron_swift.data.sources import Row
 from megatron_swift.data.templates import make_template
 from megatron_swift.models.tiny import make_tiny_tokenizer
-from megatron_swift.training.config import DataSection, preflight
-from tests.data_helpers import write_jsonl
+from megatron_swift.training.config import preflight
+from tests.data_helpers import preference_data, write_jsonl
 from tests.train_matrix import job_for
 
 DPO = "examples/data/dpo_sample.jsonl"
@@ -23,10 +23,6 @@ QUESTION = {"role": "user", "content": "Capital of France?"}
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tiny_tokenizer()
-
-
-def _data(*datasets, **options) -> DataSection:
-    return DataSection(dataset=[str(d) for d in datasets], **{"seq_length": 96, "shuffle": False, **options})
 
 
 def _scored_text(tokenizer, tokens, labels, mask) -> str:
@@ -41,7 +37,7 @@ def test_a_micro_batch_holds_its_pairs_chosen_rows_first_and_scores_only_the_res
                                {"role": "assistant", "content": "Cusco, I think."}]},
     ]  # fmt: skip
     path = write_jsonl(tmp_path / "p.jsonl", rows)
-    data = build_train_data(_data(path), tokenizer, "dpo", 2, 0)
+    data = build_train_data(preference_data(path), tokenizer, "dpo", 2, 0)
     (batch,) = data.batches.next_microbatches(0, 1, 2)
     assert batch["tokens"].shape == (4, 96)  # 2 pairs -> 2 chosen rows, then their 2 rejected rows
     scored = [_scored_text(tokenizer, *(batch[k][i] for k in ("tokens", "labels", "loss_mask"))) for i in range(4)]
@@ -58,7 +54,7 @@ def test_multi_turn_pairs_score_the_last_response_only(tokenizer, tmp_path):
     history = [QUESTION, {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Peru?"}]
     path = write_jsonl(tmp_path / "p.jsonl", [{"messages": [*history, {"role": "assistant", "content": "Lima."}],
                                                "rejected_response": "Cusco."}])  # fmt: skip
-    (batch,) = build_train_data(_data(path), tokenizer, "dpo", 1, 0).batches.next_microbatches(0, 1, 1)
+    (batch,) = build_train_data(preference_data(path), tokenizer, "dpo", 1, 0).batches.next_microbatches(0, 1, 1)
     scored = [_scored_text(tokenizer, batch["tokens"][i], batch["labels"][i], batch["loss_mask"][i]) for i in (0, 1)]
     assert "Paris" not in scored[0] and "Lima." in scored[0] and "Cusco." in scored[1]
 
@@ -88,20 +84,20 @@ def test_bad_pair_rows_name_file_and_line(tokenizer, tmp_path, row, message):
     good = {"messages": [QUESTION, {"role": "assistant", "content": "Paris."}], "rejected_response": "Lyon."}
     path = write_jsonl(tmp_path / "p.jsonl", [good, row])
     with pytest.raises(DataError, match=re.escape(message)):
-        build_train_data(_data(path), tokenizer, "dpo", 1, 0)
+        build_train_data(preference_data(path), tokenizer, "dpo", 1, 0)
 
 
 def test_cached_pairs_are_the_pairs(tokenizer, tmp_path):
     options = {"cache_dir": str(tmp_path / "cache")}
-    first = build_train_data(_data(DPO, **options), tokenizer, "dpo", 4, 0).batches.next_microbatches(0, 1, 2)
-    again = build_train_data(_data(DPO, **options), tokenizer, "dpo", 4, 0).batches.next_microbatches(0, 1, 2)
+    first = build_train_data(preference_data(DPO, **options), tokenizer, "dpo", 4, 0).batches.next_microbatches(0, 1, 2)
+    again = build_train_data(preference_data(DPO, **options), tokenizer, "dpo", 4, 0).batches.next_microbatches(0, 1, 2)
     assert list((tmp_path / "cache").iterdir())
     for a, b in zip(first, again, strict=True):
         assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 def test_truncation_drops_pairs_left_without_a_scored_token(tokenizer, tmp_path):
-    data = build_train_data(_data(DPO, seq_length=24), tokenizer, "dpo", 1, 0)
+    data = build_train_data(preference_data(DPO, seq_length=24), tokenizer, "dpo", 1, 0)
     assert data.stats["no_target_after_truncation"] > 0 and data.num_samples < 24
     for index in range(data.num_samples):
         (batch,) = data.batches.next_microbatches(0, 1, 1)
