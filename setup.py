@@ -7,9 +7,11 @@ setup(
     version="0.1.0",
     description="HF <-> Megatron-Core conversion, training and fine-tuning on megatron-core",
     python_requires=">=3.10",
-    packages=find_packages(
-        include=["megatron_swift", "megatron_swift.*", "converters", "converters.*", "kernels", "kernels.*"]
-    ),
+    # kernels/ holds the import package megatron_swift_kernels: a top-level package named `kernels` would shadow
+    # Hugging Face's `kernels`, which transformers (>= 5.25) imports (tests/test_layering.py checks this).
+    packages=find_packages(include=["megatron_swift", "megatron_swift.*", "converters", "converters.*"])
+    + find_packages("kernels", include=["megatron_swift_kernels", "megatron_swift_kernels.*"]),
+    package_dir={"megatron_swift_kernels": "kernels/megatron_swift_kernels"},
     install_requires=[
         "megatron-core>=0.16,<0.20",
         "torch>=2.6",

@@ -295,8 +295,8 @@ def fresh_process(argv: list[str]) -> Run:
     first on the path. The RSS is the largest of the process and its waited-for children."""
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "log", "w+b") as log:
         report = Path(tmp) / "report"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               "MSWIFT_BENCH_RSS": str(report)}  # fmt: skip
+        path = [str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "MSWIFT_BENCH_RSS": str(report)}
         start = time.perf_counter()
         code = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, *argv], cwd=ROOT, env=env, stdout=log,
                               stderr=log).returncode  # fmt: skip

@@ -56,10 +56,10 @@ def _loss(variant: str, h, weight, labels, mask):
         logits = (h @ weight.t()).float()
         return (vocab_parallel_cross_entropy(logits, labels) * mask).sum()
     if variant == "unfused-torch":
-        from kernels.fused_linear_cross_entropy.reference import linear_cross_entropy
+        from megatron_swift_kernels.fused_linear_cross_entropy.reference import linear_cross_entropy
 
         return linear_cross_entropy(h, weight, labels, mask)
-    from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+    from megatron_swift_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
     return fused_linear_cross_entropy(h, weight, labels, mask, backend=variant.split("-")[1])
 
@@ -109,7 +109,8 @@ def run(tokens: int, hidden: int, vocab: int) -> dict:
     variants = ["unfused-megatron", "unfused-torch", "fused-torch"]
     if torch.cuda.is_available():
         variants.append("fused-triton")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "kernels")])}
     rows = {}
     for variant in variants:
         command = [sys.executable, __file__, "--measure", variant, "--tokens", str(tokens), "--hidden", str(hidden),

@@ -1,6 +1,6 @@
 """Our kernels (kernels/) inside megatron-core models: layer-spec modules and the fused-loss model hook.
 
-`model.kernels` (torch | triton | te | auto, see kernels/select.py) chooses an implementation per op;
+`model.kernels` (torch | triton | te | auto, see megatron_swift_kernels/select.py) chooses an implementation per op;
 this module turns the choice into modules, never by patching megatron-core:
 
 - `KernelRMSNorm`: megatron's norm signature `(config, hidden_size, eps)`, placed in the local spec
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from kernels.select import KernelUnavailableError, resolve
 from megatron_swift.config import ConfigError
 from megatron_swift.models.gpt import GPTModel
+from megatron_swift_kernels.select import KernelUnavailableError, resolve
 
 
 def kernel_backends(kernels: str, te_spec: bool, fused_loss: bool) -> dict[str, str]:
@@ -63,7 +63,7 @@ class KernelRMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        from kernels.rmsnorm import rms_norm
+        from megatron_swift_kernels.rmsnorm import rms_norm
 
         return rms_norm(hidden_states, self.weight, self.eps, self.backend)
 
@@ -85,7 +85,7 @@ class KernelMLP(MLP):
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         if not self.uses_swiglu or per_token_scale is not None:
             return super().forward(hidden_states, per_token_scale, **kwargs)
-        from kernels.swiglu import swiglu
+        from megatron_swift_kernels.swiglu import swiglu
 
         intermediate, bias = self.linear_fc1(hidden_states)
         if bias is not None:

@@ -30,8 +30,8 @@ class Target:
     def this_machine(cls) -> Target:
         import torch
 
-        from kernels.select import triton_installed
         from megatron_swift.training.fusions import Machine
+        from megatron_swift_kernels.select import triton_installed
 
         machine = Machine.detect()
         cuda = torch.cuda.is_available()

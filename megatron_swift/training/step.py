@@ -50,7 +50,7 @@ def _fused_loss_func(loss_mask: torch.Tensor, labels: torch.Tensor, vocab_size: 
     """`_loss_func` from hidden states [b, s, h]: the output projection is fused into the loss."""
     from megatron.core import parallel_state as ps
 
-    from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+    from megatron_swift_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 
     weight = core_model.output_weight()
     mask = loss_mask.reshape(-1).float()

@@ -25,17 +25,18 @@ import torch
 
 if "--smoke" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: kernels/, tests/gpu/common.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for tests/gpu/common.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "kernels"))  # megatron_swift_kernels
 
-from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-from kernels.fused_linear_cross_entropy.autograd import CHUNK_ELEMENTS
-from kernels.fused_linear_cross_entropy.reference import linear_cross_entropy
-from kernels.rmsnorm import rms_norm
-from kernels.rmsnorm.reference import rms_norm as rms_norm_reference
-from kernels.rotary import apply_rotary
-from kernels.rotary import reference as rotary_reference
-from kernels.swiglu import swiglu
-from kernels.swiglu.reference import swiglu as swiglu_reference
+from megatron_swift_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from megatron_swift_kernels.fused_linear_cross_entropy.autograd import CHUNK_ELEMENTS
+from megatron_swift_kernels.fused_linear_cross_entropy.reference import linear_cross_entropy
+from megatron_swift_kernels.rmsnorm import rms_norm
+from megatron_swift_kernels.rmsnorm.reference import rms_norm as rms_norm_reference
+from megatron_swift_kernels.rotary import apply_rotary
+from megatron_swift_kernels.rotary import reference as rotary_reference
+from megatron_swift_kernels.swiglu import swiglu
+from megatron_swift_kernels.swiglu.reference import swiglu as swiglu_reference
 from tests.gpu.common import device_for, environment, parser, write_result
 
 FULL = {"tokens": 8192, "hidden": 4096, "ffn": 14336, "heads": 32, "head_dim": 128, "batch": 2,
@@ -99,10 +100,10 @@ def check_and_time(name, triton_fn, reference_fn, inputs, grad, kernels, device,
 
 
 def run(shape: dict, device: str, compile_reference: bool) -> list[dict]:
-    from kernels.fused_linear_cross_entropy import triton_impl as ce_kernels
-    from kernels.rmsnorm.triton_impl import rmsnorm_backward, rmsnorm_forward
-    from kernels.rotary.triton_impl import rotary_apply
-    from kernels.swiglu.triton_impl import swiglu_backward, swiglu_forward
+    from megatron_swift_kernels.fused_linear_cross_entropy import triton_impl as ce_kernels
+    from megatron_swift_kernels.rmsnorm.triton_impl import rmsnorm_backward, rmsnorm_forward
+    from megatron_swift_kernels.rotary.triton_impl import rotary_apply
+    from megatron_swift_kernels.swiglu.triton_impl import swiglu_backward, swiglu_forward
 
     dtype, gen = torch.bfloat16, torch.Generator(device=device).manual_seed(0)
 

@@ -38,7 +38,7 @@ CHECKS=(
     "post_training 90 post_training_gpu.py"  # eval on CUDA, int8 quantization
 )
 
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$REPO:$REPO/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PARTS=$(mktemp -d)
 trap 'rm -rf "$PARTS"' EXIT
 mkdir -p "$DEST"

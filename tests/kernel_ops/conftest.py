@@ -24,7 +24,9 @@ if not torch.cuda.is_available():
 def _triton_interpreter_on_cpu():
     if torch.cuda.is_available():
         return
-    early = [name for name in sys.modules if name.startswith("kernels.") and name.endswith("triton_impl")]
+    early = [
+        name for name in sys.modules if name.startswith("megatron_swift_kernels.") and name.endswith("triton_impl")
+    ]
     for name in early:
         for value in vars(sys.modules[name]).values():
             if hasattr(value, "fn") and type(value).__name__ == "JITFunction":

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.select import KernelUnavailableError, resolve
 from megatron_swift.config import ConfigError
 from megatron_swift.training.job import check_job
+from megatron_swift_kernels.select import KernelUnavailableError, resolve
 from tests.train_matrix import job_for, run_cases
 
 DATA = "examples/data/sft_sample.jsonl"

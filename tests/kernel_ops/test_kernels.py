@@ -16,14 +16,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-from kernels.fused_linear_cross_entropy import reference as ce_reference
-from kernels.rmsnorm import rms_norm
-from kernels.rmsnorm.reference import rms_norm as rms_norm_reference
-from kernels.rotary import apply_rotary, apply_rotary_thd
-from kernels.rotary import reference as rotary_reference
-from kernels.swiglu import swiglu
-from kernels.swiglu.reference import swiglu as swiglu_reference
+from megatron_swift_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from megatron_swift_kernels.fused_linear_cross_entropy import reference as ce_reference
+from megatron_swift_kernels.rmsnorm import rms_norm
+from megatron_swift_kernels.rmsnorm.reference import rms_norm as rms_norm_reference
+from megatron_swift_kernels.rotary import apply_rotary, apply_rotary_thd
+from megatron_swift_kernels.rotary import reference as rotary_reference
+from megatron_swift_kernels.swiglu import swiglu
+from megatron_swift_kernels.swiglu.reference import swiglu as swiglu_reference
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.bfloat16]
@@ -55,7 +55,7 @@ def reference_grads(fn, inputs, grad_out):
 @pytest.mark.parametrize("rows,hidden,programs,tile_rows", [(1, 8, 1, None), (7, 96, 2, 1), (33, 100, 4, 2),
                                                              (5, 257, 3, None)])  # fmt: skip
 def test_rmsnorm(rows, hidden, programs, tile_rows, dtype):
-    from kernels.rmsnorm.triton_impl import rmsnorm_backward, rmsnorm_forward
+    from megatron_swift_kernels.rmsnorm.triton_impl import rmsnorm_backward, rmsnorm_forward
 
     gen = torch.Generator().manual_seed(rows * hidden)
     x = torch.randn(rows, hidden, generator=gen).to(dtype)
@@ -81,7 +81,7 @@ def test_rmsnorm(rows, hidden, programs, tile_rows, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,ffn,block", [(1, 4, 4), (5, 37, 16), (16, 300, 128)])
 def test_swiglu(rows, ffn, block, dtype):
-    from kernels.swiglu.triton_impl import swiglu_backward, swiglu_forward
+    from megatron_swift_kernels.swiglu.triton_impl import swiglu_backward, swiglu_forward
 
     gen = torch.Generator().manual_seed(rows * ffn)
     x = torch.randn(rows, 2 * ffn, generator=gen).to(dtype)
@@ -125,7 +125,7 @@ class _SingleRankGroup:
 def test_rotary_standard_layout(seq, batch, heads, head_dim, rot_dim, dtype):
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-    from kernels.rotary.triton_impl import rotary_apply
+    from megatron_swift_kernels.rotary.triton_impl import rotary_apply
 
     gen = torch.Generator().manual_seed(seq * head_dim)
     t = torch.randn(seq, batch, heads, head_dim, generator=gen).to(dtype)
@@ -153,7 +153,7 @@ def test_rotary_standard_layout(seq, batch, heads, head_dim, rot_dim, dtype):
 def test_rotary_packed_thd(cu_seqlens, heads, head_dim, rot_dim, dtype):
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_thd
 
-    from kernels.rotary.triton_impl import rotary_apply
+    from megatron_swift_kernels.rotary.triton_impl import rotary_apply
 
     cu = torch.tensor(cu_seqlens, dtype=torch.int32)
     total, longest = cu_seqlens[-1], int((cu[1:] - cu[:-1]).max())
@@ -181,7 +181,7 @@ def test_rotary_packed_thd(cu_seqlens, heads, head_dim, rot_dim, dtype):
 @pytest.mark.parametrize("rows,n_cols,block", [(5, 37, 16), (9, 300, 64), (3, 1, 8), (70, 20, 32)])
 def test_cross_entropy_chunk_steps(rows, n_cols, block, monkeypatch):
     """The two per-chunk kernels of the fused loss against their torch versions (fp32 logits always)."""
-    from kernels.fused_linear_cross_entropy import triton_impl
+    from megatron_swift_kernels.fused_linear_cross_entropy import triton_impl
 
     monkeypatch.setattr(triton_impl, "BLOCK", block)  # several vocabulary blocks per row
     gen = torch.Generator().manual_seed(rows * n_cols)

@@ -1,7 +1,7 @@
 """Which implementation of each kernel a run uses: `torch | triton | te | auto`, resolved once per run.
 
-- `torch`: the pure-torch reference of each op (`kernels/<op>/reference.py`), autograd by torch.
-- `triton`: the Triton kernels (`kernels/<op>/triton_impl.py`). They need a CUDA GPU, or
+- `torch`: the pure-torch reference of each op (`<op>/reference.py`), autograd by torch.
+- `triton`: the Triton kernels (`<op>/triton_impl.py`). They need a CUDA GPU, or
   `TRITON_INTERPRET=1` set before the kernels are first imported (Triton's CPU interpreter, used by
   the tests; far too slow for training). The interpreter choice is frozen when `triton.jit` decorates
   a kernel, so it is checked here rather than discovered as a wrong-device error mid-step.

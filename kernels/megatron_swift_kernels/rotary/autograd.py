@@ -7,20 +7,20 @@ from __future__ import annotations
 
 import torch
 
-from kernels.rotary import reference
+from megatron_swift_kernels.rotary import reference
 
 
 class TritonRotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin, positions):
-        from kernels.rotary.triton_impl import rotary_apply
+        from megatron_swift_kernels.rotary.triton_impl import rotary_apply
 
         ctx.save_for_backward(cos, sin, positions)
         return rotary_apply(x.contiguous(), cos, sin, positions)
 
     @staticmethod
     def backward(ctx, dy):
-        from kernels.rotary.triton_impl import rotary_apply
+        from megatron_swift_kernels.rotary.triton_impl import rotary_apply
 
         cos, sin, positions = ctx.saved_tensors
         return rotary_apply(dy.contiguous(), cos, sin, positions, backward=True), None, None, None

@@ -36,7 +36,7 @@ class TorchSwiGLU(torch.autograd.Function):
 class TritonSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fc1_output):
-        from kernels.swiglu.triton_impl import swiglu_forward
+        from megatron_swift_kernels.swiglu.triton_impl import swiglu_forward
 
         rows = fc1_output.reshape(-1, fc1_output.shape[-1]).contiguous()
         ctx.save_for_backward(rows)
@@ -44,7 +44,7 @@ class TritonSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from kernels.swiglu.triton_impl import swiglu_backward
+        from megatron_swift_kernels.swiglu.triton_impl import swiglu_backward
 
         (rows,) = ctx.saved_tensors
         dx = swiglu_backward(rows, dy.reshape(rows.shape[0], -1).contiguous())

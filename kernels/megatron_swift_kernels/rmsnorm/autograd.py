@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from kernels.rmsnorm.reference import rms_norm as rms_norm_reference
+from megatron_swift_kernels.rmsnorm.reference import rms_norm as rms_norm_reference
 
 
 class TritonRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        from kernels.rmsnorm.triton_impl import rmsnorm_forward
+        from megatron_swift_kernels.rmsnorm.triton_impl import rmsnorm_forward
 
         rows = x.reshape(-1, x.shape[-1]).contiguous()
         y, rstd = rmsnorm_forward(rows, weight.contiguous(), eps)
@@ -19,7 +19,7 @@ class TritonRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from kernels.rmsnorm.triton_impl import rmsnorm_backward
+        from megatron_swift_kernels.rmsnorm.triton_impl import rmsnorm_backward
 
         rows, weight, rstd = ctx.saved_tensors
         dx, dweight = rmsnorm_backward(dy.reshape(rows.shape).contiguous(), rows, weight.contiguous(), rstd)

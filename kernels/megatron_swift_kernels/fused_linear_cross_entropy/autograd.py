@@ -43,9 +43,9 @@ MIN_CHUNK_COLUMNS = 256  # keeps chunks reasonable GEMMs for very long blocks
 
 def _chunk_steps(backend: str):
     if backend == "triton":
-        from kernels.fused_linear_cross_entropy import triton_impl as steps
+        from megatron_swift_kernels.fused_linear_cross_entropy import triton_impl as steps
     elif backend == "torch":
-        from kernels.fused_linear_cross_entropy import reference as steps
+        from megatron_swift_kernels.fused_linear_cross_entropy import reference as steps
     else:
         raise ValueError(f"fused_linear_cross_entropy: no {backend!r} implementation")
     return steps.chunk_stats, steps.chunk_grad_
