@@ -1,5 +1,5 @@
-"""`python -m megatron_swift.bench techniques`: two real runs and a failing one (one process each, 3 steps), and the
-bad-input errors, which come before any run."""
+"""`python -m megatron_swift.bench techniques`: two real runs and a failing one (one process each, 3 steps; slow
+suite), and the bad-input errors, which come before any run."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def _records(out, name) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow  # three fresh training processes; the bad-input tests below stay in the default suite
 def test_rows_are_read_from_each_runs_logs(comparison, tiny_models):
     from transformers import AutoModelForCausalLM
 
@@ -71,6 +72,7 @@ def test_rows_are_read_from_each_runs_logs(comparison, tiny_models):
     assert rows["lora"]["loss_curve"]["loss"][-1] != rows["full"]["loss_curve"]["loss"][-1]
 
 
+@pytest.mark.slow  # three fresh training processes; the bad-input tests below stay in the default suite
 def test_the_plot_draws_the_metrics_files_values(comparison):
     import matplotlib.pyplot as plt
 
@@ -90,6 +92,7 @@ def test_the_plot_draws_the_metrics_files_values(comparison):
     assert [bar.get_height() for bar in speed.patches] == [rows[n]["tokens_per_sec"] for n in drawn]
 
 
+@pytest.mark.slow  # three fresh training processes; the bad-input tests below stay in the default suite
 def test_a_failed_technique_is_reported_in_its_row(comparison):
     out, rows, _ = comparison
     broken = rows["broken"]

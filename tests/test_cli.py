@@ -21,6 +21,7 @@ def test_make_tiny_model_example(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "m").iterdir()}
 
 
+@pytest.mark.slow  # fresh processes for each command; each command runs in-process in the default suite
 def test_cli_convert_tp2_check_export_and_load_cleanly(tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM
 

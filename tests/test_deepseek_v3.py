@@ -197,6 +197,7 @@ LAYOUTS = [
 ]
 
 
+@pytest.mark.slow  # the default suite keeps step one vs HF and the family's TP2 / PP2 / EP2 logits (test_check)
 def test_three_steps_at_tp2_sp_pp2_ep2_equal_the_single_process(tiny_models, tmp_path):
     """Losses and gradient norms of 3 steps (the routing bias updated after each: megatron-core reduces the
     token counts over TP x DP), at every layout in one 2-rank launch, equal one process's."""

@@ -1,6 +1,7 @@
 """GLM-4.5 (q/k/v biases, qk-norm, partial rotary, sigmoid-routed MoE with an expert bias) against HF transformers'
 Glm4Moe. The tiny model also runs through every family-wide test (round trip, logits at TP1 / TP2 / PP2 / EP2)."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -37,6 +38,7 @@ def test_step_one_equals_hf_and_the_expert_bias_moves_by_megatrons_rule(tiny_mod
         torch.testing.assert_close(after[name], expected, rtol=0, atol=1e-7)
 
 
+@pytest.mark.slow  # the default suite keeps step one vs HF and the family's TP2 / PP2 / EP2 logits (test_check)
 def test_three_steps_at_tp2_sp_pp2_ep2_equal_the_single_process(tiny_models, tmp_path):
     """GLM-4.5 has no load-balancing loss (coefficient 0), so TP2 + SP is compared with it as is."""
     hf_dir = tiny_models[FAMILY]

@@ -74,8 +74,8 @@ def test_kill_and_resume_is_bitwise_identical(tiny_models, tmp_path):
     bitwise, and its history (metrics.jsonl, TensorBoard) holds each step once, the resumed run's."""
     hf = tiny_models["llama"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _finish(_launch(hf, straight, iters=9, interval=9))
-
+    # Side by side: one thread each on two cores.
+    straight_run = _launch(hf, straight, iters=9, interval=9)
     victim = _launch(hf, resumed, iters=100, interval=3)
     latest, metrics = resumed / "ckpt" / "latest", resumed / "logs" / "metrics.jsonl"
     deadline = time.time() + 240
@@ -98,6 +98,7 @@ def test_kill_and_resume_is_bitwise_identical(tiny_models, tmp_path):
     leftover.mkdir(parents=True)
     _finish(_launch(hf, resumed, iters=9, interval=3))
     assert not leftover.parent.exists()
+    _finish(straight_run)
 
     expected_steps, expected = _history(straight)
     got_steps, got = _history(resumed)
