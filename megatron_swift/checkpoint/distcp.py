@@ -87,6 +87,7 @@ class DistcpReader:
         self._reader = FileSystemReader(str(self.path))
         self.metadata = self._reader.read_metadata()
         self._reader.set_up_storage_reader(self.metadata, True)
+        self._chunk_sizes: dict[str, dict[tuple, tuple]] = {}  # key -> stored chunk offsets -> sizes
 
     def shape(self, key: str) -> tuple[int, ...] | None:
         """Global shape of the tensor stored under `key`, or None when there is no such tensor."""
@@ -105,15 +106,15 @@ class DistcpReader:
         from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
         stored = self.metadata.state_dict_metadata[key]
+        whole = self._stored_chunk(key, tuple(offsets), tuple(sizes), stored.properties.dtype)
+        if whole is not None:
+            return whole
         dest = torch.empty(sizes, dtype=stored.properties.dtype, device="meta")  # allocated only when needed
         items = create_read_items_for_chunk_list(key, stored, [ChunkStorageMetadata(torch.Size(offsets), dest.shape)])
         covered = sum(item.lengths.numel() for item in items)
         if covered != dest.numel():  # a gap in the stored chunks: refuse rather than export uninitialised memory
             raise CheckpointError(f"{self.path}: {key} region {list(offsets)} + {list(sizes)} is only partly stored "
                                   f"({covered} of {dest.numel()} elements); the checkpoint is incomplete")  # fmt: skip
-        whole = self._whole_chunk(key, items, dest)
-        if whole is not None:
-            return whole
         dest = torch.empty_like(dest, device="cpu")
         try:
             self._reader.read_data(LoadPlan(items), _RegionPlanner(dest)).wait()
@@ -121,22 +122,26 @@ class DistcpReader:
             raise CheckpointError(f"{self.path}: cannot read {key} ({type(exc).__name__}: {exc})") from None
         return dest
 
-    def _whole_chunk(self, key: str, items: list, dest: torch.Tensor) -> torch.Tensor | None:
-        """The region when it is exactly one stored, untransformed chunk, loaded as is; else None."""
-        if len(items) != 1 or tuple(items[0].lengths) != tuple(dest.shape) or any(items[0].storage_offsets):
+    def _stored_chunk(self, key: str, offsets: tuple, sizes: tuple, dtype: torch.dtype) -> torch.Tensor | None:
+        """The region when it is exactly one stored, untransformed chunk, loaded as is; else None. The chunk is
+        found by its offsets in a per-key index: torch's planner scans every chunk of the tensor for each read,
+        quadratic in the chunks of a stacked tensor (a 256-expert layer: 256 reads of 256 chunks each)."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        if key not in self._chunk_sizes:
+            chunks = self.metadata.state_dict_metadata[key].chunks
+            self._chunk_sizes[key] = {tuple(chunk.offsets): tuple(chunk.sizes) for chunk in chunks}
+        if self._chunk_sizes[key].get(offsets) != sizes:
             return None
-        chunk = next(
-            c for c in self.metadata.state_dict_metadata[key].chunks if c.offsets == items[0].storage_index.offset
-        )
-        info = self.metadata.storage_data[items[0].storage_index]
-        if tuple(chunk.sizes) != tuple(dest.shape) or getattr(info, "transform_descriptors", None):
+        info = self.metadata.storage_data.get(MetadataIndex(key, offsets))
+        if info is None or getattr(info, "transform_descriptors", None):
             return None
         try:
             with open(self.path / info.relative_path, "rb") as file:
                 tensor = torch.load(_FileSlice(file, info.offset, info.length), map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
             raise CheckpointError(f"{self.path}: cannot read {key} ({type(exc).__name__}: {exc})") from None
-        if tensor.shape != dest.shape or tensor.dtype != dest.dtype:
+        if tuple(tensor.shape) != sizes or tensor.dtype != dtype:
             raise CheckpointError(f"{self.path / info.relative_path}: {key} holds {tensor.dtype} {list(tensor.shape)}, "
-                                  f"the metadata says {dest.dtype} {list(dest.shape)}")  # fmt: skip
+                                  f"the metadata says {dtype} {list(sizes)}")  # fmt: skip
         return tensor
