@@ -102,7 +102,7 @@ def peft_adapter_tensors(chunk, args: GPTModelArgs, lora: LoraConfig, hf_config,
     fused = _fused_expert_params(args)
     for name, wrapper in _adapters(chunk):
         lora_a, lora_b = wrapper.lora_A.weight.detach(), wrapper.lora_B.weight.detach()
-        rule, bindings = args.family.mapping.resolve(f"{name}.weight")
+        rule, bindings = args.mapping.resolve(f"{name}.weight")
         hf_modules = [n.removesuffix(".weight") for n in rule.hf_names(bindings)]
         if all(m in modules for m in hf_modules):
             magnitude = wrapper.lora_magnitude_vector
@@ -184,7 +184,7 @@ def _modules_to_save(chunk, args: GPTModelArgs) -> dict[str, torch.Tensor]:
     found = {}
     for name, param, _ in canonical_parameters(chunk):
         if param.requires_grad and not name.endswith(ADAPTER_KEYS):
-            rule, bindings = args.family.mapping.resolve(name)
+            rule, bindings = args.mapping.resolve(name)
             found.update(zip(rule.hf_names(bindings), rule.to_hf(param.detach(), args.dims), strict=True))
     return found
 

@@ -1,0 +1,219 @@
+"""Reward models (train.task rm) against TRL's RewardTrainer and HF's *ForSequenceClassification: the same weights
+(an HF LlamaForSequenceClassification with its `score` head), the same pairs, fp32.
+
+Our numbers come from the training path itself (the pairs' micro-batches from the data pipeline, the per-pair report
+of the loss function, a step's grad norm); TRL's from `RewardTrainer.compute_loss` on the same token ids, one pair per
+call (its loss is then that pair's loss), the rewards from the model outputs it returns, and its logged metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from tests.train_matrix import job_for
+
+DPO = "examples/data/dpo_sample.jsonl"
+PAIRS = 8
+STEP_PAIRS = 4
+VAL_PAIRS = 6
+TOL = 1e-5
+CENTER = 0.05
+
+
+@pytest.fixture(scope="module")
+def reward_hf(tiny_models, tmp_path_factory):
+    """The tiny Llama as an HF reward model: HF's own head (initialised by transformers), saved as HF saves it."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("reward_hf")
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["llama"], num_labels=1, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def margin_pairs(tmp_path_factory):
+    """The sample pairs with a `margin` on every other row (TRL's per-row margin)."""
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in Path(DPO).read_text().splitlines()][:PAIRS]
+    for index, row in enumerate(rows):
+        if index % 2:
+            row["margin"] = 0.25 * index
+    path = tmp_path_factory.mktemp("margins") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path, [row.get("margin", 0.0) for row in rows]
+
+
+def _ours(model_dir, data_path, tmp_path, rlhf: dict):
+    """Per pair: the report of our loss function (world of size 1); the micro-batches; a step's grad norm over the
+    first STEP_PAIRS pairs; the validation metrics over the first VAL_PAIRS pairs."""
+    from transformers import AutoTokenizer
+
+    from megatron_swift.data import build_train_data
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.evaluate import validation_microbatches
+    from megatron_swift.training.job import build_model, build_preference, check_job, check_weights
+    from megatron_swift.training.optim import wrap_for_training
+    from megatron_swift.training.reward import REPORT
+
+    job = job_for(str(model_dir), str(data_path), str(tmp_path), {}, {"task": "rm", "global_batch_size": 1},
+                  data={"seq_length": 64, "shuffle": False}, rlhf=rlhf)  # fmt: skip
+    args = check_job(job, 1)
+    init_distributed(job.parallel, seed=job.train.seed)
+    try:
+        chunks = build_model(job, args)
+        reward = build_preference(job, args, chunks, check_weights(job, chunks, args))
+        data = build_train_data(job.data, AutoTokenizer.from_pretrained(model_dir), "rm", 1, 0)
+        found, batches = [], []
+        with torch.no_grad():
+            for _ in range(PAIRS):
+                (microbatch,) = data.batches.next_microbatches(0, 1, 1)
+                batches.append({key: value.clone() for key, value in microbatch.items()})
+                (report,) = reward.run(chunks, [microbatch], forward_only=True)
+                found.append(dict(zip(REPORT, report["rm"].tolist(), strict=True)))
+        items = [data.batches.items[i] for i in range(VAL_PAIRS)]  # global batches of 4: the last with 2 fillers
+        validated = reward.validate(chunks, validation_microbatches(items, data.batches.collate, 4, 1, 0, 1))
+        chunks, optimizer, scheduler = wrap_for_training(chunks, job)
+        step = [{key: value.clone() for key, value in batch.items()} for batch in batches[:STEP_PAIRS]]
+        grad_norm = reward.train_step(chunks, optimizer, scheduler, step, args.vocab_size).grad_norm
+    finally:
+        destroy_distributed()
+    return found, batches, grad_norm, validated
+
+
+def _sample_ids(batch: dict, row: int) -> list[int]:
+    """The whole sample of a row of an rm micro-batch (its tokens up to the reward position)."""
+    return batch["tokens"][row, : int(batch["reward_position"][row]) + 1].tolist()
+
+
+def _trl(model_dir, tmp_path, batches, margins, center):
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+    args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False, fp16=False,
+                        per_device_train_batch_size=1, center_rewards_coefficient=center)  # fmt: skip
+    unused = Dataset.from_list([{"chosen": "a", "rejected": "b"}])  # batches are given directly
+    trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=unused)
+    trainer.model.train()
+    examples = [{"chosen_ids": _sample_ids(b, 0), "rejected_ids": _sample_ids(b, 1), "margin": m}
+                for b, m in zip(batches, margins, strict=True)]  # fmt: skip
+    found = []
+    with torch.no_grad():
+        for example in examples:
+            loss, outputs = trainer.compute_loss(trainer.model, trainer.data_collator([example]), return_outputs=True)
+            chosen, rejected = outputs.logits.squeeze(-1).tolist()
+            logged = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+            found.append({"loss": float(loss), "rewards/chosen": chosen, "rewards/rejected": rejected,
+                          "rewards/margins": logged["margin"], "rewards/accuracies": logged["accuracy"]})  # fmt: skip
+    trainer.model.zero_grad()
+    trainer.compute_loss(trainer.model, trainer.data_collator(examples[:STEP_PAIRS])).backward()
+    grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model.parameters()
+                                                      if p.grad is not None])).item()  # fmt: skip
+    return found, grad_norm
+
+
+def test_reward_model_per_pair_values_equal_trl(reward_hf, margin_pairs, tmp_path):
+    data_path, margins = margin_pairs
+    ours, batches, grad_norm, validated = _ours(reward_hf, data_path, tmp_path, {"center_rewards_coefficient": CENTER})
+    theirs, trl_grad_norm = _trl(reward_hf, tmp_path, batches, margins, CENTER)
+    assert grad_norm == pytest.approx(trl_grad_norm, rel=1e-5), (grad_norm, trl_grad_norm)
+    worst = {}
+    for pair, (mine, trl) in enumerate(zip(ours, theirs, strict=True)):
+        assert mine["pairs"] == 1
+        for key, expected in trl.items():
+            worst[key] = max(worst.get(key, 0.0), abs(mine[key] - expected))
+            assert mine[key] == pytest.approx(expected, abs=TOL), (pair, key, mine[key], expected)
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        expected = sum(pair[key] for pair in theirs[:VAL_PAIRS]) / VAL_PAIRS
+        assert validated[f"val_{key}"] == pytest.approx(expected, abs=TOL), (key, validated, expected)
+    # Not a trivial agreement: rewards differ between pairs and sides, the margins and the centering term count.
+    assert len({round(pair["rewards/chosen"], 6) for pair in theirs}) == PAIRS
+    assert {pair["rewards/accuracies"] for pair in theirs} == {0.0, 1.0}
+    print("rm: max abs diff vs TRL " + ", ".join(f"{key} {value:.1e}" for key, value in worst.items())
+          + f"; grad norm {grad_norm:.6g} vs {trl_grad_norm:.6g}")  # fmt: skip
+
+
+def test_rm_micro_batches_hold_whole_samples_with_their_reward_positions_and_margins(tmp_path):
+    from megatron_swift.data import build_train_data
+    from megatron_swift.models.tiny import make_tiny_tokenizer
+    from tests.data_helpers import preference_data, write_jsonl
+
+    tokenizer = make_tiny_tokenizer()
+    question = {"role": "user", "content": "Capital of France?"}
+    rows = [{"messages": [question, {"role": "assistant", "content": "Paris."}], "rejected_response": "Lyon, I think.",
+             "margin": 1.5}, {"messages": [question, {"role": "assistant", "content": "Paris!"}],
+             "rejected_response": "Nice."}]  # fmt: skip
+    data = build_train_data(preference_data(write_jsonl(tmp_path / "p.jsonl", rows)), tokenizer, "rm", 2, 0)
+    (batch,) = data.batches.next_microbatches(0, 1, 2)
+    assert batch["margin"].tolist() == [1.5, 0.0]
+    pairs = data.batches.items[:2]
+    for row, sample in enumerate([pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]):
+        # The whole sample is the row's input (its last token too), and the reward is read at that last token.
+        assert batch["tokens"][row, : len(sample.ids)].tolist() == sample.ids.tolist()
+        assert int(batch["reward_position"][row]) == len(sample.ids) - 1
+    # rm reads the last token: a sample is at most seq_length tokens (one more than SFT's window of inputs).
+    fitted = build_train_data(preference_data(DPO, seq_length=24), tokenizer, "rm", 1, 0)
+    assert max(len(side.ids) for pair in fitted.batches.items for side in (pair.chosen, pair.rejected)) <= 24
+
+
+@pytest.mark.parametrize("margin", ["1.0", True, None])
+def test_a_bad_margin_names_file_and_line(tmp_path, margin):
+    from megatron_swift.data import DataError, build_train_data
+    from megatron_swift.models.tiny import make_tiny_tokenizer
+    from tests.data_helpers import preference_data, write_jsonl
+
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+            "rejected_response": "Go away."}  # fmt: skip
+    path = write_jsonl(tmp_path / "p.jsonl", [good, {**good, "margin": margin}])
+    with pytest.raises(DataError, match=re.escape(f"p.jsonl:2: 'margin' must be a number, got {margin!r}")):
+        build_train_data(preference_data(path), make_tiny_tokenizer(), "rm", 1, 0)
+
+
+PREFLIGHT = [
+    ({"train": {"train_type": "lora"}}, "train.train_type=lora: not built for train.task rm"),
+    ({"data": {"packing": True}}, "data.packing: not built for train.task rm"),
+    ({"data": {"seq_length": 32, "max_length": 33}}, "data.max_length=33: train.task rm reads the reward at"),
+    ({"rlhf": {"beta": 0.5}}, "rlhf.beta: not used by train.task rm"),
+    ({"rlhf": {"loss_type": ["ipo"]}}, "rlhf.loss_type: not used by train.task rm"),
+    ({"parallel": {"context_parallel_size": 2}}, "parallel.context_parallel_size: preference training needs 1"),
+    ({"model": {"fused_linear_cross_entropy": True}}, "model.fused_linear_cross_entropy: preference training"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), PREFLIGHT)
+def test_preflight_names_what_rm_does_not_build(tmp_path, options, message):
+    from megatron_swift.training.config import preflight
+
+    train = {"task": "rm", **options.get("train", {})}
+    job = job_for("hf", DPO, str(tmp_path), options.get("parallel", {}), train, data=options.get("data"),
+                  rlhf=options.get("rlhf"), **options.get("model", {}))  # fmt: skip
+    assert any(problem.startswith(message) for problem in preflight(job, 2)), preflight(job, 2)
+    assert not preflight(
+        job_for("hf", DPO, str(tmp_path), {}, {"task": "rm"}, rlhf={"center_rewards_coefficient": 0.1}), 1
+    )
+    dpo = job_for("hf", DPO, str(tmp_path), {}, {"task": "dpo"}, rlhf={"center_rewards_coefficient": 0.1})
+    assert "rlhf.center_rewards_coefficient: used by train.task rm only" in preflight(dpo, 1)
+
+
+def test_a_reward_model_checkpoint_trains_only_as_a_reward_model(reward_hf, tmp_path):
+    from megatron_swift.config import ConfigError
+    from megatron_swift.training.job import check_job
+
+    job = job_for(str(reward_hf), DPO, str(tmp_path), {}, {"task": "sft"})
+    message = "model.hf: a LlamaForSequenceClassification checkpoint (a reward model) trains with train.task rm"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_job(job, 1)
+    assert check_job(job_for(str(reward_hf), DPO, str(tmp_path), {}, {"task": "rm"}), 1).reward_head
