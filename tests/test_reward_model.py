@@ -217,3 +217,85 @@ def test_a_reward_model_checkpoint_trains_only_as_a_reward_model(reward_hf, tmp_
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_job(job, 1)
     assert check_job(job_for(str(reward_hf), DPO, str(tmp_path), {}, {"task": "rm"}), 1).reward_head
+
+
+def test_a_trained_reward_model_exports_as_an_hf_sequence_classifier(tiny_models, tmp_path):
+    """Trained 2 steps from the causal LM (its head initialised), saved, exported by `mswift-convert mcore-to-hf`:
+    transformers loads an AutoModelForSequenceClassification whose rewards equal ours (the checkpoint loaded with
+    model.load) within 1e-5."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from converters.__main__ import main
+    from megatron_swift.data import build_train_data
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.job import build_model, check_job
+    from tests.train_matrix import losses_for_cases
+
+    llama, run = tiny_models["llama"], tmp_path / "run"
+    train = {"task": "rm", "train_iters": 2, "lr": 5e-3}
+    case = (
+        str(llama),
+        {},
+        train,
+        None,
+        {},
+        {"save": str(run / "ckpt"), "output_dir": str(run)},
+        None,
+        {"seq_length": 64},
+    )
+    losses_for_cases([case], DPO, str(tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    job = job_for(None, DPO, str(tmp_path / "ours"), {}, {"task": "rm"}, data={"seq_length": 64, "shuffle": False},
+                  load=str(run / "ckpt"))  # fmt: skip
+    args = check_job(job, 1)
+    init_distributed(job.parallel, seed=job.train.seed)
+    try:
+        (chunk,) = build_model(job, args)
+        chunk.eval()
+        data = build_train_data(job.data, tokenizer, "rm", 8, 0)
+        (batch,) = data.batches.next_microbatches(0, 1, 8)  # 8 pairs: 16 rows
+        tokens = batch["tokens"]
+        with torch.no_grad():
+            scores = chunk(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None)
+        ours = scores[torch.arange(len(tokens)), batch["reward_position"]]
+        head = chunk.score.weight.detach().clone()
+    finally:
+        destroy_distributed()
+    assert main(["mcore-to-hf", "--mcore", str(run / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert config["id2label"] == {"0": "LABEL_0"} and config["pad_token_id"] == tokenizer.pad_token_id
+    model, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", dtype=torch.float32,
+                                                                     output_loading_info=True)  # fmt: skip
+    assert model.num_labels == 1 and not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        theirs = model(
+            input_ids=tokens, attention_mask=(torch.arange(tokens.shape[1]) <= batch["reward_position"][:, None]).long()
+        ).logits.squeeze(-1)
+    diff = (ours - theirs).abs().max().item()
+    assert diff <= 1e-5, (ours, theirs)
+    # Not a trivial agreement: the head was trained away from its seeded initialisation, and the rewards differ.
+    initial = torch.empty(head.shape).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(job.train.seed))
+    assert torch.equal(model.score.weight, head) and not torch.allclose(head, initial, atol=1e-4)
+    assert len({round(value, 5) for value in theirs.tolist()}) == len(tokens)
+    print(f"rm export: max abs diff of {len(tokens)} rewards vs transformers {diff:.1e}")
+
+
+@pytest.mark.slow
+def test_reward_model_layouts_match_the_single_process(tiny_models, reward_hf, tmp_path):
+    """3 steps with validation at TP2, TP2 + SP, PP2 and DP2 (Llama, head initialised from train.seed), PP2 from the
+    HF reward model (head loaded) and PP2 of tied-embedding Qwen2 equal the single process within 1e-5: one launch
+    per world size."""
+    from tests.test_preference_parallel import LAYOUTS, RM_METRICS, _assert_same, _metrics, _rm_case
+    from tests.train_matrix import run_cases
+
+    models = {"llama": tiny_models["llama"], "reward_hf": reward_hf, "qwen2": tiny_models["qwen2"]}
+    run_cases([_rm_case(path, {}) for path in models.values()], DPO, tmp_path / "one", world_size=1)
+    expected = {name: _metrics(tmp_path / "one" / f"case{i}") for i, name in enumerate(models)}
+    for name, steps in expected.items():
+        assert steps[-1]["loss"] < steps[0]["loss"], name  # it learns the preference
+    names = [("llama", layout) for layout in LAYOUTS] + [("reward_hf", "pp2"), ("qwen2", "pp2")]
+    run_cases([_rm_case(models[name], LAYOUTS[layout]) for name, layout in names], DPO, tmp_path / "two", 2)
+    for index, (name, layout) in enumerate(names):
+        got = _metrics(tmp_path / "two" / f"case{index}")
+        _assert_same(got, expected[name], 1e-5, (name, layout), metrics=RM_METRICS)

@@ -46,10 +46,19 @@ class RewardGPTModel(GPTModel):
         if config.perform_initialization:  # HF's normal(0, initializer_range); training sets it from train.seed
             config.init_method(self.score.weight)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """megatron-core's default over the submodules (`score` is stored replicated over TP); LanguageModule's
+        adds the output layer's tying and padding, and a reward model has no output layer."""
+        from megatron.core.transformer.module import MegatronModule
+
+        return MegatronModule.sharded_state_dict(self, prefix, sharded_offsets, metadata)
+
     def _postprocess(self, hidden_states, **kwargs):
         """Per-token scores [b, s] of the final hidden states [s(/tp), b, h]."""
         from megatron.core import tensor_parallel
 
+        if not self.post_process:  # an earlier pipeline stage: its hidden states go to the next one
+            return hidden_states
         if kwargs.get("labels") is not None:
             raise ValueError("a reward model has no language-model loss; call it without labels")
         if self.config.sequence_parallel:

@@ -71,6 +71,10 @@ def reward_model_args(job: JobConfig, args):
         problem = f"model.hf: a {args.family.reward_architecture} checkpoint (a reward model) trains with train.task rm"
         return args, [problem] if args.reward_head else []
     architecture = args.family.reward_architecture
+    if job.model.load and not args.reward_head:
+        return args, [f"model.load={job.model.load}: not a reward model; train.task rm starts from an HF directory "
+                      "(model.hf: a causal LM, whose head is initialised, or a reward model) or from a reward "
+                      "model's megatron-swift checkpoint"]  # fmt: skip
     if not hasattr(transformers, architecture):
         return args, [f"train.task=rm: transformers has no {architecture} for family {args.family.name}, so the "
                       "reward model could not be exported; use another model"]  # fmt: skip

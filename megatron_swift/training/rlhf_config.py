@@ -131,9 +131,6 @@ def reward_model_problems(job) -> list[str]:
     if t.train_type == "lora":
         found.append("train.train_type=lora: not built for train.task rm yet (the head would have to be trained in "
                      "full next to the adapters); use train_type: full")  # fmt: skip
-    if job.model.load:
-        found.append("model.load: train.task rm starts from an HF directory (model.hf: a causal LM, whose head is "
-                     "initialised, or a *ForSequenceClassification reward model)")  # fmt: skip
     return found
 
 
