@@ -183,7 +183,7 @@ def test_a_bad_margin_names_file_and_line(tmp_path, margin):
 
 
 PREFLIGHT = [
-    ({"train": {"train_type": "lora"}}, "train.train_type=lora: not built for train.task rm"),
+    ({"lora": {"adapter": "peft_dir"}}, "lora.adapter: starting a reward model from a PEFT adapter is not built"),
     ({"data": {"packing": True}}, "data.packing: not built for train.task rm"),
     ({"data": {"seq_length": 32, "max_length": 33}}, "data.max_length=33: train.task rm reads the reward at"),
     ({"rlhf": {"beta": 0.5}}, "rlhf.beta: not used by train.task rm"),
@@ -197,9 +197,8 @@ PREFLIGHT = [
 def test_preflight_names_what_rm_does_not_build(tmp_path, options, message):
     from megatron_swift.training.config import preflight
 
-    train = {"task": "rm", **options.get("train", {})}
-    job = job_for("hf", DPO, str(tmp_path), options.get("parallel", {}), train, data=options.get("data"),
-                  rlhf=options.get("rlhf"), **options.get("model", {}))  # fmt: skip
+    job = job_for("hf", DPO, str(tmp_path), options.get("parallel", {}), {"task": "rm"}, lora=options.get("lora"),
+                  data=options.get("data"), rlhf=options.get("rlhf"), **options.get("model", {}))  # fmt: skip
     assert any(problem.startswith(message) for problem in preflight(job, 2)), preflight(job, 2)
     assert not preflight(
         job_for("hf", DPO, str(tmp_path), {}, {"task": "rm"}, rlhf={"center_rewards_coefficient": 0.1}), 1
@@ -283,19 +282,78 @@ def test_a_trained_reward_model_exports_as_an_hf_sequence_classifier(tiny_models
 
 @pytest.mark.slow
 def test_reward_model_layouts_match_the_single_process(tiny_models, reward_hf, tmp_path):
-    """3 steps with validation at TP2, TP2 + SP, PP2 and DP2 (Llama, head initialised from train.seed), PP2 from the
-    HF reward model (head loaded) and PP2 of tied-embedding Qwen2 equal the single process within 1e-5: one launch
-    per world size."""
-    from tests.test_preference_parallel import LAYOUTS, RM_METRICS, _assert_same, _metrics, _rm_case
+    """3 steps with validation at TP2, TP2 + SP, PP2 and DP2 (Llama, head initialised from train.seed; full and LoRA),
+    PP2 from the HF reward model (head loaded) and PP2 of tied-embedding Qwen2 equal the single process within 1e-5:
+    one launch per world size."""
+    from tests.test_preference_parallel import LAYOUTS, LORA, RM_METRICS, _assert_same, _metrics, _rm_case
     from tests.train_matrix import run_cases
 
     models = {"llama": tiny_models["llama"], "reward_hf": reward_hf, "qwen2": tiny_models["qwen2"]}
-    run_cases([_rm_case(path, {}) for path in models.values()], DPO, tmp_path / "one", world_size=1)
-    expected = {name: _metrics(tmp_path / "one" / f"case{i}") for i, name in enumerate(models)}
+    single = [_rm_case(path, {}) for path in models.values()] + [_rm_case(models["llama"], {}, lora=LORA)]
+    run_cases(single, DPO, tmp_path / "one", world_size=1)
+    expected = {name: _metrics(tmp_path / "one" / f"case{i}") for i, name in enumerate([*models, "lora"])}
     for name, steps in expected.items():
         assert steps[-1]["loss"] < steps[0]["loss"], name  # it learns the preference
-    names = [("llama", layout) for layout in LAYOUTS] + [("reward_hf", "pp2"), ("qwen2", "pp2")]
-    run_cases([_rm_case(models[name], LAYOUTS[layout]) for name, layout in names], DPO, tmp_path / "two", 2)
+    names = [(train, layout) for train in ("llama", "lora") for layout in LAYOUTS]
+    names += [("reward_hf", "pp2"), ("qwen2", "pp2")]
+    cases = [_rm_case(models.get(name, models["llama"]), LAYOUTS[layout], lora=LORA if name == "lora" else None)
+             for name, layout in names]  # fmt: skip
+    run_cases(cases, DPO, tmp_path / "two", 2)
     for index, (name, layout) in enumerate(names):
         got = _metrics(tmp_path / "two" / f"case{index}")
         _assert_same(got, expected[name], 1e-5, (name, layout), metrics=RM_METRICS)
+
+
+def test_a_lora_reward_model_trains_its_head_and_exports_as_a_peft_seq_cls_adapter(tiny_models, tmp_path):
+    """LoRA on a reward model started from the causal LM: the head trains in full next to the adapters (PEFT's
+    SEQ_CLS). The adapter export (`modules_to_save: [score]`, task_type SEQ_CLS) loaded by PEFT on the HF base gives the
+    rewards of the merged export loaded by transformers, and of our run's final validation, within 1e-4."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from converters.__main__ import main
+    from megatron_swift.data import build_train_data
+    from tests.test_preference_parallel import _metrics
+    from tests.train_matrix import losses_for_cases
+
+    llama, run = tiny_models["llama"], tmp_path / "run"
+    data = {"seq_length": 64, "val_dataset": [f"{DPO}#10"]}
+    case = (str(llama), {}, {"task": "rm", "train_iters": 2, "lr": 5e-3}, {"rank": 4, "alpha": 8}, {},
+            {"save": str(run / "ckpt"), "output_dir": str(run)}, None, data)  # fmt: skip
+    losses_for_cases([case], DPO, str(tmp_path))
+    final = _metrics(run)[-1]
+    ckpt = str(run / "ckpt")
+    assert main(["mcore-to-hf", "--mcore", ckpt, "--out", str(tmp_path / "adapter"), "--adapter-only"]) == 0
+    assert main(["mcore-to-hf", "--mcore", ckpt, "--out", str(tmp_path / "merged"), "--merge-lora"]) == 0
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["task_type"] == "SEQ_CLS" and adapter_config["modules_to_save"] == ["score"]
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    base = AutoModelForSequenceClassification.from_pretrained(llama, num_labels=1, dtype=torch.float32,
+                                                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    job = job_for(str(llama), DPO, str(tmp_path), {}, {"task": "rm"}, data=data)
+    validation = build_train_data(job.data, tokenizer, "rm", 4, job.train.seed)  # the run's validation pairs
+    batch = validation.eval_collate(list(validation.eval_items))
+    tokens = batch["tokens"]
+    attention = (torch.arange(tokens.shape[1]) <= batch["reward_position"][:, None]).long()
+    with torch.no_grad():
+        by_peft = peft_model(input_ids=tokens, attention_mask=attention).logits.squeeze(-1)
+        by_merge = merged(input_ids=tokens, attention_mask=attention).logits.squeeze(-1)
+    assert (by_peft - by_merge).abs().max() <= 1e-4, (by_peft, by_merge)
+    chosen, rejected = by_peft.double().chunk(2)
+    assert final["val_rewards/chosen"] == pytest.approx(float(chosen.mean()), abs=1e-4)
+    assert final["val_rewards/rejected"] == pytest.approx(float(rejected.mean()), abs=1e-4)
+    # The head trained (it is not the initial draw), and the adapters did (the base model's head alone differs).
+    initial = torch.empty(1, 64).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(job.train.seed))
+    assert not torch.allclose(merged.score.weight, initial, atol=1e-4)
+    base_only = AutoModelForSequenceClassification.from_pretrained(llama, num_labels=1, dtype=torch.float32,
+                                                                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    base_only.score.weight.data.copy_(merged.score.weight)
+    with torch.no_grad():
+        without_adapters = base_only(input_ids=tokens, attention_mask=attention).logits.squeeze(-1)
+    assert (without_adapters - by_merge).abs().max() > 1e-3
+    print(
+        f"rm LoRA: PEFT vs merged max abs diff {(by_peft - by_merge).abs().max():.1e}; val rewards vs ours "
+        f"{abs(final['val_rewards/chosen'] - float(chosen.mean())):.1e}"
+    )

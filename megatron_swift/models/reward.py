@@ -24,7 +24,8 @@ import torch
 from megatron_swift.models.gpt import GPTModel
 from megatron_swift.models.mapping import Rename
 
-REWARD_HEAD = Rename("score.weight", hf_name="score.weight")
+REWARD_HEAD_MODULE = "score"
+REWARD_HEAD = Rename(f"{REWARD_HEAD_MODULE}.weight", hf_name=f"{REWARD_HEAD_MODULE}.weight")
 
 
 def last_non_pad_positions(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:

@@ -128,9 +128,9 @@ def reward_model_problems(job) -> list[str]:
     if d.max_length is not None and d.max_length > d.seq_length:
         found.append(f"data.max_length={d.max_length}: train.task rm reads the reward at a sample's last token, so a "
                      f"sample is at most data.seq_length={d.seq_length} tokens")  # fmt: skip
-    if t.train_type == "lora":
-        found.append("train.train_type=lora: not built for train.task rm yet (the head would have to be trained in "
-                     "full next to the adapters); use train_type: full")  # fmt: skip
+    if t.train_type == "lora" and job.lora.adapter:
+        found.append("lora.adapter: starting a reward model from a PEFT adapter is not built; merge it into the base "
+                     "(or start from a reward model's HF directory)")  # fmt: skip
     return found
 
 
