@@ -222,6 +222,8 @@ def test_a_trained_reward_model_exports_as_an_hf_sequence_classifier(tiny_models
     """Trained 2 steps from the causal LM (its head initialised), saved, exported by `mswift-convert mcore-to-hf`:
     transformers loads an AutoModelForSequenceClassification whose rewards equal ours (the checkpoint loaded with
     model.load) within 1e-5."""
+    import shutil
+
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from converters.__main__ import main
@@ -230,7 +232,12 @@ def test_a_trained_reward_model_exports_as_an_hf_sequence_classifier(tiny_models
     from megatron_swift.training.job import build_model, check_job
     from tests.train_matrix import losses_for_cases
 
-    llama, run = tiny_models["llama"], tmp_path / "run"
+    # A causal LM whose config.json has no pad_token_id (as Llama 3's): the export's comes from the run's tokenizer.
+    llama, run = tmp_path / "llama", tmp_path / "run"
+    shutil.copytree(tiny_models["llama"], llama)
+    config = json.loads((llama / "config.json").read_text())
+    del config["pad_token_id"]
+    (llama / "config.json").write_text(json.dumps(config))
     train = {"task": "rm", "train_iters": 2, "lr": 5e-3}
     case = (
         str(llama),
@@ -357,3 +364,28 @@ def test_a_lora_reward_model_trains_its_head_and_exports_as_a_peft_seq_cls_adapt
         f"rm LoRA: PEFT vs merged max abs diff {(by_peft - by_merge).abs().max():.1e}; val rewards vs ours "
         f"{abs(final['val_rewards/chosen'] - float(chosen.mean())):.1e}"
     )
+
+
+def test_a_reward_model_from_a_causal_lm_draws_its_head_from_train_seed(tiny_models, tmp_path):
+    """HF's initialisation of `score` (normal(0, initializer_range)) drawn from train.seed alone: the same at every
+    layout and on every rank, whatever else consumed the global RNG before."""
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.job import build_model, check_job
+
+    heads = {}
+    for seed in (7, 8):
+        job = job_for(str(tiny_models["llama"]), DPO, str(tmp_path), {}, {"task": "rm", "seed": seed})
+        args = check_job(job, 1)
+        init_distributed(job.parallel, seed=job.train.seed)
+        try:
+            torch.manual_seed(seed + 100)  # the global RNG is not the head's
+            (chunk,) = build_model(job, args)
+            heads[seed] = chunk.score.weight.detach().clone()
+        finally:
+            destroy_distributed()
+    std = args.transformer["init_method_std"]
+    assert std == 0.02  # the tiny config's initializer_range
+    for seed, head in heads.items():
+        expected = torch.empty(1, 64).normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(head, expected), seed
+    assert not torch.equal(heads[7], heads[8])
