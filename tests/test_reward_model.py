@@ -219,7 +219,7 @@ def test_a_reward_model_checkpoint_trains_only_as_a_reward_model(reward_hf, tmp_
 
 
 def test_a_trained_reward_model_exports_as_an_hf_sequence_classifier(tiny_models, tmp_path):
-    """Trained 2 steps from the causal LM (its head initialised), saved, exported by `mswift-convert mcore-to-hf`:
+    """Trained a step from the causal LM (its head initialised), saved, exported by `mswift-convert mcore-to-hf`:
     transformers loads an AutoModelForSequenceClassification whose rewards equal ours (the checkpoint loaded with
     model.load) within 1e-5."""
     import shutil
@@ -238,7 +238,7 @@ def test_a_trained_reward_model_exports_as_an_hf_sequence_classifier(tiny_models
     config = json.loads((llama / "config.json").read_text())
     del config["pad_token_id"]
     (llama / "config.json").write_text(json.dumps(config))
-    train = {"task": "rm", "train_iters": 2, "lr": 5e-3}
+    train = {"task": "rm", "train_iters": 1, "lr": 5e-3}
     case = (
         str(llama),
         {},
@@ -325,7 +325,7 @@ def test_a_lora_reward_model_trains_its_head_and_exports_as_a_peft_seq_cls_adapt
 
     llama, run = tiny_models["llama"], tmp_path / "run"
     data = {"seq_length": 64, "val_dataset": [f"{DPO}#10"]}
-    case = (str(llama), {}, {"task": "rm", "train_iters": 2, "lr": 5e-3}, {"rank": 4, "alpha": 8}, {},
+    case = (str(llama), {}, {"task": "rm", "train_iters": 1, "lr": 5e-3}, {"rank": 4, "alpha": 8}, {},
             {"save": str(run / "ckpt"), "output_dir": str(run)}, None, data)  # fmt: skip
     losses_for_cases([case], DPO, str(tmp_path))
     final = _metrics(run)[-1]

@@ -43,7 +43,10 @@ class RewardGPTModel(GPTModel):
         # megatron-core built the vocabulary projection; a reward model has none (HF's has no lm_head either).
         del self.output_layer
         config = self.config
-        self.score = torch.nn.Linear(config.hidden_size, 1, bias=False, dtype=config.params_dtype)
+        # Where megatron-core puts its parameters: the GPU unless use_cpu_initialization (then the ambient device:
+        # CPU, or meta when the exporter builds the model).
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        self.score = torch.nn.Linear(config.hidden_size, 1, bias=False, dtype=config.params_dtype, device=device)
         if config.perform_initialization:  # HF's normal(0, initializer_range); training sets it from train.seed
             config.init_method(self.score.weight)
 
