@@ -291,16 +291,23 @@ def test_a_trained_reward_model_exports_as_an_hf_sequence_classifier(tiny_models
 def test_reward_model_layouts_match_the_single_process(tiny_models, reward_hf, tmp_path):
     """3 steps with validation at TP2, TP2 + SP, PP2 and DP2 (Llama, head initialised from train.seed; full and LoRA),
     PP2 from the HF reward model (head loaded) and PP2 of tied-embedding Qwen2 equal the single process within 1e-5:
-    one launch per world size."""
-    from tests.test_preference_parallel import LAYOUTS, LORA, RM_METRICS, _assert_same, _metrics, _rm_case
+    one launch per world size. Full and LoRA runs stopped after 2 steps and resumed equal the straight runs."""
+    from tests.test_preference_parallel import LAYOUTS, LORA, RM_METRICS, _assert_same, _metrics, _resumed, _rm_case
     from tests.train_matrix import run_cases
 
     models = {"llama": tiny_models["llama"], "reward_hf": reward_hf, "qwen2": tiny_models["qwen2"]}
     single = [_rm_case(path, {}) for path in models.values()] + [_rm_case(models["llama"], {}, lora=LORA)]
+    single += [_rm_case(models["llama"], {}, train, lora, _resumed(tmp_path / name))  # 2 steps saved, then 3
+               for name, lora in (("full", None), ("lora", LORA)) for train in ({"train_iters": 2}, {})]  # fmt: skip
     run_cases(single, DPO, tmp_path / "one", world_size=1)
     expected = {name: _metrics(tmp_path / "one" / f"case{i}") for i, name in enumerate([*models, "lora"])}
     for name, steps in expected.items():
         assert steps[-1]["loss"] < steps[0]["loss"], name  # it learns the preference
+    for name, straight in (("full", expected["llama"]), ("lora", expected["lora"])):
+        resumed = _metrics(tmp_path / name)
+        assert [step["step"] for step in resumed] == [1, 2, 3], name
+        compared = [key for key in straight[-1] if key in RM_METRICS or key.startswith("val_")]
+        assert {k: resumed[-1][k] for k in compared} == {k: straight[-1][k] for k in compared}, name
     names = [(train, layout) for train in ("llama", "lora") for layout in LAYOUTS]
     names += [("reward_hf", "pp2"), ("qwen2", "pp2")]
     cases = [_rm_case(models.get(name, models["llama"]), LAYOUTS[layout], lora=LORA if name == "lora" else None)
