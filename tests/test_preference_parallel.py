@@ -66,14 +66,16 @@ def _case(hf, parallel: dict, lora: dict | None, rlhf: dict | None = None, train
 RM_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
-def _rm_case(hf, parallel: dict, train: dict | None = None, lora: dict | None = None, checkpoint: dict | None = None):
+def _rm_case(hf, parallel: dict, train: dict | None = None, lora: dict | None = None, checkpoint: dict | None = None,
+             data: dict = DATA):  # fmt: skip
     """A reward model (train.task rm) with TRL's reward-centering term. Adam's eps is 1e-4: a reward model's loss
     reads one token per sequence, so many gradients are near zero, and Adam turns their fp32 round-off (which differs
     with TP's summation order) into update differences of lr x round-off / eps. Measured at TP2 against one process:
     step 1 equal within 1e-7 and step 3's rewards 4e-5 apart at eps 1e-8 (8x less at a 10x smaller lr), 2e-6 at
     eps 1e-4. `lora`: LoRA options (the head trains in full next to the adapters)."""
     train = {"task": "rm", "adam_eps": 1e-4, **(train or {})}
-    return _case(hf, parallel, lora, rlhf={"center_rewards_coefficient": 0.01}, train=train, checkpoint=checkpoint)
+    rlhf = {"center_rewards_coefficient": 0.01}
+    return _case(hf, parallel, lora, rlhf=rlhf, train=train, checkpoint=checkpoint, data=data)
 
 
 def _resumed(run_dir: Path) -> dict:

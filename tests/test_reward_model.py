@@ -184,7 +184,6 @@ def test_a_bad_margin_names_file_and_line(tmp_path, margin):
 
 PREFLIGHT = [
     ({"lora": {"adapter": "peft_dir"}}, "lora.adapter: starting a reward model from a PEFT adapter is not built"),
-    ({"data": {"packing": True}}, "data.packing: not built for train.task rm"),
     ({"data": {"seq_length": 32, "max_length": 33}}, "data.max_length=33: train.task rm reads the reward at"),
     ({"rlhf": {"beta": 0.5}}, "rlhf.beta: not used by train.task rm"),
     ({"rlhf": {"loss_type": ["ipo"]}}, "rlhf.loss_type: not used by train.task rm"),
@@ -292,17 +291,27 @@ def test_reward_model_layouts_match_the_single_process(tiny_models, reward_hf, t
     """3 steps with validation at TP2, TP2 + SP, PP2 and DP2 (Llama, head initialised from train.seed; full and LoRA),
     PP2 from the HF reward model (head loaded) and PP2 of tied-embedding Qwen2 equal the single process within 1e-5:
     one launch per world size. Full and LoRA runs stopped after 2 steps and resumed equal the straight runs."""
-    from tests.test_preference_parallel import LAYOUTS, LORA, RM_METRICS, _assert_same, _metrics, _resumed, _rm_case
+    from tests.test_preference_parallel import (
+        LAYOUTS,
+        LORA,
+        PACKED,
+        RM_METRICS,
+        _assert_same,
+        _metrics,
+        _resumed,
+        _rm_case,
+    )
     from tests.train_matrix import run_cases
 
     models = {"llama": tiny_models["llama"], "reward_hf": reward_hf, "qwen2": tiny_models["qwen2"]}
     single = [_rm_case(path, {}) for path in models.values()] + [_rm_case(models["llama"], {}, lora=LORA)]
+    single.append(_rm_case(models["llama"], {}, data=PACKED))  # case 4: packed
     single += [_rm_case(models["llama"], {}, train, lora, _resumed(tmp_path / name))  # 2 steps saved, then 3
                for name, lora in (("full", None), ("lora", LORA)) for train in ({"train_iters": 2}, {})]  # fmt: skip
     run_cases(single, DPO, tmp_path / "one", world_size=1)
-    expected = {name: _metrics(tmp_path / "one" / f"case{i}") for i, name in enumerate([*models, "lora"])}
-    for name, steps in expected.items():
-        assert steps[-1]["loss"] < steps[0]["loss"], name  # it learns the preference
+    expected = {name: _metrics(tmp_path / "one" / f"case{i}") for i, name in enumerate([*models, "lora", "packed"])}
+    for name, steps in expected.items():  # it learns the preference (packed: each step's pairs are others)
+        assert steps[-1]["loss"] < steps[0]["loss"] or name == "packed", name
     for name, straight in (("full", expected["llama"]), ("lora", expected["lora"])):
         resumed = _metrics(tmp_path / name)
         assert [step["step"] for step in resumed] == [1, 2, 3], name
@@ -312,6 +321,9 @@ def test_reward_model_layouts_match_the_single_process(tiny_models, reward_hf, t
     names += [("reward_hf", "pp2"), ("qwen2", "pp2")]
     cases = [_rm_case(models.get(name, models["llama"]), LAYOUTS[layout], lora=LORA if name == "lora" else None)
              for name, layout in names]  # fmt: skip
+    packed_layouts = ("tp2_sp", "pp2", "dp2")
+    names += [("packed", layout) for layout in packed_layouts]
+    cases += [_rm_case(models["llama"], LAYOUTS[layout], data=PACKED) for layout in packed_layouts]
     run_cases(cases, DPO, tmp_path / "two", 2)
     for index, (name, layout) in enumerate(names):
         got = _metrics(tmp_path / "two" / f"case{index}")
@@ -396,3 +408,35 @@ def test_a_reward_model_from_a_causal_lm_draws_its_head_from_train_seed(tiny_mod
         expected = torch.empty(1, 64).normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(head, expected), seed
     assert not torch.equal(heads[7], heads[8])
+
+
+def test_packed_pairs_give_the_unpacked_rewards(reward_hf, tmp_path):
+    """Reward-model pairs packed into rows (data.packing: each side's whole sample its own document, attention and
+    rotary positions restarting at each) give the report of the same pairs unpacked."""
+    from transformers import AutoTokenizer
+
+    from megatron_swift.data import build_train_data
+    from megatron_swift.data.pairs import RewardPairCollate
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.job import build_model, build_preference, check_job, check_weights
+
+    data = {"seq_length": 256, "shuffle": False, "packing": True}
+    job = job_for(str(reward_hf), DPO, str(tmp_path), {}, {"task": "rm", "global_batch_size": 1}, data=data)
+    args = check_job(job, 1)
+    init_distributed(job.parallel, seed=job.train.seed)
+    try:
+        chunks = build_model(job, args)
+        reward = build_preference(job, args, chunks, check_weights(job, chunks, args))
+        tokenizer = AutoTokenizer.from_pretrained(reward_hf)
+        packed = build_train_data(job.data, tokenizer, "rm", 1, 0)
+        rows = [row for row in packed.batches.items if len(row) >= 2][:2]  # rows of several whole pairs
+        assert len(rows) == 2, [len(row) for row in packed.batches.items]
+        with torch.no_grad():
+            (packed_report,) = reward.run(chunks, [packed.batches.collate(rows)], forward_only=True)
+            pairs = [pair for row in rows for pair in row]
+            unpacked = RewardPairCollate(256, tokenizer.pad_token_id)(pairs)
+            (unpacked_report,) = reward.run(chunks, [unpacked], forward_only=True)
+    finally:
+        destroy_distributed()
+    assert packed_report["rm"][1] == len(pairs)
+    assert packed_report["rm"].tolist() == pytest.approx(unpacked_report["rm"].tolist(), rel=1e-5, abs=1e-6)

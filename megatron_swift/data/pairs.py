@@ -11,7 +11,7 @@ prompt / completion split). A micro-batch of n pairs is one [2n, seq] batch, the
 n rejected rows in the same order (TRL's concatenated forward), so a pair always goes through one forward. With
 `data.packing` whole pairs are packed into rows (each side its own document), so a pair never spans micro-batches.
 A reward model (rm) reads the same rows, plus an optional number `margin` (TRL's RewardTrainer), and scores each
-whole side at its last token (`RewardPairCollate`).
+whole side at its last token (`RewardPairCollate`; packed: `PackedRewardPairCollate`, each whole side a document).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from megatron_swift.data.encode import Encoder, Sample
@@ -169,9 +170,10 @@ class RewardPairCollate:
         return batch
 
 
-def pair_positions(pair: PairSample) -> int:
-    """Positions a pair takes in a packed row: both sides' inputs (n - 1 tokens each)."""
-    return len(pair.chosen.ids) - 1 + len(pair.rejected.ids) - 1
+def pair_positions(pair: PairSample, task: str = "dpo") -> int:
+    """Positions a pair takes in a packed row: both sides' inputs (n - 1 tokens each; rm: the whole samples)."""
+    whole = 2 if task == RM_TASK else 0
+    return len(pair.chosen.ids) - 1 + len(pair.rejected.ids) - 1 + whole
 
 
 @dataclass(frozen=True)
@@ -205,4 +207,36 @@ class PackedPairCollate:
                 batch["token_mask"][row, start : start + cu[d + 1] - cu[d]] = 1.0
         batch |= {"document_pair": torch.tensor(document_pair), "document_side": torch.tensor(document_side),
                   "pair_weight": torch.ones(pairs)}  # fmt: skip
+        return batch
+
+
+def _with_end(sample: Sample, pad_id: int) -> Sample:
+    """The sample plus one pad token: a collate's inputs (ids[:-1]) are then the whole sample."""
+    return Sample(np.append(sample.ids, pad_id).astype(sample.ids.dtype), np.append(sample.weights, 0.0))
+
+
+@dataclass(frozen=True)
+class PackedRewardPairCollate:
+    """rm with data.packing: PackedPairCollate's rows of whole pairs, each side's whole sample a document, plus
+    `reward_position` [2n] into the flattened rows (chosen sides, then rejected; HF's last non-pad token of each
+    document) and `margin` [n]."""
+
+    seq_length: int
+    pad_id: int
+
+    def __call__(self, rows: list[list[PairSample]]) -> dict[str, torch.Tensor]:
+        from megatron_swift.models.reward import last_non_pad_positions
+
+        ended = [[PairSample(_with_end(p.chosen, self.pad_id), _with_end(p.rejected, self.pad_id)) for p in row]
+                 for row in rows]  # fmt: skip
+        batch = PackedPairCollate(self.seq_length, self.pad_id)(ended)
+        tokens, cu = batch["tokens"].reshape(-1), batch["cu_seqlens"].tolist()
+        pairs = len(batch["pair_weight"])
+        positions = torch.zeros(2 * pairs, dtype=torch.long)
+        for d, (pair, side) in enumerate(zip(batch["document_pair"].tolist(), batch["document_side"].tolist(),
+                                             strict=True)):  # fmt: skip
+            if pair >= 0:
+                positions[side * pairs + pair] = cu[d] + last_non_pad_positions(tokens[cu[d] : cu[d + 1]], self.pad_id)
+        batch["reward_position"] = positions
+        batch["margin"] = torch.tensor([pair.margin for row in rows for pair in row], dtype=torch.float64)
         return batch

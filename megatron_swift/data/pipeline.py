@@ -28,6 +28,7 @@ from megatron_swift.data.pairs import (
     PAIR_TASKS,
     RM_TASK,
     PackedPairCollate,
+    PackedRewardPairCollate,
     PairCollate,
     PairEncoder,
     PairSample,
@@ -224,11 +225,11 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
     if task == KTO_TASK:  # preflight refuses streaming and packing for KTO
         items = fit_labelled(samples, data, max_length, global_batch_size, stats)
         return TrainData(batches(items, KtoCollate(seq_length, pad_id)), len(items), validation, stats, **held_out)
-    if task in (*PAIR_TASKS, RM_TASK):  # preflight refuses streaming for pairs (and packing for rm)
+    if task in (*PAIR_TASKS, RM_TASK):  # preflight refuses streaming for pairs
         pairs = fit_pairs(samples, max_length, data.truncation_strategy, stats)
         if data.packing:  # whole pairs per row: a pair longer than a row cannot be packed
-            stats["pairs_longer_than_a_row"] = sum(pair_positions(pair) > seq_length for pair in pairs)
-            pairs = [pair for pair in pairs if pair_positions(pair) <= seq_length]
+            stats["pairs_longer_than_a_row"] = sum(pair_positions(pair, task) > seq_length for pair in pairs)
+            pairs = [pair for pair in pairs if pair_positions(pair, task) <= seq_length]
         if not pairs:
             raise DataError(f"no preference pair left to train on after truncation to {max_length} tokens"
                             + (f" (packing: both sides of a pair in one row of {seq_length})" if data.packing else "")
@@ -236,9 +237,10 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
         if not data.packing:
             collate = RewardPairCollate(seq_length, pad_id) if task == RM_TASK else PairCollate(seq_length, pad_id)
             return TrainData(batches(pairs, collate), len(pairs), validation, stats, **held_out)
-        rows = [[pairs[i] for i in row] for row in pack([pair_positions(pair) + 1 for pair in pairs], seq_length)]
+        rows = [[pairs[i] for i in row] for row in pack([pair_positions(pair, task) + 1 for pair in pairs], seq_length)]
         stats["packed_rows"] = len(rows)
-        return TrainData(batches(rows, PackedPairCollate(seq_length, pad_id)), len(rows), validation, stats, **held_out)
+        collate = PackedRewardPairCollate if task == RM_TASK else PackedPairCollate
+        return TrainData(batches(rows, collate(seq_length, pad_id)), len(rows), validation, stats, **held_out)
     if task == "pretrain" and not data.packing:
         windows = TokenWindows.from_samples(samples, seq_length, seed, data.shuffle)
         stats["windows"] = len(windows)

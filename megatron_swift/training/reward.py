@@ -1,8 +1,9 @@
 """Reward models (train.task rm): TRL's RewardTrainer loss on preference pairs; one step.
 
 The model is a RewardGPTModel (models/reward.py): its last stage returns per-token scores [2n, seq] for a
-micro-batch of n pairs (data/pairs.py: the n chosen rows, then their n rejected rows, each a whole sample), and
-each row's reward is its score at `reward_position`, the last non-pad token (HF's rule). Per pair, as TRL's
+micro-batch of n pairs (data/pairs.py: the n chosen rows, then their n rejected rows, each a whole sample; packed:
+one row of whole pairs, each side a document), and each side's reward is its score at `reward_position`, the last
+non-pad token (HF's rule). Per pair, as TRL's
 `RewardTrainer.compute_loss`:
 
     loss = -logsigmoid(r_chosen - r_rejected - margin) + center_rewards_coefficient * (r_chosen + r_rejected)^2
@@ -49,7 +50,10 @@ class RewardLoss:
 def pair_rewards(scores: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) rewards [n] from the per-token scores [2n, seq]: each row's at its reward position."""
     positions = batch["reward_position"].to(scores.device)
-    rewards = scores[torch.arange(scores.shape[0], device=scores.device), positions]
+    if "cu_seqlens" in batch:  # packed: positions into the flattened rows
+        rewards = scores.reshape(-1)[positions]
+    else:
+        rewards = scores[torch.arange(scores.shape[0], device=scores.device), positions]
     chosen, rejected = rewards.chunk(2)
     return chosen, rejected
 
@@ -67,11 +71,20 @@ def _loss_func(loss: RewardLoss, batch: dict, scores: torch.Tensor):
 
 
 def _forward_step(data_iterator, model, loss: RewardLoss):
+    """One micro-batch of pairs: [2n, seq] rows, or packed (THD: one [1, mbs x seq] row whose documents restart
+    attention and rotary positions)."""
+    from megatron_swift.training.step import packed_seq_params
+
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in next(data_iterator).items()}
-    tokens = batch["tokens"]
-    position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-    return model(tokens, position_ids, None), partial(_loss_func, loss, batch)
+    packed = None
+    if "cu_seqlens" in batch:
+        packed = packed_seq_params(batch["cu_seqlens"])
+        tokens, position_ids = batch["tokens"].reshape(1, -1), batch["position_ids"].reshape(1, -1)
+    else:
+        tokens = batch["tokens"]
+        position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+    return model(tokens, position_ids, None, packed_seq_params=packed), partial(_loss_func, loss, batch)
 
 
 @dataclass

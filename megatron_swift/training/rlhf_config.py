@@ -123,8 +123,6 @@ def reward_model_problems(job) -> list[str]:
     found += [f"rlhf.{name}: not used by train.task rm (TRL's RewardTrainer has no such option)"
               for name in vars(defaults) if name != "center_rewards_coefficient"
               and getattr(r, name) != getattr(defaults, name)]  # fmt: skip
-    if d.packing:
-        found.append("data.packing: not built for train.task rm; set data.packing: false")
     if d.max_length is not None and d.max_length > d.seq_length:
         found.append(f"data.max_length={d.max_length}: train.task rm reads the reward at a sample's last token, so a "
                      f"sample is at most data.seq_length={d.seq_length} tokens")  # fmt: skip
