@@ -211,8 +211,8 @@ def build_model(job: JobConfig, args) -> list:
 
 
 def build_preference(job: JobConfig, args, chunks: list, source, reference_cached: bool = False):
-    """Preference tasks: the loss and the reference model (training/preference.py, training/kto.py); None for other
-    tasks.
+    """Preference tasks: the loss and the reference model (training/preference.py, training/kto.py; a reward model,
+    training/reward.py, has no reference); None for other tasks.
 
     The reference is the policy's own chunks with adapters off (LoRA), nothing (`rlhf.reference_free`), or a
     frozen copy at the same layout: of `rlhf.ref_model` when set, else of the initial weights, read from the same
