@@ -149,8 +149,8 @@ def test_a_task_not_built_is_refused_naming_the_field():
     from megatron_swift.config import load_config
     from megatron_swift.training.config import JobConfig
 
-    with pytest.raises(ConfigError, match=re.escape("train.task: 'rm' is not one of ['pretrain', 'sft', 'dpo',")):
-        load_config(JobConfig, None, ["--train.task", "rm"])
+    with pytest.raises(ConfigError, match=re.escape("train.task: 'grpo' is not one of ['pretrain', 'sft', 'dpo',")):
+        load_config(JobConfig, None, ["--train.task", "grpo"])
 
 
 def test_a_reference_model_of_another_architecture_is_refused(tiny_models, tmp_path):

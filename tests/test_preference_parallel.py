@@ -63,16 +63,32 @@ def _case(hf, parallel: dict, lora: dict | None, rlhf: dict | None = None, train
     return (hf, parallel, {**DPO_TRAIN, **(train or {})}, lora, {}, checkpoint, None, data, rlhf)
 
 
+RM_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def _rm_case(hf, parallel: dict, train: dict | None = None, lora: dict | None = None, checkpoint: dict | None = None,
+             data: dict = DATA):  # fmt: skip
+    """A reward model (train.task rm) with TRL's reward-centering term. Adam's eps is 1e-4: a reward model's loss
+    reads one token per sequence, so many gradients are near zero, and Adam turns their fp32 round-off (which differs
+    with TP's summation order) into update differences of lr x round-off / eps. Measured at TP2 against one process:
+    step 1 equal within 1e-7 and step 3's rewards 4e-5 apart at eps 1e-8 (8x less at a 10x smaller lr), 2e-6 at
+    eps 1e-4. `lora`: LoRA options (the head trains in full next to the adapters)."""
+    train = {"task": "rm", "adam_eps": 1e-4, **(train or {})}
+    rlhf = {"center_rewards_coefficient": 0.01}
+    return _case(hf, parallel, lora, rlhf=rlhf, train=train, checkpoint=checkpoint, data=data)
+
+
 def _resumed(run_dir: Path) -> dict:
     return {"save": str(run_dir / "ckpt"), "output_dir": str(run_dir)}
 
 
-def _assert_same(got: list[dict], expected: list[dict], rel: float, what, steps: int = 3) -> None:
+def _assert_same(got: list[dict], expected: list[dict], rel: float, what, steps: int = 3,
+                 metrics: tuple[str, ...] = METRICS) -> None:  # fmt: skip
     assert len(got) == len(expected) == steps, what
     for step, (a, b) in enumerate(zip(got, expected, strict=True)):
         validation = [key for key in b if key.startswith("val_")]
         assert bool(validation) == (step == steps - 1) and set(validation) <= set(a), (what, step, validation)
-        for key in (*METRICS, *validation):
+        for key in (*metrics, *validation):
             assert a[key] == pytest.approx(b[key], rel=rel, abs=rel), (what, step, key, a[key], b[key])
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (what, step, a["grad_norm"], b["grad_norm"])
 
@@ -153,15 +169,16 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
 def test_dpo_tp2_sp_matches_the_single_process_fast_guard(tiny_models, tmp_path):
     """The default suite's guard: full DPO (frozen-copy reference) at TP2 + SP for 2 steps, one launch per size; the
     same with precomputed reference log-probs in the single process; full KTO at DP2 (its KL term over the global
-    batch) for 3 steps (the third's KL term is above the clamp's zero)."""
+    batch) for 3 steps (the third's KL term is above the clamp's zero); a reward model at TP2 + SP for 2 steps."""
     llama, two_steps = tiny_models["llama"], {"train_iters": 2}
     single = [_case(llama, {}, None, train=two_steps), _case(llama, {}, None, rlhf=PRECOMPUTE, train=two_steps),
-              _kto_case(llama, {}, None)]  # fmt: skip
+              _kto_case(llama, {}, None), _rm_case(llama, {}, two_steps)]  # fmt: skip
     run_cases(single, DPO, tmp_path / "one", world_size=1)
     _assert_same(_metrics(tmp_path / "one" / "case1"), _metrics(tmp_path / "one" / "case0"), 1e-6, "precomputed", 2)
     two = [
         _case(llama, LAYOUTS["tp2_sp"], None, train=two_steps),
         _kto_case(llama, LAYOUTS["dp2"], None),
+        _rm_case(llama, LAYOUTS["tp2_sp"], two_steps),
     ]
     run_cases(two, DPO, tmp_path / "two", world_size=2)
     expected, got = _metrics(tmp_path / "one" / "case0"), _metrics(tmp_path / "two" / "case0")
@@ -171,3 +188,7 @@ def test_dpo_tp2_sp_matches_the_single_process_fast_guard(tiny_models, tmp_path)
     kto = _metrics(tmp_path / "one" / "case2")
     assert kto[-1]["kl"] > 0.1 and kto[-1]["val_kl"] > 0.1  # the policy has moved: the KL term is live
     _assert_same_kto(_metrics(tmp_path / "two" / "case1"), kto, 1e-5, "kto dp2")
+    # A reward model (its head initialised from train.seed, hidden states gathered over SP) at TP2 + SP.
+    rm = _metrics(tmp_path / "one" / "case3")
+    assert rm[-1]["rewards/margins"] != rm[0]["rewards/margins"]
+    _assert_same(_metrics(tmp_path / "two" / "case2"), rm, 1e-5, "rm tp2_sp", 2, RM_METRICS)

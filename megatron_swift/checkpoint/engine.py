@@ -53,11 +53,13 @@ def _shard_info(name: str, partition_dim: int | None) -> tuple[int, int, int] | 
     return (partition_dim, rank, size) if size > 1 else None
 
 
-def _plan(chunks, args: GPTModelArgs) -> list[_Slot]:
-    mapping = args.family.mapping
+def _plan(chunks, args: GPTModelArgs, skip: frozenset[str] = frozenset()) -> list[_Slot]:
+    mapping = args.mapping
     slots = []
     for chunk in chunks:
         for name, param, partition_dim in canonical_parameters(chunk):
+            if name in skip:
+                continue
             if args.share_embeddings_and_output_weights:
                 name = TIED_ALIASES.get(name, name)
             try:
@@ -114,7 +116,7 @@ def preflight(ckpt: HFCheckpoint, slots: list[_Slot], args: GPTModelArgs) -> Non
             "checkpoint (and their entries from model.safetensors.index.json) to convert without them"
         )
     needed = _all_needed_hf_names({n for slot in slots for n in slot.hf_names})
-    mapping = args.family.mapping
+    mapping = args.mapping
     unmapped = sorted(n for n in ckpt.tensors if n not in needed and not mapping.is_known_hf(n))
     if args.share_embeddings_and_output_weights:
         unmapped = [n for n in unmapped if n != "lm_head.weight"]
@@ -124,9 +126,9 @@ def preflight(ckpt: HFCheckpoint, slots: list[_Slot], args: GPTModelArgs) -> Non
         raise CheckpointError(f"{ckpt.path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
 
 
-def check_against_chunks(ckpt: HFCheckpoint, chunks, args: GPTModelArgs) -> None:
+def check_against_chunks(ckpt: HFCheckpoint, chunks, args: GPTModelArgs, skip: frozenset[str] = frozenset()) -> None:
     """`preflight` for this rank's chunks: every problem of the checkpoint, before any tensor is read."""
-    preflight(ckpt, _plan(chunks, args), args)
+    preflight(ckpt, _plan(chunks, args, skip), args)
 
 
 @torch.no_grad()
@@ -136,8 +138,10 @@ def load_hf_into_chunks(
     args: GPTModelArgs,
     on_progress: Callable[[int, int], None] | None = None,
     adopt_tensors: bool = False,
+    skip: frozenset[str] = frozenset(),
 ) -> None:
-    """Fill every parameter of this rank's chunks from the HF checkpoint.
+    """Fill every parameter of this rank's chunks from the HF checkpoint, but those named in `skip` (canonical
+    names of parameters the checkpoint does not have, which the caller initialises: a new reward head).
 
     `on_progress(read, total)`: HF bytes this rank has read so far, of the bytes its parameters need.
 
@@ -145,7 +149,7 @@ def load_hf_into_chunks(
     dtype and device), the parameter takes it instead of a copy; such tensors may map the safetensors
     file. For short-lived models that are only saved again (conversion), not for training.
     """
-    slots = _plan(chunks, args)
+    slots = _plan(chunks, args, skip)
     preflight(ckpt, slots, args)
     total = ckpt.nbytes({n for slot in slots for n in slot.hf_names})
     read = 0

@@ -185,7 +185,7 @@ def plan_export(
         if args.share_embeddings_and_output_weights:  # at PP1 megatron-core has no output weight then, but
             name = TIED_ALIASES.get(name, name)  # if it had, plan_shards would refuse the second embedding
         try:
-            rule, bindings = args.family.mapping.resolve(name)
+            rule, bindings = args.mapping.resolve(name)
         except KeyError as exc:
             raise CheckpointError(f"family {args.family.name}: {exc.args[0]}") from None
         hf_names = rule.hf_names(bindings)

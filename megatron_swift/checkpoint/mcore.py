@@ -234,10 +234,17 @@ def describe_model(ckpt_dir: Path, args, source: Path, dtype: str, parallel, mak
     generation files of `source` into `hf/`, and the metadata file (with `lora` for adapter-only runs:
     options and the base weights' location and fingerprint)."""
     copy_side_files(source, Path(ckpt_dir) / HF_DIR)
+    if args.reward_head:  # hf/config.json describes the reward model: mcore-to-hf writes one, model.load reads one
+        from megatron_swift.models.reward import reward_model_config
+
+        config_file = Path(ckpt_dir) / HF_DIR / "config.json"
+        config = reward_model_config(json.loads(config_file.read_text()), args.family.reward_architecture,
+                                     args.pad_token_id)  # fmt: skip
+        atomic_write_text(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
     meta = {
         "format": FORMAT,
         "family": args.family.name,
-        "architecture": args.family.architectures[0],
+        "architecture": args.family.reward_architecture if args.reward_head else args.family.architectures[0],
         "source": str(Path(source).absolute()),
         "dtype": dtype,
         "vocab_size": args.vocab_size,

@@ -24,6 +24,8 @@ per projection; so the weight's rule splits it exactly like B (`lora_magnitude_v
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 from pathlib import Path
 
@@ -49,11 +51,13 @@ def _adapters(chunk) -> list[tuple[str, LoraLinear]]:
     ]
 
 
-def _hf_skeleton(hf_config):
-    from transformers import AutoModelForCausalLM
+def _hf_skeleton(hf_config, reward_model: bool = False):
+    """The HF model on the meta device: a causal LM, or the reward model (`*ForSequenceClassification`)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config)
+        return auto.from_config(hf_config)
 
 
 def _peft_lora_layers(skeleton, peft_config):
@@ -61,7 +65,8 @@ def _peft_lora_layers(skeleton, peft_config):
     from peft import get_peft_model
     from peft.tuners.lora.layer import LoraLayer
 
-    for peft_name, layer in get_peft_model(skeleton, peft_config).named_modules():
+    # A copy: PEFT adds its task's modules_to_save to the config it is given (SEQ_CLS: classifier, score).
+    for peft_name, layer in get_peft_model(skeleton, copy.deepcopy(peft_config)).named_modules():
         if isinstance(layer, LoraLayer) and "default" in layer.lora_A:
             yield peft_name, peft_name.removeprefix(PEFT_PREFIX).replace(".base_layer", ""), layer
 
@@ -95,14 +100,14 @@ def peft_adapter_tensors(chunk, args: GPTModelArgs, lora: LoraConfig, hf_config,
     from peft import LoraConfig as PeftLoraConfig
     from peft.tuners.lora.layer import ParamWrapper
 
-    skeleton = _hf_skeleton(hf_config)
+    skeleton = _hf_skeleton(hf_config, args.reward_head)
     modules = dict(skeleton.named_modules())
     linear_sources: dict[str, tuple] = {}  # HF module -> (A, B, DoRA magnitude or None)
     param_sources: dict[tuple[str, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     fused = _fused_expert_params(args)
     for name, wrapper in _adapters(chunk):
         lora_a, lora_b = wrapper.lora_A.weight.detach(), wrapper.lora_B.weight.detach()
-        rule, bindings = args.family.mapping.resolve(f"{name}.weight")
+        rule, bindings = args.mapping.resolve(f"{name}.weight")
         hf_modules = [n.removesuffix(".weight") for n in rule.hf_names(bindings)]
         if all(m in modules for m in hf_modules):
             magnitude = wrapper.lora_magnitude_vector
@@ -142,7 +147,8 @@ def peft_adapter_tensors(chunk, args: GPTModelArgs, lora: LoraConfig, hf_config,
         modules_to_save=sorted({name.removesuffix(".weight").rsplit(".", 1)[-1] for name in saved}) or None,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
-        task_type="CAUSAL_LM",
+        # A reward model's: PEFT's sequence classification, which trains and saves the head (modules_to_save).
+        task_type="SEQ_CLS" if args.reward_head else "CAUSAL_LM",
     )
     tensors = {}
     for peft_name, path, layer in _peft_lora_layers(skeleton, config):
@@ -184,7 +190,7 @@ def _modules_to_save(chunk, args: GPTModelArgs) -> dict[str, torch.Tensor]:
     found = {}
     for name, param, _ in canonical_parameters(chunk):
         if param.requires_grad and not name.endswith(ADAPTER_KEYS):
-            rule, bindings = args.family.mapping.resolve(name)
+            rule, bindings = args.mapping.resolve(name)
             found.update(zip(rule.hf_names(bindings), rule.to_hf(param.detach(), args.dims), strict=True))
     return found
 
@@ -286,10 +292,14 @@ class PeftAdapterSource:
 
 
 def apply_lora_with_adapter(chunks, lora: LoraConfig, args: GPTModelArgs, hf_dir: str | Path, seed: int):
-    """`apply_lora`, starting from the PEFT adapter `lora.adapter` when one is set; returns the report."""
+    """`apply_lora`, starting from the PEFT adapter `lora.adapter` when one is set; returns the report. A reward
+    model's head is always trained in full next to the adapters (PEFT's SEQ_CLS adds it to modules_to_save)."""
     from megatron_swift.checkpoint.hf import load_hf_config
+    from megatron_swift.models.reward import REWARD_HEAD_MODULE
     from megatron_swift.tuners.lora import apply_lora
 
+    if args.reward_head and REWARD_HEAD_MODULE not in lora.modules_to_save:  # as PEFT's SEQ_CLS: trained in full
+        lora = dataclasses.replace(lora, modules_to_save=[*lora.modules_to_save, REWARD_HEAD_MODULE])
     source = PeftAdapterSource(lora.adapter, args, lora, load_hf_config(hf_dir)) if lora.adapter else None
     report = apply_lora(chunks, lora, args.family, seed, initial=source)
     if source is not None:

@@ -1,4 +1,4 @@
-"""Preference pairs (train.task dpo / simpo / orpo): ms-swift's rows, SFT templates, fitting, collation.
+"""Preference pairs (train.task dpo / simpo / orpo / rm): ms-swift's rows, SFT templates, fitting, collation.
 
 A row is a conversation in any chat format (formats.py) whose last message is the chosen assistant response,
 plus the rejected one:
@@ -10,6 +10,8 @@ preference training scores the assistant turns after the last user turn (`last_r
 prompt / completion split). A micro-batch of n pairs is one [2n, seq] batch, the n chosen rows first, then their
 n rejected rows in the same order (TRL's concatenated forward), so a pair always goes through one forward. With
 `data.packing` whole pairs are packed into rows (each side its own document), so a pair never spans micro-batches.
+A reward model (rm) reads the same rows, plus an optional number `margin` (TRL's RewardTrainer), and scores each
+whole side at its last token (`RewardPairCollate`; packed: `PackedRewardPairCollate`, each whole side a document).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from megatron_swift.data.encode import Encoder, Sample
@@ -27,13 +30,23 @@ from megatron_swift.data.packing import PackedCollate, PaddedCollate
 from megatron_swift.data.sources import Row
 
 REJECTED_FIELDS = ("rejected_response", "rejected_messages")
-PAIR_TASKS = ("dpo", "simpo", "orpo")  # the train.task values that train on pairs
+PAIR_TASKS = ("dpo", "simpo", "orpo")  # the train.task values that train language models on pairs
+RM_TASK = "rm"  # a reward model on the same pairs (training/reward.py)
 
 
 @dataclass(frozen=True)
 class PairSample:
     chosen: Sample
     rejected: Sample
+    margin: float = 0.0  # rm: the row's `margin` (TRL's RewardTrainer), subtracted from the reward difference
+
+
+def row_margin(data: dict) -> float:
+    """A reward-model row's optional `margin` (a number; 0 when absent); RowProblem says what is wrong."""
+    margin = data.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or margin != margin:
+        raise RowProblem(f"'margin' must be a number, got {margin!r}")
+    return float(margin)
 
 
 def split_pair(data: dict, row_format: str = "auto") -> tuple[dict, dict]:
@@ -71,27 +84,32 @@ def split_pair(data: dict, row_format: str = "auto") -> tuple[dict, dict]:
 class PairEncoder:
     """Picklable, like Encoder (whose template, loss policy and tokenizer it uses for both sides)."""
 
-    def __init__(self, encoder: Encoder):
+    def __init__(self, encoder: Encoder, task: str = "dpo"):
         self.encoder = encoder
-        # One task name for every pair task: the samples (and their cache entries) are the same.
-        self.tokenizer, self.template, self.task = encoder.tokenizer, encoder.template, "dpo"
+        # One task name for every language-model pair task: the samples (and their cache entries) are the same;
+        # rm's carry the rows' margins.
+        self.tokenizer, self.template = encoder.tokenizer, encoder.template
+        self.task = RM_TASK if task == RM_TASK else "dpo"
 
     def encode(self, rows: Sequence[Row]) -> list[PairSample | str]:
-        sides, results = [], []
+        sides, results, margins = [], [], []
         for row in rows:
             try:
                 chosen, rejected = split_pair(row.data, self.encoder.row_format)
+                margins.append(row_margin(row.data) if self.task == RM_TASK else 0.0)
                 sides += [Row(row.where, chosen), Row(row.where, rejected)]
                 results.append(None)
             except RowProblem as problem:
                 results.append(str(problem))
+        margins = iter(margins)
         encoded = iter(self.encoder.encode(sides))
         for index, result in enumerate(results):
             if result is None:
                 chosen, rejected = next(encoded), next(encoded)
                 problems = [f"{name}: {side}" for name, side in (("chosen", chosen), ("rejected", rejected))
                             if isinstance(side, str)]  # fmt: skip
-                results[index] = "; ".join(problems) if problems else PairSample(chosen, rejected)
+                margin = next(margins)
+                results[index] = "; ".join(problems) if problems else PairSample(chosen, rejected, margin)
         return results
 
 
@@ -107,7 +125,7 @@ def fit_pairs(pairs: list[PairSample], max_length: int, strategy: str, stats: di
                 break
             sides.append(Sample(*kept))
         if len(sides) == 2:
-            fitted.append(PairSample(*sides))
+            fitted.append(PairSample(*sides, pair.margin))
     stats |= {"truncated": counts.truncated, "deleted_too_long": counts.deleted,
               "no_target_after_truncation": counts.no_target, "trained_pairs": len(fitted)}  # fmt: skip
     return fitted
@@ -134,9 +152,28 @@ class PairCollate:
         return batch
 
 
-def pair_positions(pair: PairSample) -> int:
-    """Positions a pair takes in a packed row: both sides' inputs (n - 1 tokens each)."""
-    return len(pair.chosen.ids) - 1 + len(pair.rejected.ids) - 1
+@dataclass(frozen=True)
+class RewardPairCollate:
+    """train.task rm: PairCollate's [2n, seq_length] rows holding whole samples (rm's max_length is at most
+    seq_length: the reward is read at the sample's end), plus `reward_position` [2n], each row's last non-pad token
+    (HF's rule, models/reward.py), and `margin` [n]."""
+
+    seq_length: int
+    pad_id: int
+
+    def __call__(self, pairs: list[PairSample]) -> dict[str, torch.Tensor]:
+        from megatron_swift.models.reward import last_non_pad_positions
+
+        batch = PairCollate(self.seq_length, self.pad_id)(pairs)
+        batch["reward_position"] = last_non_pad_positions(batch["tokens"], self.pad_id)
+        batch["margin"] = torch.tensor([pair.margin for pair in pairs], dtype=torch.float64)
+        return batch
+
+
+def pair_positions(pair: PairSample, task: str = "dpo") -> int:
+    """Positions a pair takes in a packed row: both sides' inputs (n - 1 tokens each; rm: the whole samples)."""
+    whole = 2 if task == RM_TASK else 0
+    return len(pair.chosen.ids) - 1 + len(pair.rejected.ids) - 1 + whole
 
 
 @dataclass(frozen=True)
@@ -170,4 +207,36 @@ class PackedPairCollate:
                 batch["token_mask"][row, start : start + cu[d + 1] - cu[d]] = 1.0
         batch |= {"document_pair": torch.tensor(document_pair), "document_side": torch.tensor(document_side),
                   "pair_weight": torch.ones(pairs)}  # fmt: skip
+        return batch
+
+
+def _with_end(sample: Sample, pad_id: int) -> Sample:
+    """The sample plus one pad token: a collate's inputs (ids[:-1]) are then the whole sample."""
+    return Sample(np.append(sample.ids, pad_id).astype(sample.ids.dtype), np.append(sample.weights, 0.0))
+
+
+@dataclass(frozen=True)
+class PackedRewardPairCollate:
+    """rm with data.packing: PackedPairCollate's rows of whole pairs, each side's whole sample a document, plus
+    `reward_position` [2n] into the flattened rows (chosen sides, then rejected; HF's last non-pad token of each
+    document) and `margin` [n]."""
+
+    seq_length: int
+    pad_id: int
+
+    def __call__(self, rows: list[list[PairSample]]) -> dict[str, torch.Tensor]:
+        from megatron_swift.models.reward import last_non_pad_positions
+
+        ended = [[PairSample(_with_end(p.chosen, self.pad_id), _with_end(p.rejected, self.pad_id)) for p in row]
+                 for row in rows]  # fmt: skip
+        batch = PackedPairCollate(self.seq_length, self.pad_id)(ended)
+        tokens, cu = batch["tokens"].reshape(-1), batch["cu_seqlens"].tolist()
+        pairs = len(batch["pair_weight"])
+        positions = torch.zeros(2 * pairs, dtype=torch.long)
+        for d, (pair, side) in enumerate(zip(batch["document_pair"].tolist(), batch["document_side"].tolist(),
+                                             strict=True)):  # fmt: skip
+            if pair >= 0:
+                positions[side * pairs + pair] = cu[d] + last_non_pad_positions(tokens[cu[d] : cu[d + 1]], self.pad_id)
+        batch["reward_position"] = positions
+        batch["margin"] = torch.tensor([pair.margin for row in rows for pair in row], dtype=torch.float64)
         return batch

@@ -26,10 +26,13 @@ from megatron_swift.data.labels import LossPolicy, TruncationCounts, parse_role_
 from megatron_swift.data.packing import PackedCollate, PaddedCollate, pack, padding_fraction
 from megatron_swift.data.pairs import (
     PAIR_TASKS,
+    RM_TASK,
     PackedPairCollate,
+    PackedRewardPairCollate,
     PairCollate,
     PairEncoder,
     PairSample,
+    RewardPairCollate,
     fit_pairs,
     pair_positions,
 )
@@ -53,14 +56,19 @@ class TrainData:
         return "data: " + ", ".join(f"{key}={value}" for key, value in self.stats.items())
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id rows are padded with: the tokenizer's pad token, else its eos (TRL's choice)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def make_encoder(data, tokenizer, task: str) -> Encoder | PairEncoder | KtoEncoder:
-    preference = task in (*PAIR_TASKS, KTO_TASK)
+    preference = task in (*PAIR_TASKS, KTO_TASK, RM_TASK)
     template = make_template(data.template, tokenizer) if task == "sft" or preference else None
     # Preference data scores the response (the turns after the last user turn) unless loss_scale says otherwise.
     scope = "last_round" if preference and data.loss_scale == "default" else data.loss_scale
     policy = LossPolicy(scope, {"tool": 0.0, **parse_role_scales(data.role_loss_scale)})
-    if task in PAIR_TASKS:
-        return PairEncoder(Encoder(tokenizer, template, policy, data.format, "sft"))
+    if task in (*PAIR_TASKS, RM_TASK):
+        return PairEncoder(Encoder(tokenizer, template, policy, data.format, "sft"), task)
     if task == KTO_TASK:
         return KtoEncoder(Encoder(tokenizer, template, policy, data.format, "sft"))
     return Encoder(tokenizer, template, policy, data.format, task)
@@ -77,8 +85,9 @@ def encode_dataset(data, encoder: Encoder, seed: int, progress: bool) -> tuple[l
         cached = cache.load()
         if cached is not None:
             samples, info = cached
-            if encoder.task == "dpo":  # stored flat: chosen, rejected, chosen, ...
-                samples = [PairSample(*samples[i : i + 2]) for i in range(0, len(samples), 2)]
+            if encoder.task in ("dpo", RM_TASK):  # stored flat: chosen, rejected, chosen, ... (rm: margins in info)
+                margins = info.pop("rm_margins", None) or [0.0] * (len(samples) // 2)
+                samples = [PairSample(*samples[i : i + 2], margins[i // 2]) for i in range(0, len(samples), 2)]
             elif encoder.task == KTO_TASK:  # the labels are stored with the info
                 samples = [LabelledSample(*item) for item in zip(samples, info.pop("kto_labels"), strict=True)]
             return samples, info
@@ -94,11 +103,15 @@ def encode_dataset(data, encoder: Encoder, seed: int, progress: bool) -> tuple[l
         raise DataError(f"{', '.join(data.dataset)}: no usable rows ({bad.count} bad)")
     info = {"rows": len(rows), "bad_rows": bad.count, "bad_examples": bad.examples}
     if cache is not None:
-        flat = [side for pair in samples for side in (pair.chosen, pair.rejected)] if encoder.task == "dpo" else samples
+        pairs = encoder.task in ("dpo", RM_TASK)
+        flat = [side for pair in samples for side in (pair.chosen, pair.rejected)] if pairs else samples
         if encoder.task == KTO_TASK:
             flat, info = [item.sample for item in samples], {**info, "kto_labels": [item.desirable for item in samples]}
+        if encoder.task == RM_TASK:
+            info = {**info, "rm_margins": [pair.margin for pair in samples]}
         cache.save(flat, info)
         info.pop("kto_labels", None)
+        info.pop("rm_margins", None)
     return samples, info
 
 
@@ -148,7 +161,7 @@ def validation_items(validation: list[Sample], task: str, data, max_length: int,
         except DataError:
             raise DataError(f"{source}: no validation row has a target left after truncation to {max_length} "
                             "tokens; validate on more (or shorter) conversations") from None  # fmt: skip
-    if task in PAIR_TASKS:
+    if task in (*PAIR_TASKS, RM_TASK):
         pairs = fit_pairs(validation, max_length, data.truncation_strategy, {})
         if not pairs:
             raise DataError(f"{source}: no validation pair has a scored token left on both sides after truncation to "
@@ -175,12 +188,14 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
                      progress: bool = False) -> TrainData:  # fmt: skip
     """`data` is a training.config.DataSection; `task` is "pretrain", "sft" or a pair task (pairs.PAIR_TASKS)."""
     seq_length = data.seq_length
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     max_length = data.max_length or seq_length + 1
     padded = PaddedCollate(seq_length, pad_id)
     eval_collate = PairCollate(seq_length, pad_id) if task in PAIR_TASKS else padded
     if task == KTO_TASK:
         eval_collate = KtoCollate(seq_length, pad_id)
+    if task == RM_TASK:  # the reward is read at a sample's last token: whole samples are inputs (preflight)
+        max_length, eval_collate = data.max_length or seq_length, RewardPairCollate(seq_length, pad_id)
 
     def batches(items, collate=padded) -> GlobalBatches:
         return GlobalBatches(items, global_batch_size, seed, data.shuffle, collate)
@@ -210,20 +225,22 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
     if task == KTO_TASK:  # preflight refuses streaming and packing for KTO
         items = fit_labelled(samples, data, max_length, global_batch_size, stats)
         return TrainData(batches(items, KtoCollate(seq_length, pad_id)), len(items), validation, stats, **held_out)
-    if task in PAIR_TASKS:  # preflight refuses streaming for pairs
+    if task in (*PAIR_TASKS, RM_TASK):  # preflight refuses streaming for pairs
         pairs = fit_pairs(samples, max_length, data.truncation_strategy, stats)
         if data.packing:  # whole pairs per row: a pair longer than a row cannot be packed
-            stats["pairs_longer_than_a_row"] = sum(pair_positions(pair) > seq_length for pair in pairs)
-            pairs = [pair for pair in pairs if pair_positions(pair) <= seq_length]
+            stats["pairs_longer_than_a_row"] = sum(pair_positions(pair, task) > seq_length for pair in pairs)
+            pairs = [pair for pair in pairs if pair_positions(pair, task) <= seq_length]
         if not pairs:
             raise DataError(f"no preference pair left to train on after truncation to {max_length} tokens"
                             + (f" (packing: both sides of a pair in one row of {seq_length})" if data.packing else "")
                             + "; raise data.seq_length or change data.truncation_strategy")  # fmt: skip
         if not data.packing:
-            return TrainData(batches(pairs, PairCollate(seq_length, pad_id)), len(pairs), validation, stats, **held_out)
-        rows = [[pairs[i] for i in row] for row in pack([pair_positions(pair) + 1 for pair in pairs], seq_length)]
+            collate = RewardPairCollate(seq_length, pad_id) if task == RM_TASK else PairCollate(seq_length, pad_id)
+            return TrainData(batches(pairs, collate), len(pairs), validation, stats, **held_out)
+        rows = [[pairs[i] for i in row] for row in pack([pair_positions(pair, task) + 1 for pair in pairs], seq_length)]
         stats["packed_rows"] = len(rows)
-        return TrainData(batches(rows, PackedPairCollate(seq_length, pad_id)), len(rows), validation, stats, **held_out)
+        collate = PackedRewardPairCollate if task == RM_TASK else PackedPairCollate
+        return TrainData(batches(rows, collate(seq_length, pad_id)), len(rows), validation, stats, **held_out)
     if task == "pretrain" and not data.packing:
         windows = TokenWindows.from_samples(samples, seq_length, seed, data.shuffle)
         stats["windows"] = len(windows)

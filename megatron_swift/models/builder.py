@@ -96,7 +96,8 @@ def build_model_chunks(
     `kernels` (auto | torch | triton | te, see models/kernel_modules.py) puts our RMSNorm and SwiGLU
     modules into the local spec; None keeps megatron-core's own modules (as the converters do).
     `fused_linear_cross_entropy` builds FusedLossGPTModel chunks, whose last stage hands the training
-    loss hidden states instead of logits (training/step.py).
+    loss hidden states instead of logits (training/step.py). A reward model (`args.reward_head`) builds
+    RewardGPTModel chunks (models/reward.py).
     """
     if attention not in ("sdpa", "local"):
         raise ConfigError(f"model.attention={attention!r}: choose sdpa or local")
@@ -121,6 +122,10 @@ def build_model_chunks(
         from megatron_swift.models.kernel_modules import FusedLossGPTModel
 
         model_cls, model_kwargs = FusedLossGPTModel, {"loss_backend": backends["fused_linear_cross_entropy"]}
+    if args.reward_head:  # models/reward.py: the score head instead of the output layer (none to tie)
+        from megatron_swift.models.reward import RewardGPTModel
+
+        model_cls = RewardGPTModel
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -159,7 +164,7 @@ def build_model_chunks(
                 max_sequence_length=args.max_sequence_length,
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-                share_embeddings_and_output_weights=args.share_embeddings_and_output_weights,
+                share_embeddings_and_output_weights=args.share_embeddings_and_output_weights and not args.reward_head,
                 position_embedding_type="rope",
                 rotary_base=args.rotary_base,
                 rotary_percent=args.rotary_percent,

@@ -1,7 +1,7 @@
 """Model families: what a family declares, and the registry that finds one for an HF config.
 
-A family is data: the HF `architectures` it covers, its parameter mapping (`RuleSet`), and what
-differs from a Llama decoder (the defaults): qkv bias, qk-norm, attention kind (standard or
+A family is data: the HF `architectures` it covers (and its reward model's), its parameter mapping (`RuleSet`),
+and what differs from a Llama decoder (the defaults): qkv bias, qk-norm, attention kind (standard or
 multi-latent), the activations and rope types its configs may name, its MoE fields and router kind,
 its LoRA target names, and an optional hook for config fields only it has. Plus a tiny config for
 tests and examples. Adding a family means adding one file under `families/`; what a hook or a kind
@@ -109,9 +109,21 @@ class Family:
     extras: Callable | None = None
     # Keyword arguments for the HF config class that make a tiny, fast test model.
     tiny_config: dict = field(default_factory=dict)
+    # The HF reward-model (sequence classification) architecture, when it is not the generic rule's
+    # (`XForCausalLM` -> `XForSequenceClassification`), e.g. Gemma 3's text model.
+    sequence_classification: str | None = None
+
+    @property
+    def reward_architecture(self) -> str:
+        """The HF `*ForSequenceClassification` class of this family's reward models (train.task rm)."""
+        causal = self.architectures[0]
+        return self.sequence_classification or causal.removesuffix("ForCausalLM") + "ForSequenceClassification"
 
 
 _REGISTRY: dict[str, Family] = {}
+
+
+_REWARD_REGISTRY: dict[str, Family] = {}  # reward-model (sequence classification) architectures
 
 
 def register(family: Family) -> Family:
@@ -119,6 +131,7 @@ def register(family: Family) -> Family:
         if arch in _REGISTRY:
             raise ValueError(f"architecture {arch} declared twice ({_REGISTRY[arch].name}, {family.name})")
         _REGISTRY[arch] = family
+    _REWARD_REGISTRY[family.reward_architecture] = family
     return family
 
 
@@ -145,8 +158,9 @@ def family_for(hf_config) -> Family:
     _load_all()
     archs = list(getattr(hf_config, "architectures", None) or [])
     for arch in archs:
-        if arch in _REGISTRY:
-            return _REGISTRY[arch]
+        found = _REGISTRY.get(arch) or _REWARD_REGISTRY.get(arch)
+        if found is not None:
+            return found
     raise UnsupportedModelError(
         f"unsupported architecture {archs or '(none in config.json)'}; "
         f"supported: {', '.join(supported_architectures())}"

@@ -6,6 +6,7 @@ translated or refused with a message that names it; nothing is silently dropped.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from megatron_swift.config import ConfigError
 from megatron_swift.models.family import Family, family_for
-from megatron_swift.models.mapping import ModelDims
+from megatron_swift.models.mapping import ModelDims, RuleSet
 from megatron_swift.models.mla import mla_args
 from megatron_swift.models.moe_args import moe_args
 
@@ -44,7 +45,16 @@ class GPTModelArgs:
     embedding_multiplier: float | None = None
     output_norms: bool = False
     window_rotary_base: float | None = None
+    # A reward model (models/reward.py): the `score` head on the last hidden state instead of the output layer;
+    # the pad token id its reward position is found with (HF's config.pad_token_id).
+    reward_head: bool = False
+    pad_token_id: int | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def mapping(self) -> RuleSet:
+        """The family's rules, plus the reward head's for a reward model."""
+        return _with_reward_head(self.family.mapping) if self.reward_head else self.family.mapping
 
     @property
     def dims(self) -> ModelDims:
@@ -68,6 +78,13 @@ class GPTModelArgs:
     @property
     def is_moe(self) -> bool:
         return bool(self.transformer.get("num_moe_experts"))
+
+
+@functools.lru_cache
+def _with_reward_head(rules: RuleSet) -> RuleSet:
+    from megatron_swift.models.reward import REWARD_HEAD
+
+    return RuleSet((*rules.rules, REWARD_HEAD), ignore_hf=rules.ignore_hf)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
@@ -239,6 +256,7 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
         output_norms=family.output_norms,
         window_rotary_base=window_rotary_base if "window_size" in transformer else None,
         **rope_kwargs,
+        **_reward_fields(hf_config, family),
     )
     if sliding and sliding < args.max_sequence_length:
         args.notes.append(
@@ -246,6 +264,17 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
             f"sequences of at most {sliding} tokens"
         )
     return args
+
+
+def _reward_fields(hf_config, family: Family) -> dict:
+    """A `*ForSequenceClassification` config (an exported reward model) translates to a reward model."""
+    if family.reward_architecture not in (getattr(hf_config, "architectures", None) or []):
+        return {}
+    num_labels = getattr(hf_config, "num_labels", 1)
+    if num_labels != 1:
+        raise ConfigError(f"num_labels={num_labels}: {family.reward_architecture} checkpoints are read as reward "
+                          "models (num_labels 1) only")  # fmt: skip
+    return {"reward_head": True, "pad_token_id": getattr(hf_config, "pad_token_id", None)}
 
 
 def dtype_from_name(name: str) -> torch.dtype:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from megatron_swift.config import ParallelConfig
 from megatron_swift.data.kto import KTO_TASK
-from megatron_swift.data.pairs import PAIR_TASKS
+from megatron_swift.data.pairs import PAIR_TASKS, RM_TASK
 from megatron_swift.models.layout import model_layout_problems
 from megatron_swift.training.moe import MoeSection, moe_overrides, moe_problems
 from megatron_swift.training.rlhf_config import RlhfSection, rlhf_problems
@@ -76,8 +76,8 @@ class DataSection:
 @dataclass
 class TrainSection:
     # dpo / simpo / orpo: preference pairs, options in the `rlhf` section (training/preference.py); kto: labelled
-    # unpaired completions (training/kto.py)
-    task: Literal["pretrain", "sft", "dpo", "simpo", "orpo", "kto"] = "sft"
+    # unpaired completions (training/kto.py); rm: a reward model on pairs (training/reward.py)
+    task: Literal["pretrain", "sft", "dpo", "simpo", "orpo", "kto", "rm"] = "sft"
     train_type: Literal["full", "lora"] = "full"  # lora: adapters from the `lora` section, base frozen
     micro_batch_size: int = 1
     global_batch_size: int = 8
@@ -147,7 +147,7 @@ class JobConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     lora: LoraConfig = field(default_factory=LoraConfig)
     moe: MoeSection = field(default_factory=MoeSection)
-    rlhf: RlhfSection = field(default_factory=RlhfSection)  # train.task dpo / simpo / orpo / kto only
+    rlhf: RlhfSection = field(default_factory=RlhfSection)  # train.task dpo / simpo / orpo / kto / rm only
 
 
 def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
@@ -222,7 +222,7 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
     expert_bias = bool(model_args.transformer.get("moe_router_enable_expert_bias")) if model_args else None
     found += moe_problems(job.moe, model_args.is_moe if model_args is not None else None, expert_bias)
     found += rlhf_problems(job)
-    if model_args is not None and model_args.is_moe and t.task in (*PAIR_TASKS, KTO_TASK):
+    if model_args is not None and model_args.is_moe and t.task in (*PAIR_TASKS, KTO_TASK, RM_TASK):
         # megatron-core scales the router's auxiliary losses by the schedule's token count, which preference
         # losses set to the pair count: their weight against a TRL run is not checked yet.
         found.append(f"train.task={t.task}: preference training of MoE models is not built yet (the router's "

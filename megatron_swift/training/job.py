@@ -42,7 +42,9 @@ def check_job(job: JobConfig, world_size: int):
     except (AttributeError, TypeError, KeyError) as exc:  # a config.json transformers read but we cannot use
         problem = f"not a usable model config ({type(exc).__name__}: {exc})"
         raise CheckpointError(f"{source / 'config.json'}: {problem}") from None
+    args, reward_problems = reward_model_args(job, args)
     problems = preflight(job, world_size, args) + environment_problems(job) + directory_problems(job, args)
+    problems += reward_problems
     if job.train.task in ("dpo", "kto") and job.rlhf.ref_model:  # preflight refuses it for the other tasks
         problems += reference_model_problems(job.rlhf.ref_model, args, job.model.make_vocab_size_divisible_by)
     if job.model.hf:
@@ -56,6 +58,37 @@ def check_job(job: JobConfig, world_size: int):
         for warning in preflight_warnings(job, world_size, args):
             print(f"warning: {warning}", file=sys.stderr)
     return args
+
+
+def reward_model_args(job: JobConfig, args):
+    """train.task rm builds the model with a reward head (models/reward.py); a reward-model checkpoint (an HF
+    `*ForSequenceClassification`) trains only as one. (args, problems)."""
+    import transformers
+
+    from megatron_swift.data.pairs import RM_TASK
+
+    if job.train.task != RM_TASK:
+        problem = f"model.hf: a {args.family.reward_architecture} checkpoint (a reward model) trains with train.task rm"
+        return args, [problem] if args.reward_head else []
+    architecture = args.family.reward_architecture
+    if job.model.load and not args.reward_head:
+        return args, [f"model.load={job.model.load}: not a reward model; train.task rm starts from an HF directory "
+                      "(model.hf: a causal LM, whose head is initialised, or a reward model) or from a reward "
+                      "model's megatron-swift checkpoint"]  # fmt: skip
+    if not hasattr(transformers, architecture):
+        return args, [f"train.task=rm: transformers has no {architecture} for family {args.family.name}, so the "
+                      "reward model could not be exported; use another model"]  # fmt: skip
+    return dataclasses.replace(args, reward_head=True), []
+
+
+def new_reward_head(args, source) -> frozenset[str]:
+    """The reward head's name when the HF checkpoint (a causal LM) has none: it is initialised, not read."""
+    from megatron_swift.checkpoint.hf import HFCheckpoint
+    from megatron_swift.models.reward import REWARD_HEAD
+
+    if not args.reward_head or not isinstance(source, HFCheckpoint) or REWARD_HEAD.hf_name in source.tensors:
+        return frozenset()
+    return frozenset({REWARD_HEAD.mcore})
 
 
 def precompute_reference(job: JobConfig, preference, data, is_main: bool, cache_file: Path | None = None,
@@ -139,7 +172,7 @@ def check_weights(job: JobConfig, chunks, args):
 
     if job.model.hf:
         source = HFCheckpoint(job.model.hf)
-        engine.check_against_chunks(source, chunks, args)
+        engine.check_against_chunks(source, chunks, args, skip=new_reward_head(args, source))
         return source
     source = full_model_weights_dir(Path(job.model.load))
     check_distcp_metadata(source)
@@ -154,7 +187,12 @@ def load_weights(job: JobConfig, chunks, args, source) -> None:
     from megatron_swift.tuners.lora.apply import embedding_output_requires_grad
 
     if job.model.hf:
-        load_hf_into_chunks(chunks, source, args)
+        head = new_reward_head(args, source)
+        load_hf_into_chunks(chunks, source, args, skip=head)
+        if head:  # a reward model from a causal LM: HF's initialisation of `score`, from train.seed
+            from megatron_swift.models.reward import initialise_reward_head
+
+            initialise_reward_head(chunks, args.transformer["init_method_std"], job.train.seed)
     else:
         load_model(chunks, source)
     if job.train.train_type == "lora":
@@ -173,8 +211,8 @@ def build_model(job: JobConfig, args) -> list:
 
 
 def build_preference(job: JobConfig, args, chunks: list, source, reference_cached: bool = False):
-    """Preference tasks: the loss and the reference model (training/preference.py, training/kto.py); None for other
-    tasks.
+    """Preference tasks: the loss and the reference model (training/preference.py, training/kto.py; a reward model,
+    training/reward.py, has no reference); None for other tasks.
 
     The reference is the policy's own chunks with adapters off (LoRA), nothing (`rlhf.reference_free`), or a
     frozen copy at the same layout: of `rlhf.ref_model` when set, else of the initial weights, read from the same
@@ -183,7 +221,10 @@ def build_preference(job: JobConfig, args, chunks: list, source, reference_cache
     from megatron_swift.data.pairs import PAIR_TASKS
     from megatron_swift.training.kto import Kto, KtoLoss
     from megatron_swift.training.preference import Preference, PreferenceLoss, ReferenceModel
+    from megatron_swift.training.reward import Reward, RewardLoss
 
+    if job.train.task == "rm":  # a reward model: no reference
+        return Reward(RewardLoss.from_section(job.rlhf))
     if job.train.task == KTO_TASK:
         step, loss = Kto, KtoLoss.from_section(job.rlhf)
     elif job.train.task in PAIR_TASKS:
@@ -226,6 +267,7 @@ def run_job(job: JobConfig, ctx, args) -> list:
     from megatron_swift.data import build_train_data
     from megatron_swift.data.kto import KTO_TASK
     from megatron_swift.data.pairs import PAIR_TASKS
+    from megatron_swift.data.pipeline import pad_token_id
     from megatron_swift.distributed import on_rank_zero_agreed
     from megatron_swift.plan.runtime import startup_summary
     from megatron_swift.training import reference_cache
@@ -245,6 +287,8 @@ def run_job(job: JobConfig, ctx, args) -> list:
         chunks = build_chunks(job, args)
         source = check_weights(job, chunks, args)
         tokenizer = AutoTokenizer.from_pretrained(model_source(job))
+        if args.reward_head:  # the pad token the reward position is found with (exported as config.pad_token_id)
+            args = dataclasses.replace(args, pad_token_id=pad_token_id(tokenizer))
         data = build_train_data(job.data, tokenizer, job.train.task, job.train.global_batch_size, job.train.seed,
                                 progress=ctx.is_main)  # fmt: skip
         if ctx.is_main:

@@ -289,17 +289,21 @@ def global_report(reports: list[dict], key: str = "dpo", size: int = len(REPORT)
     return total.cpu()
 
 
-def dpo_metrics(total: torch.Tensor) -> dict[str, float]:
+def dpo_metrics(total: torch.Tensor, names: tuple[str, ...] = REPORT) -> dict[str, float]:
+    """Per-pair means of a report's global sums (`names`: its entries, `pairs` second)."""
     pairs = max(float(total[1]), 1.0)
-    return {name: float(total[i]) / pairs for i, name in enumerate(REPORT) if name != "pairs"}
+    return {name: float(total[i]) / pairs for i, name in enumerate(names) if name != "pairs"}
 
 
 @dataclass
 class Preference:
-    """What a preference step needs besides the model: the loss and the reference."""
+    """What a preference step needs besides the model: the loss and the reference. Its reports are `report_key`
+    entries of `report_names` sums (training/reward.py's reward model shares the validation and the step)."""
 
     loss: PreferenceLoss
     reference: ReferenceModel
+    report_key = "dpo"
+    report_names = REPORT
 
     def run(self, chunks, microbatches: list[dict], forward_only: bool) -> list[dict]:
         """The reference's log-probs, then the policy's forward (and backward) over this rank's micro-batches of
@@ -317,15 +321,16 @@ class Preference:
         of micro-batches (a global batch each). Collective: all ranks call it at the same step."""
         from megatron_swift.training.optim import parameters_synced
 
-        total = torch.zeros(len(REPORT), dtype=torch.float64)
+        total = torch.zeros(len(self.report_names), dtype=torch.float64)
         with torch.no_grad(), parameters_synced(chunks):
             for chunk in chunks:
                 chunk.eval()
             for microbatches in microbatch_groups:
-                total += global_report(self.run(chunks, microbatches, forward_only=True))
+                reports = self.run(chunks, microbatches, forward_only=True)
+                total += global_report(reports, self.report_key, len(self.report_names))
         for chunk in chunks:
             chunk.train()
-        return {f"val_{name}": value for name, value in dpo_metrics(total).items()}
+        return {f"val_{name}": value for name, value in dpo_metrics(total, self.report_names).items()}
 
     def train_step(self, chunks, optimizer, scheduler, microbatches: list[dict], vocab_size: int) -> StepResult:
         from megatron_swift.training.moe_metrics import router_losses
@@ -339,8 +344,8 @@ class Preference:
         updated, grad_norm, _ = optimizer.step()
         if updated:
             scheduler.step(increment=1)
-        total = global_report(reports)
-        metrics = dpo_metrics(total)
+        total = global_report(reports, self.report_key, len(self.report_names))
+        metrics = dpo_metrics(total, self.report_names)
         loss = metrics.pop("loss")
         router = router_losses(chunks[0].config, len(microbatches))
         return StepResult(loss, int(total[1]), float(grad_norm or 0.0), lr, not updated, router, metrics)

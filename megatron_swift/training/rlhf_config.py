@@ -1,6 +1,7 @@
 """The `rlhf` section: preference-training options with TRL / ms-swift field names, and their preflight checks.
 
-Used by `train.task: dpo / simpo / orpo` (training/preference.py) and `kto` (training/kto.py). Field names and
+Used by `train.task: dpo / simpo / orpo` (training/preference.py), `kto` (training/kto.py) and `rm`
+(training/reward.py: `center_rewards_coefficient`, TRL's RewardConfig). Field names and
 meanings follow TRL's `DPOConfig` (`beta`, `loss_type` as a list summed with `loss_weights`, `label_smoothing`),
 `CPOConfig` (`simpo_gamma`, `cpo_alpha`), `KTOConfig` (`desirable_weight`, `undesirable_weight`, `loss_type`
 kto / apo_zero_unpaired) and ms-swift's `RLHFArguments` (`rpo_alpha`, `reference_free`, `ref_model`,
@@ -13,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_swift.data.kto import KTO_TASK
-from megatron_swift.data.pairs import PAIR_TASKS
+from megatron_swift.data.pairs import PAIR_TASKS, RM_TASK
 
 # Loss types built (TRL's names and formulas; `sigmoid` with label_smoothing is cDPO, as TRL < 1.0 and ms-swift).
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
@@ -44,14 +45,20 @@ class RlhfSection:
     # KTO: weights of the desirable and undesirable items' losses (TRL's; to balance unequal counts)
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    # rm: adds center_rewards_coefficient x (r_chosen + r_rejected)^2 per pair (TRL's RewardConfig; null: none)
+    center_rewards_coefficient: float | None = None
 
 
 def rlhf_problems(job) -> list[str]:
     """Every problem of the `rlhf` section and of what the preference tasks do not support (yet)."""
-    r, t, d, p = job.rlhf, job.train, job.data, job.parallel
+    r, t = job.rlhf, job.train
     found = []
-    if t.task not in (*PAIR_TASKS, KTO_TASK):
+    if t.task != RM_TASK and r.center_rewards_coefficient is not None:
+        found.append("rlhf.center_rewards_coefficient: used by train.task rm only")
+    if t.task not in (*PAIR_TASKS, KTO_TASK, RM_TASK):
         return found
+    if t.task == RM_TASK:
+        return reward_model_problems(job) + unsupported_problems(job)
     if t.task != "simpo":
         found += [f"rlhf.{name}: used by train.task simpo only" for name in ("simpo_gamma", "cpo_alpha")
                   if getattr(r, name) is not None]  # fmt: skip
@@ -88,7 +95,12 @@ def rlhf_problems(job) -> list[str]:
     ):
         found.append("lora.modules_to_save: the reference (the model with adapters off) would use the trained "
                      "modules; leave modules_to_save empty or set rlhf.ref_model")  # fmt: skip
-    # What preference training does not support yet, each named (the SFT path supports them).
+    return found + unsupported_problems(job)
+
+
+def unsupported_problems(job) -> list[str]:
+    """What preference training does not support yet, each named (the SFT path supports them)."""
+    d, p, found = job.data, job.parallel, []
     for bad, problem in (
         (d.streaming, "data.streaming: preference data is read whole; set data.streaming: false"),
         (d.format == "text", "data.format=text: preference rows are conversations (messages + rejected_response, "
@@ -100,6 +112,23 @@ def rlhf_problems(job) -> list[str]:
     ):  # fmt: skip
         if bad:
             found.append(problem)
+    return found
+
+
+def reward_model_problems(job) -> list[str]:
+    """train.task rm: TRL's RewardTrainer options only; what reward models are not built with, named."""
+    r, d, t = job.rlhf, job.data, job.train
+    found = []
+    defaults = RlhfSection()
+    found += [f"rlhf.{name}: not used by train.task rm (TRL's RewardTrainer has no such option)"
+              for name in vars(defaults) if name != "center_rewards_coefficient"
+              and getattr(r, name) != getattr(defaults, name)]  # fmt: skip
+    if d.max_length is not None and d.max_length > d.seq_length:
+        found.append(f"data.max_length={d.max_length}: train.task rm reads the reward at a sample's last token, so a "
+                     f"sample is at most data.seq_length={d.seq_length} tokens")  # fmt: skip
+    if t.train_type == "lora" and job.lora.adapter:
+        found.append("lora.adapter: starting a reward model from a PEFT adapter is not built; merge it into the base "
+                     "(or start from a reward model's HF directory)")  # fmt: skip
     return found
 
 

@@ -105,5 +105,6 @@ GEMMA3 = register(
         window_layers=True,
         extras=gemma3_extras,
         tiny_config=TINY,
+        sequence_classification="Gemma3TextForSequenceClassification",  # Gemma3ForSequenceClassification: VLM
     )
 )

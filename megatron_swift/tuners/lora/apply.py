@@ -22,7 +22,8 @@ from megatron_swift.tuners.lora.config import LoraConfig
 from megatron_swift.tuners.lora.layers import BASE, LoraError, LoraLinear, parallel_mode
 
 # modules_to_save short names -> module path suffix.
-SAVE_ALIASES = {"embedding": "embedding", "output_layer": "output_layer", "router": "mlp.router"}
+# Each may be absent from a pipeline stage (a reward model's `score` head lives on the last one).
+SAVE_ALIASES = {"embedding": "embedding", "output_layer": "output_layer", "router": "mlp.router", "score": "score"}
 
 
 @dataclass
