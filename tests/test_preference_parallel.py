@@ -110,6 +110,7 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
     single.append(_case(llama, {}, None, data=PACKED))  # 7: packed
     single.append(_case(llama, {}, None, rlhf=PRECOMPUTE))  # 8: reference log-probs precomputed
     single += [_kto_case(llama, {}, None), _kto_case(llama, {}, LORA)]  # 9, 10: KTO full, LoRA
+    single.append(_kto_case(llama, {}, LORA, rlhf={"ref_model": str(llama)}))  # 11: KTO LoRA, explicit frozen copy
     run_cases(single, DPO, tmp_path / "one", world_size=1)
     one = [_metrics(tmp_path / "one" / f"case{i}") for i in range(3)]
     full, lora = one[0], one[1]
@@ -161,6 +162,8 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
     # KTO: full and LoRA at every layout, and precomputed at DP2, equal the single process.
     kto = {"full": _metrics(tmp_path / "one" / "case9"), "lora": _metrics(tmp_path / "one" / "case10")}
     assert kto["full"][-1]["loss"] < kto["full"][0]["loss"] and kto["full"][-1]["kl"] > 0
+    # KTO's reference (its log-probs and its KL pass) with LoRA: adapters off equals a separate frozen base.
+    _assert_same_kto(_metrics(tmp_path / "one" / "case11"), kto["lora"], 1e-6, "kto lora: adapters off vs ref_model")
     for index, (train, layout) in enumerate(names, start=kto_first):
         _assert_same_kto(_metrics(tmp_path / "two" / f"case{index}"), kto[train], 1e-5, ("kto", train, layout))
     _assert_same_kto(_metrics(tmp_path / "two" / f"case{kto_first + len(names)}"), kto["full"], 1e-5, "kto precomputed")
