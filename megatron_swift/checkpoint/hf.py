@@ -26,6 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_swift.models.mapping import stacked_name
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
@@ -200,7 +202,22 @@ class HFCheckpoint:
         name = max(counts, key=counts.get)
         return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(name, torch.float32)
 
+    def info(self, name: str) -> TensorInfo | None:
+        """A tensor's file, dtype and shape; `NAME[i]` (models/mapping.py) is slice i of a stacked tensor."""
+        base, index = stacked_name(name)
+        info = self.tensors.get(base)
+        if index is None or info is None:
+            return info
+        if not info.shape or index >= info.shape[0]:
+            return None
+        return TensorInfo(info.file, info.dtype, info.shape[1:])
+
     def get(self, name: str) -> torch.Tensor:
+        base, index = stacked_name(name)
+        if index is not None:
+            if self.info(name) is None:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+            return self._read_slice(self.tensors[base].file, base, index)
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
@@ -213,15 +230,22 @@ class HFCheckpoint:
         scale = scale.repeat_interleave(self._block[0], dim=0)[:rows].repeat_interleave(self._block[1], dim=1)[:, :cols]
         return tensor.float() * scale
 
-    def _read(self, file: Path, name: str) -> torch.Tensor:
+    def _handle(self, file: Path):
         handle = self._handles.get(file)
         if handle is None:
             handle = self._handles[file] = safe_open(str(file), framework="pt")
-        return handle.get_tensor(name)
+        return handle
+
+    def _read(self, file: Path, name: str) -> torch.Tensor:
+        return self._handle(file).get_tensor(name)
+
+    def _read_slice(self, file: Path, name: str, index: int) -> torch.Tensor:
+        return self._handle(file).get_slice(name)[index : index + 1][0]
 
     def nbytes(self, names) -> int:
-        """Stored size of the named tensors."""
-        return sum(_DTYPE_BYTES.get(self.tensors[n].dtype, 4) * _numel(self.tensors[n].shape) for n in names)
+        """Stored size of the named tensors (or slices)."""
+        infos = [self.info(n) for n in names]
+        return sum(_DTYPE_BYTES.get(info.dtype, 4) * _numel(info.shape) for info in infos)
 
 
 def _fp8_block_size(config: dict) -> tuple[int, int] | None:

@@ -77,7 +77,10 @@ def transformer_config(
         # The all-to-all dispatcher creates CUDA streams at construction; all-gather is exact and runs on CPU.
         kwargs["moe_token_dispatcher_type"] = "allgather" if on_cpu else "alltoall"
     kwargs.update(overrides)
-    return (MLATransformerConfig if args.is_mla else TransformerConfig)(**kwargs)
+    config = (MLATransformerConfig if args.is_mla else TransformerConfig)(**kwargs)
+    for name, value in args.yarn.items():  # not TransformerConfig fields: GPTModel and the attention getattr them
+        setattr(config, name, value)
+    return config
 
 
 def build_model_chunks(
@@ -160,7 +163,7 @@ def build_model_chunks(
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
                 share_embeddings_and_output_weights=args.share_embeddings_and_output_weights,
-                position_embedding_type="rope",
+                position_embedding_type=args.position_embedding_type,
                 rotary_base=args.rotary_base,
                 rotary_percent=args.rotary_percent,
                 rope_scaling=args.rope_scaling,
