@@ -12,6 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Every CPU run of the suite (and the processes it starts) checks that our collectives get tensors a CUDA run
 # has on the GPU (megatron_swift/compat/device_audit.py): the class of bug that only NCCL would show.
 os.environ.setdefault("MSWIFT_DEVICE_AUDIT", "1")
+# One OpenMP thread for the suite and every process it starts (ranks, CLIs): the tiny models' matmuls gain nothing
+# from two, and two threads spin-wait whenever anything else runs on a 2-core machine (a tiny training case
+# measured 5x slower). Workers of megatron_swift.distributed.spawn apply it to the torch they inherit.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

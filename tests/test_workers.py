@@ -5,6 +5,8 @@ this process leaves no process groups (nor their threads) behind."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,27 @@ def test_workers_see_the_environment_of_each_launch_and_report_errors(monkeypatc
     assert run_workers(_rank_and_env, 2, "MSWIFT_SPAWN_PROBE") == [(0, None), (1, None)]
     with pytest.raises(WorkerError, match="rank 1: ValueError: rank one refuses"):
         run_workers(_fail_on_rank_one, 2)
+
+
+def test_each_worker_runs_the_threads_omp_num_threads_says(tmp_path):
+    """A fresh caller without OMP_NUM_THREADS (torch then takes every core): its ranks must still run one thread
+    each, as torchrun's would, not the count of the torch they inherit from the server."""
+    script = (
+        "import torch\n"
+        "from megatron_swift.distributed import run_workers\n"
+        "def threads(_):\n"
+        "    return torch.get_num_threads()\n"
+        "if __name__ == '__main__':\n"
+        "    print(torch.get_num_threads(), run_workers(threads, 2, 0))\n"
+    )
+    (tmp_path / "probe.py").write_text(script)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "probe.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    parent, workers = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert int(parent) == os.cpu_count() > 1  # the count a worker would inherit
+    assert workers == "[1, 1]"
 
 
 def _gloo_threads() -> int:

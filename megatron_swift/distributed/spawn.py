@@ -43,6 +43,10 @@ def _worker(local_rank: int, world_size: int, port: int, fn: Callable, payload: 
         MASTER_PORT=str(port),
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # The variable alone is read too late: torch (and its OpenMP pool) is already imported here, by the
+    # forkserver's preload or the parent. Two ranks of two threads each on a 2-core machine spin-wait on each
+    # other: a small matmul measured 30x slower than with one thread.
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     try:
         result = fn(*pickle.loads(payload))
     except BaseException as exc:  # report to the parent, which raises it once
