@@ -141,6 +141,10 @@ def build_model_chunks(
                 window_rotary_base=args.window_rotary_base,
                 te=te,
             )
+        if not te and args.is_moe and args.transformer.get("add_bias_linear"):
+            from megatron_swift.models.layer_variants import use_biased_expert_outputs
+
+            use_biased_expert_outputs(block_spec)
         if not te and args.is_mla:
             from megatron_swift.models.mla import use_duplicated_down_projections
 
@@ -174,4 +178,35 @@ def build_model_chunks(
                 **model_kwargs,
             )
         )
+    if args.is_moe:
+        _expert_gradient_reduction(chunks, config)
     return chunks
+
+
+def _expert_gradient_reduction(chunks, config) -> None:
+    """Make DDP / finalize_model_grads reduce the routed experts' gradients once, over the ranks that share them.
+
+    - megatron-core 0.16 marks an expert weight `allreduce=False` (reduced over the expert data-parallel group)
+      only when expert_model_parallel_size > 1; otherwise DDP reduces it with the dense weights over data
+      parallel. With expert_tensor_parallel_size < tensor_model_parallel_size the TP ranks hold the same experts
+      and route different tokens (their sequence-parallel shards) to them, so the gradients must be summed over
+      the TP ranks too: the expert data-parallel group has them, the data-parallel group does not (measured: at
+      TP2 + SP, ETP1 each rank kept its own half of the expert gradients and the weights drifted apart).
+    - An expert's linear_fc2 bias (gpt-oss) is tagged `sequence_parallel` like a dense RowParallelLinear's, so
+      finalize_model_grads sums it over TP as well: twice with the reduction above, and across different
+      experts at EP > 1. Each expert has seen all its tokens once the expert data-parallel reduction is done.
+    - That bias is not tagged `tensor_model_parallel` (an expert's fc1 bias and weights are), so the gradient
+      norm counts it on TP rank 0 only: the experts that TP rank 1 holds at EP > 1 lost theirs (measured: step-1
+      norm 0.3% low at TP2 + SP + EP2). Tagged like the expert weights, it is counted as they are."""
+    etp = config.expert_tensor_parallel_size or config.tensor_model_parallel_size
+    shared_by_tp = config.expert_model_parallel_size == 1 and etp != config.tensor_model_parallel_size
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if ".mlp.experts." not in name:
+                continue
+            if shared_by_tp:
+                param.allreduce = False
+            if getattr(param, "sequence_parallel", False):
+                param.sequence_parallel = False
+            if name.endswith("linear_fc2.bias"):
+                param.tensor_model_parallel = True
