@@ -2,8 +2,10 @@
 
 The tiny model (4 layers alternating an 8-token sliding window and full attention, the tests' sequences 32 tokens;
 8 experts, top-2) also runs through every family-wide test: the bit-exact round trip, logits at TP1 / TP2 / PP2 /
-EP2 (test_check.py). Here: what the tiny model holds, the translation and refusals, the experts' clamped SwiGLU
-with the clamp engaged, MXFP4 checkpoints, step-1 loss and gradient vs HF, and 3 steps at TP2 + SP / PP2 / EP2.
+EP2 (test_check.py), 3 steps at TP2 + SP with the experts shared by the TP ranks (test_training.py). Here: what the
+tiny model holds, the translation and refusals, the experts' clamped SwiGLU (with the clamp engaged in the logits),
+MXFP4 checkpoints against transformers' dequantizer, step-1 loss and gradient vs HF; in the slow suite the MXFP4
+conversion, the default rope, and 3 steps at TP2 + SP, TP2 + SP + EP2, PP2 and EP2.
 """
 
 import json
@@ -115,19 +117,27 @@ def test_what_megatron_cannot_express_is_refused_naming_the_field(overrides, mes
         translate(_config(**overrides))
 
 
-def test_clamp_engaged_and_default_rope_round_trip_and_logits(tmp_path):
-    """swiglu_limit 0.1: most gate / up values are clamped (the tiny model's are ~0.4), so the logits check the
-    clamp; the default rope (no YaRN) through the same model."""
-    for name, overrides in (
-        ("clamp", {"swiglu_limit": 0.1}),
-        ("rope", {"rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
-    ):
-        source = make_tiny_model(FAMILY, tmp_path / name / "hf", seed=11, **overrides)
-        mcore = hf_to_mcore(source, tmp_path / name / "mcore")
-        assert_bit_exact(source, mcore_to_hf(mcore, tmp_path / name / "out"))
-        result = check(source, mcore)
-        print(name, result)
-        assert result["max_abs_diff"] <= 1e-4 and result["argmax_agreement"] == 1.0, (name, result)
+def _converted_logits(tmp_path, **overrides):
+    source = make_tiny_model(FAMILY, tmp_path / "hf", seed=11, **overrides)
+    mcore = hf_to_mcore(source, tmp_path / "mcore")
+    result = check(source, mcore)
+    print(overrides, result)
+    assert result["max_abs_diff"] <= 1e-4 and result["argmax_agreement"] == 1.0, result
+    return source, mcore
+
+
+def test_clamp_engaged_logits(tmp_path):
+    """swiglu_limit 0.1: most gate / up values are clamped (the tiny model's are ~0.4), through megatron-core's
+    own expert MLP."""
+    _converted_logits(tmp_path, swiglu_limit=0.1)
+
+
+@pytest.mark.slow  # the tiny model (YaRN) runs in the default suite's round trip and logits tests
+def test_default_rope_round_trip_and_logits(tmp_path):
+    source, mcore = _converted_logits(
+        tmp_path, rope_scaling=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+    )
+    assert_bit_exact(source, mcore_to_hf(mcore, tmp_path / "out"))
 
 
 # --- MXFP4 -------------------------------------------------------------------------------------------------------
@@ -181,7 +191,7 @@ def _transformers_dequantized(mxfp4_dir, out, dtype):
     return out
 
 
-def test_mxfp4_experts_dequantize_as_transformers_and_convert(tiny_models, tmp_path):
+def test_mxfp4_experts_dequantize_as_transformers(tiny_models, tmp_path):
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     from megatron_swift.checkpoint.hf import HFCheckpoint
@@ -203,8 +213,12 @@ def test_mxfp4_experts_dequantize_as_transformers_and_convert(tiny_models, tmp_p
     original = load_file(tiny_models[FAMILY] / "model.safetensors")[name]
     assert 0 < (reference - original).abs().max() < original.abs().max() / 6
 
-    # Converted and exported: transformers' dequantized model, bit for bit, without the quantization_config; the
-    # converted model's logits are that model's.
+
+@pytest.mark.slow  # the fast guard: test_mxfp4_experts_dequantize_as_transformers
+def test_mxfp4_checkpoint_converts_to_transformers_dequantized_model(tiny_models, tmp_path):
+    """Converted and exported: transformers' dequantized model, bit for bit, without the quantization_config; the
+    converted model's logits are that model's."""
+    quantized = _mxfp4_checkpoint(tiny_models[FAMILY], tmp_path / "mxfp4")
     expected = _transformers_dequantized(quantized, tmp_path / "dequantized", torch.float32)
     mcore = hf_to_mcore(quantized, tmp_path / "mcore")
     exported = mcore_to_hf(mcore, tmp_path / "hf")
