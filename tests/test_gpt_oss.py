@@ -70,6 +70,18 @@ def test_translation():
     )
 
 
+def test_biased_experts_need_expert_tensor_parallel_one():
+    from megatron_swift.config import ParallelConfig
+    from megatron_swift.models.layout import model_layout_problems
+
+    args = translate(_config())
+    (problem,) = model_layout_problems(args, ParallelConfig(tensor_model_parallel_size=2))
+    assert "parallel.expert_tensor_parallel_size=2 (it defaults to tensor_model_parallel_size)" in problem
+    assert not model_layout_problems(args, ParallelConfig(tensor_model_parallel_size=2, expert_tensor_parallel_size=1))
+    mixtral = translate(tiny_hf_config(all_families()["mixtral"]))
+    assert not model_layout_problems(mixtral, ParallelConfig(tensor_model_parallel_size=2))  # unbiased experts
+
+
 def test_megatrons_gated_unit_is_hfs_clamped_swiglu_on_the_interleaved_layout():
     """megatron-core's MLP glu (activation_func_clamp_value, glu_linear_offset) on [gate; up] from the mapping vs
     HF's GptOssExperts._apply_gate on the interleaved columns, with values far beyond the clamp on both sides."""
