@@ -4,8 +4,8 @@ The tiny model (4 layers alternating an 8-token sliding window and full attentio
 8 experts, top-2) also runs through every family-wide test: the bit-exact round trip, logits at TP1 / TP2 / PP2 /
 EP2 (test_check.py), 3 steps at TP2 + SP with the experts shared by the TP ranks (test_training.py). Here: what the
 tiny model holds, the translation and refusals, the experts' clamped SwiGLU (with the clamp engaged in the logits),
-MXFP4 checkpoints against transformers' dequantizer, step-1 loss and gradient vs HF; in the slow suite the MXFP4
-conversion, the default rope, and 3 steps at TP2 + SP, TP2 + SP + EP2, PP2 and EP2.
+MXFP4 checkpoints against transformers' dequantizer (read and converted), step-1 loss and gradient vs HF; in the
+slow suite the default rope, and 3 steps at TP2 + SP, TP2 + SP + EP2, PP2 and EP2.
 """
 
 import json
@@ -226,7 +226,6 @@ def test_mxfp4_experts_dequantize_as_transformers(tiny_models, tmp_path):
     assert 0 < (reference - original).abs().max() < original.abs().max() / 6
 
 
-@pytest.mark.slow  # the fast guard: test_mxfp4_experts_dequantize_as_transformers
 def test_mxfp4_checkpoint_converts_to_transformers_dequantized_model(tiny_models, tmp_path):
     """Converted and exported: transformers' dequantized model, bit for bit, without the quantization_config; the
     converted model's logits are that model's."""
