@@ -267,7 +267,25 @@ def test_step_one_loss_and_gradient_equal_hf(tiny_models, tmp_path):
     assert abs(step1.grad_norm - grad_norm) / grad_norm < 1e-4, (step1.grad_norm, grad_norm)
 
 
-@pytest.mark.slow  # test_training.py runs TP2 + SP and EP2 of this model in its default-suite launch
+def test_sinks_are_split_by_heads_and_counted_on_every_tp_rank(tiny_models, tmp_path):
+    """The sinks are split over TP by heads; megatron-core's gradient norm counts a parameter on every TP rank only
+    when it is tagged tensor_model_parallel (its DotProductAttention leaves the sinks untagged: TP rank 1's would
+    be left out of the norm and the clipping)."""
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.job import build_model, check_job
+
+    job = job_for(str(tiny_models[FAMILY]), DATA, str(tmp_path), {}, {})
+    args = check_job(job, 1)
+    init_distributed(job.parallel, seed=job.train.seed)
+    try:
+        sinks = [p for n, p in build_model(job, args)[0].named_parameters() if n.endswith("softmax_offset")]
+    finally:
+        destroy_distributed()
+    assert len(sinks) == 4 and all(p.shape == (4,) for p in sinks)
+    assert all(p.tensor_model_parallel and p.partition_dim == 0 for p in sinks)
+
+
+@pytest.mark.slow  # test_training.py runs TP2 + SP (expert TP 1) of this model in its default-suite launch
 def test_three_steps_at_tp2_sp_tp2_ep2_pp2_ep2_equal_the_single_process(tiny_models, tmp_path):
     hf_dir = tiny_models[FAMILY]
     tp2_sp = {"tensor_model_parallel_size": 2, "sequence_parallel": True, "expert_tensor_parallel_size": 1}
