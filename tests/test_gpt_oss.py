@@ -70,6 +70,14 @@ def test_translation():
     )
 
 
+def test_training_preflight_refuses_tes_fused_rope_with_yarn(tiny_models, tmp_path):
+    from megatron_swift.training.job import check_job
+
+    job = job_for(str(tiny_models[FAMILY]), DATA, str(tmp_path), {}, {}, apply_rope_fusion=True)
+    with pytest.raises(ConfigError, match=r"model\.apply_rope_fusion: Transformer Engine's fused RoPE has no YaRN"):
+        check_job(job, 1)
+
+
 def test_biased_experts_need_expert_tensor_parallel_one():
     from megatron_swift.config import ParallelConfig
     from megatron_swift.models.layout import model_layout_problems
