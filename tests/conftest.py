@@ -47,6 +47,7 @@ _FAMILY_SEEDS = {
     "deepseek_v3": 0,
     "glm4_moe": 1,
     "gemma3": 2,
+    "gpt_oss": 3,
 }
 
 

@@ -117,6 +117,7 @@ def test_unknown_architecture_lists_supported():
     with pytest.raises(
         UnsupportedModelError,
         match=r"unsupported architecture \['GPT2LMHeadModel'\]; supported: "
-        r"DeepseekV3ForCausalLM, Gemma3ForCausalLM, Glm4MoeForCausalLM, LlamaForCausalLM, MistralForCausalLM",
+        r"DeepseekV3ForCausalLM, Gemma3ForCausalLM, Glm4MoeForCausalLM, GptOssForCausalLM, LlamaForCausalLM, "
+        r"MistralForCausalLM",
     ):
         translate(GPT2Config(architectures=["GPT2LMHeadModel"]))

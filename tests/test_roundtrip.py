@@ -49,7 +49,12 @@ def test_round_trip_is_bit_exact(family, tiny_models, converted, tmp_path):
 
 @pytest.mark.parametrize(
     ("family", "overrides"),
-    [("qwen2", {"tie_word_embeddings": False}), ("qwen3", {"tie_word_embeddings": False}), ("gemma3", {})],
+    [
+        ("qwen2", {"tie_word_embeddings": False}),
+        ("qwen3", {"tie_word_embeddings": False}),
+        ("gemma3", {}),
+        ("gpt_oss", {}),
+    ],
 )
 def test_round_trip_variants_bf16(family, overrides, tmp_path):
     source = make_tiny_model(family, tmp_path / "src", seed=7, dtype=torch.bfloat16, **overrides)

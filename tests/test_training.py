@@ -44,24 +44,29 @@ MOE_LAYOUTS = [({"expert_model_parallel_size": 2}, {}), ({"pipeline_model_parall
 # Gemma 3 (sliding windows shorter than the sequence, (1 + w) and output norms): TP2 / CP2 / packed in the slow suite.
 GEMMA3_LAYOUTS = [({"tensor_model_parallel_size": 2, "sequence_parallel": True}, {}),
                   ({"pipeline_model_parallel_size": 2}, {})]  # fmt: skip
-FAMILIES = ("llama", "mixtral", "gemma3")
+# gpt-oss (sinks, biased experts): TP2 + SP with expert TP 1, the experts shared by the TP ranks (their gradients
+# summed over them, models/builder.py); TP2 + SP + EP2, PP2, EP2 in the slow suite (test_gpt_oss.py). Without the
+# load-balancing loss: at TP2 + SP megatron-core's differs from one process's (as test_deepseek_v3.py's).
+NO_AUX = (None, {}, None, {"moe_aux_loss_coeff": 0.0})
+GPT_OSS_LAYOUTS = [
+    ({"tensor_model_parallel_size": 2, "sequence_parallel": True, "expert_tensor_parallel_size": 1}, {}, *NO_AUX)
+]
+FAMILIES = ("llama", "mixtral", "gemma3", "gpt_oss")
 
 
 def test_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
-    llama, mixtral, gemma3 = (tiny_models[name] for name in FAMILIES)
-    reference = dict(
-        zip(
-            FAMILIES,
-            run_cases([(llama, {}, {}), (mixtral, {}, {}), (gemma3, {}, {})], DATA, tmp_path / "ref", world_size=1),
-            strict=True,
-        )
+    llama, mixtral, gemma3, gpt_oss = (tiny_models[name] for name in FAMILIES)
+    references = run_cases(
+        [(llama, {}, {}), (mixtral, {}, {}), (gemma3, {}, {}), (gpt_oss, {}, {}, *NO_AUX)], DATA, tmp_path / "ref", 1
     )
+    reference = dict(zip(FAMILIES, references, strict=True))
     cases = [(llama, *layout) for layout in LLAMA_LAYOUTS] + [(mixtral, *layout) for layout in MOE_LAYOUTS]
-    cases += [(gemma3, *layout) for layout in GEMMA3_LAYOUTS]
+    cases += [(gemma3, *layout) for layout in GEMMA3_LAYOUTS] + [(gpt_oss, *layout) for layout in GPT_OSS_LAYOUTS]
     names = ["llama"] * len(LLAMA_LAYOUTS) + ["mixtral"] * len(MOE_LAYOUTS) + ["gemma3"] * len(GEMMA3_LAYOUTS)
+    names += ["gpt_oss"] * len(GPT_OSS_LAYOUTS)
     results = run_cases(cases, DATA, tmp_path / "par", world_size=2)
     failures = []
-    for name, (_, parallel, train), losses in zip(names, cases, results, strict=True):
+    for name, (_, parallel, train, *_), losses in zip(names, cases, results, strict=True):
         expected = reference[name]
         assert len(losses) == len(expected) == 3
         worst = max(abs(a - b) / abs(b) for a, b in zip(losses, expected, strict=True))

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from megatron_swift.checkpoint.hf import CheckpointError, HFCheckpoint
 from megatron_swift.models.hf_config import GPTModelArgs
-from megatron_swift.models.mapping import Rule
+from megatron_swift.models.mapping import Rule, stacked_name
 from megatron_swift.models.naming import canonical_parameters
 
 # With tied embeddings megatron keeps a copy of the embedding as the output layer on the last
@@ -96,7 +96,7 @@ def preflight(ckpt: HFCheckpoint, slots: list[_Slot], args: GPTModelArgs) -> Non
     """Every missing, mismatched or unmapped HF tensor, reported together, before any tensor is read."""
     problems = []
     for hf_name, shape in sorted(expected_hf_shapes(slots, args).items()):
-        info = ckpt.tensors.get(hf_name)
+        info = ckpt.info(hf_name)
         if info is None:
             problems.append(f"{hf_name}: missing from the checkpoint")
         elif info.shape != shape:
@@ -115,7 +115,7 @@ def preflight(ckpt: HFCheckpoint, slots: list[_Slot], args: GPTModelArgs) -> Non
             + ": not supported (megatron-swift converts and trains the main model only); remove them from the "
             "checkpoint (and their entries from model.safetensors.index.json) to convert without them"
         )
-    needed = _all_needed_hf_names({n for slot in slots for n in slot.hf_names})
+    needed = {stacked_name(n)[0] for n in _all_needed_hf_names({n for slot in slots for n in slot.hf_names})}
     mapping = args.mapping
     unmapped = sorted(n for n in ckpt.tensors if n not in needed and not mapping.is_known_hf(n))
     if args.share_embeddings_and_output_weights:
@@ -172,9 +172,17 @@ def load_hf_into_chunks(
 def hf_tensors_from_chunk(
     chunk, args: GPTModelArgs, dtype: torch.dtype | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, CPU tensor) for every parameter of an unsharded model chunk, one rule at a time."""
+    """(HF name, CPU tensor) for every parameter of an unsharded model chunk, one rule at a time; slices of a
+    stacked HF tensor (`NAME[i]`) come last, stacked."""
+    stacked: dict[str, dict[int, torch.Tensor]] = {}
     for slot in _plan([chunk], args):
         if slot.shard:
             raise ValueError("hf_tensors_from_chunk needs an unsharded model (TP1/EP1)")
         for hf_name, tensor in zip(slot.hf_names, slot.rule.to_hf(slot.param.detach(), args.dims), strict=True):
-            yield hf_name, tensor.to("cpu", dtype or tensor.dtype)
+            base, index = stacked_name(hf_name)
+            if index is None:
+                yield hf_name, tensor.to("cpu", dtype or tensor.dtype)
+            else:
+                stacked.setdefault(base, {})[index] = tensor.to("cpu", dtype or tensor.dtype)
+    for base, slices in stacked.items():
+        yield base, torch.stack([slices[i] for i in range(len(slices))])

@@ -29,7 +29,7 @@ from megatron_swift.checkpoint.engine import TIED_ALIASES
 from megatron_swift.checkpoint.hf import CheckpointError
 from megatron_swift.checkpoint.shards import PlannedTensor, ShardFileWriter, ShardLayout, plan_shards, write_index
 from megatron_swift.models.hf_config import GPTModelArgs
-from megatron_swift.models.mapping import ModelDims, Rule
+from megatron_swift.models.mapping import ModelDims, Rule, stacked_name
 from megatron_swift.models.naming import canonical_name, canonical_parameters, unwrap_model
 
 MODEL, BASE, BASE_HF = "model", "base", "base_hf"  # where an item's value is read from
@@ -202,10 +202,38 @@ def plan_export(
         region = None if source == BASE_HF else regions[id(param)]
         items.append(ExportItem(name, rule, outputs, param.dtype, source, region, adapter))
     _check_sources(_requirements(items), sources)
-    layouts = plan_shards([list(item.outputs) for item in items], max_shard_bytes)
+    layouts = plan_shards(_file_groups(items), max_shard_bytes)
     file_of = {t.name: index for index, layout in enumerate(layouts) for t in layout.tensors}
-    files = tuple(file_of[item.outputs[0].name] for item in items)
+    files = tuple(file_of[stacked_name(item.outputs[0].name)[0]] for item in items)
     return ExportPlan(tuple(items), tuple(layouts), files, args.dims, sources)
+
+
+def _file_groups(items: list[ExportItem]) -> list[list[PlannedTensor]]:
+    """The tensors each item writes, as groups never split across files; the slices of a stacked HF tensor
+    (`NAME[i]`, one per expert item) become that tensor, and the items writing into it one group."""
+    groups: list[list[PlannedTensor]] = []
+    slices: dict[str, list[PlannedTensor]] = {}
+    for item in items:
+        whole = [t for t in item.outputs if stacked_name(t.name)[1] is None]
+        for t in item.outputs:
+            base, index = stacked_name(t.name)
+            if index is not None:
+                if base not in slices:
+                    slices[base] = []
+                    groups.append([PlannedTensor(base, t.dtype, ())])  # shape filled in below
+                slices[base].append(t)
+        if whole:
+            groups.append(whole)
+    for group in groups:
+        planned = group[0]
+        if planned.name in slices:
+            parts = sorted(slices[planned.name], key=lambda t: stacked_name(t.name)[1])
+            if [stacked_name(t.name)[1] for t in parts] != list(range(len(parts))) or len({t.shape for t in parts}) > 1:
+                raise CheckpointError(
+                    f"{planned.name}: the model's slices of it do not stack ({[t.name for t in parts]})"
+                )
+            group[0] = PlannedTensor(planned.name, planned.dtype, (len(parts), *parts[0].shape))
+    return groups
 
 
 def _requirements(items: list[ExportItem]) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
@@ -231,7 +259,7 @@ def _check_sources(needed: dict[str, list[tuple[str, tuple[int, ...]]]], sources
     for source, wanted in needed.items():
         if source == BASE_HF:
             ckpt = HFCheckpoint(sources[source])
-            stored = {name: ckpt.tensors[name].shape for name, _ in wanted if name in ckpt.tensors}
+            stored = {name: ckpt.info(name).shape for name, _ in wanted if ckpt.info(name) is not None}
         else:
             reader = DistcpReader(sources[source])
             stored = {key: reader.shape(key) for key, _ in wanted if reader.shape(key) is not None}

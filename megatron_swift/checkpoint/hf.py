@@ -4,12 +4,15 @@ Reading validates everything cheap first (config, index, every shard's header an
 missing, foreign or truncated checkpoint fails before any tensor is read. Tensors are then read
 one at a time on demand. Writing streams tensors into shards of bounded size.
 
+MXFP4 expert weights (gpt-oss as published: `X_blocks` + `X_scales`) are read the same way, as the dequantized
+float32 `X` (checkpoint/mxfp4.py), and their `quantization_config` is dropped from what is written.
+
 Block-scaled FP8 checkpoints (DeepSeek-V3 / R1 / Kimi-K2 as published: `quantization_config` fp8 with
 `weight_block_size`, an F8_E4M3 `X.weight` next to its F32 `X.weight_scale_inv` per block) are read
 dequantized: `X.weight` comes back as float32 `fp8 x scale` of its block (what DeepSeek's own
 `weight_dequant` computes), the scale tensors are consumed by it, and the checkpoint's dtype is that of its
 other tensors (bf16), which is what a conversion or training run then holds. Directories this module writes
-never hold FP8, so their config.json loses the `quantization_config`.
+never hold FP8 or MXFP4, so their config.json loses the `quantization_config`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from megatron_swift.checkpoint.mxfp4 import BLOCKS, SCALES, dequantize, dequantized_shape, is_mxfp4
+from megatron_swift.models.mapping import stacked_name
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -42,6 +48,7 @@ _DTYPE_BYTES = {
     "BOOL": 1,
     "F8_E4M3": 1,
     "F8_E5M2": 1,
+    "MXFP4": 1,  # dequantized view of half a byte per value plus a byte of scale per 32: progress counts ~ bytes
 }
 
 
@@ -184,6 +191,18 @@ class HFCheckpoint:
                 )
             self.block_scales[name] = tensors.pop(name + "_scale_inv")
         self._block = block
+        self.mxfp4: dict[str, tuple[TensorInfo, TensorInfo]] = {}  # weight name -> its (blocks, scales)
+        if is_mxfp4(self.config_dict):
+            for name in [n for n in tensors if n.endswith(BLOCKS)]:
+                weight = name.removesuffix(BLOCKS)
+                blocks, scales = tensors[name], tensors.get(weight + SCALES)
+                if scales is None or blocks.dtype != "U8" or len(blocks.shape) < 3 or scales.shape != blocks.shape[:-1]:
+                    raise CheckpointError(
+                        f"{self.path}: {name} ({blocks.dtype} {list(blocks.shape)}) has no matching U8 "
+                        f"{weight}{SCALES} of its shape without the last dim: not an MXFP4 weight this reader knows"
+                    )
+                self.mxfp4[weight] = (tensors.pop(name), tensors.pop(weight + SCALES))
+                tensors[weight] = TensorInfo(blocks.file, "MXFP4", dequantized_shape(blocks.shape))
         return tensors
 
     @property
@@ -195,15 +214,38 @@ class HFCheckpoint:
         """The floating dtype most weights are stored in."""
         counts: dict[str, int] = {}
         for name, info in self.tensors.items():
-            if name not in self.block_scales:  # dequantized FP8 weights take the other tensors' dtype
+            if name not in self.block_scales and name not in self.mxfp4:  # dequantized weights take the others' dtype
                 counts[info.dtype] = counts.get(info.dtype, 0) + 1
         name = max(counts, key=counts.get)
         return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(name, torch.float32)
 
+    def info(self, name: str) -> TensorInfo | None:
+        """A tensor's file, dtype and shape; `NAME[i]` (models/mapping.py) is slice i of a stacked tensor."""
+        base, index = stacked_name(name)
+        info = self.tensors.get(base)
+        if index is None or info is None:
+            return info
+        if not info.shape or index >= info.shape[0]:
+            return None
+        return TensorInfo(info.file, info.dtype, info.shape[1:])
+
     def get(self, name: str) -> torch.Tensor:
+        base, index = stacked_name(name)
+        if index is not None:
+            if self.info(name) is None:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+            if base in self.mxfp4:
+                blocks, scales = self.mxfp4[base]
+                return dequantize(
+                    *(self._read_slice(i.file, base + s, index) for i, s in ((blocks, BLOCKS), (scales, SCALES)))
+                )
+            return self._read_slice(self.tensors[base].file, base, index)
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+        if name in self.mxfp4:
+            blocks, scales = self.mxfp4[name]
+            return dequantize(self._read(blocks.file, name + BLOCKS), self._read(scales.file, name + SCALES))
         tensor = self._read(info.file, name)
         scale_info = self.block_scales.get(name)
         if scale_info is None:
@@ -213,15 +255,22 @@ class HFCheckpoint:
         scale = scale.repeat_interleave(self._block[0], dim=0)[:rows].repeat_interleave(self._block[1], dim=1)[:, :cols]
         return tensor.float() * scale
 
-    def _read(self, file: Path, name: str) -> torch.Tensor:
+    def _handle(self, file: Path):
         handle = self._handles.get(file)
         if handle is None:
             handle = self._handles[file] = safe_open(str(file), framework="pt")
-        return handle.get_tensor(name)
+        return handle
+
+    def _read(self, file: Path, name: str) -> torch.Tensor:
+        return self._handle(file).get_tensor(name)
+
+    def _read_slice(self, file: Path, name: str, index: int) -> torch.Tensor:
+        return self._handle(file).get_slice(name)[index : index + 1][0]
 
     def nbytes(self, names) -> int:
-        """Stored size of the named tensors."""
-        return sum(_DTYPE_BYTES.get(self.tensors[n].dtype, 4) * _numel(self.tensors[n].shape) for n in names)
+        """Stored size of the named tensors (or slices)."""
+        infos = [self.info(n) for n in names]
+        return sum(_DTYPE_BYTES.get(info.dtype, 4) * _numel(info.shape) for info in infos)
 
 
 def _fp8_block_size(config: dict) -> tuple[int, int] | None:
@@ -240,7 +289,7 @@ def copy_side_files(src_dir: Path, out_dir: Path) -> None:
     config_file = out_dir / "config.json"
     if config_file.is_file():
         config = json.loads(config_file.read_text())
-        if _fp8_block_size(config):
+        if _fp8_block_size(config) or is_mxfp4(config):
             del config["quantization_config"]
             config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

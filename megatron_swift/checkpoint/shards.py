@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from megatron_swift.checkpoint.hf import INDEX_NAME
+from megatron_swift.models.mapping import stacked_name
 
 _DTYPE_NAMES = {
     torch.float64: "F64",
@@ -138,14 +139,25 @@ class ShardFileWriter:
             raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if name not in self._where:
-            raise KeyError(f"{self.path}: {name} is not planned for this file")
-        if name in self._written:
+        """Write a planned tensor, or slice i of one (`NAME[i]`, models/mapping.py) at its offset."""
+        base, index = stacked_name(name)
+        if base not in self._where:
+            raise KeyError(f"{self.path}: {base} is not planned for this file")
+        if name in self._written or base in self._written:
             raise ValueError(f"{self.path}: {name} written twice")
-        planned, (begin, end) = self._where[name]
-        if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
+        planned, (begin, end) = self._where[base]
+        shape = planned.shape
+        if index is not None:
+            if not shape or index >= shape[0]:
+                raise KeyError(f"{self.path}: {name} is outside the planned {list(shape)}")
+            shape = shape[1:]
+            begin, end = (
+                begin + index * (end - begin) // planned.shape[0],
+                begin + (index + 1) * (end - begin) // planned.shape[0],
+            )
+        if tensor.dtype != planned.dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"{self.path}: {name} is {tensor.dtype} {list(tensor.shape)}, planned "
-                             f"{planned.dtype} {list(planned.shape)}")  # fmt: skip
+                             f"{planned.dtype} {list(shape)}")  # fmt: skip
         if end > begin:
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             _pwrite_all(self._fd, memoryview(data), begin)
@@ -162,6 +174,10 @@ class ShardFileWriter:
 
     def close(self) -> None:
         os.close(self._fd)
+        for base, (planned, _) in self._where.items():  # a stacked tensor is written when all its slices are
+            if base not in self._written and planned.shape and planned.shape[0] and all(f"{base}[{i}]" in self._written
+                                                                   for i in range(planned.shape[0])):  # fmt: skip
+                self._written.add(base)
         missing = sorted(set(self._where) - self._written)
         if missing:
             raise RuntimeError(f"{self.path}: {len(missing)} planned tensor(s) never written: {', '.join(missing[:5])}")

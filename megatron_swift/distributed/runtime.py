@@ -78,6 +78,11 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234, timeout_minu
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    # A new run in this process (cases of one test launch keep the process group): no MoE tracker entries sized
+    # by the previous model's layers (see destroy_distributed).
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,

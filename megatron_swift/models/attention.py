@@ -17,6 +17,12 @@ subclasses DotProductAttention) and computes the same attention with PyTorch's f
   than `left` positions before the query are masked, by position within the document (THD) or in the whole
   sequence (CP).
 
+- attention sinks (megatron's softmax_type "learnable", gpt-oss): a learned logit per head in every softmax's
+  denominator. Computed as one extra key with a zero value whose score is the head's sink (a float mask column),
+  so the probabilities are megatron's SoftmaxOne / HF's eager attention ones and the sink gets its gradient
+  through the mask. The parameter is split over TP by heads and marked so (megatron-core's DotProductAttention
+  leaves it unmarked, so the gradient norm would count only TP rank 0's sinks).
+
 Cases it does not cover (attention bias, windows looking ahead, query-key layer scaling, explicit masks
 under CP or THD) fall back to megatron's implementation, which raises for CP/THD. The Transformer
 Engine spec is not affected: on GPUs CP and THD go through TE.
@@ -91,6 +97,8 @@ class SDPACoreAttention(DotProductAttention):
             parent_config.context_parallel_size = 1
         super().__init__(parent_config, *args, **kwargs)
         self.config = config
+        if self.softmax_offset is not None and isinstance(self.softmax_offset, torch.nn.Parameter):
+            tensor_parallel.set_tensor_model_parallel_attributes(self.softmax_offset, True, 0, 1)
         # This layer's window: megatron's (left, right) when `window_attn_skip_freq` makes it a windowed layer.
         self.window_size = (
             tuple(config.window_size)
@@ -142,6 +150,10 @@ class SDPACoreAttention(DotProductAttention):
         elif window is not None:
             raise ValueError(f"a sliding window needs causal attention, not {mask_type}")
         causal = keep is None and mask_type == AttnMaskType.causal
+        sinks = self.softmax_offset if self.config.softmax_type == "learnable" else None
+        if self.config.softmax_type == "off-by-one":
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                   packed_seq_params, **kwargs)  # fmt: skip
         # [s, b, heads, d] -> [b, heads, s, d] over [b, s, heads, d] memory (one copy each), the layout HF
         # hands SDPA: over megatron's [s, b] memory the CPU flash kernel strides b * heads * d between
         # positions (forward + backward measured 15% slower at 8 x 512 tokens). SDPA maps query heads onto
@@ -154,6 +166,9 @@ class SDPACoreAttention(DotProductAttention):
             # the [b, heads, s, s] probabilities in fp32 (measured on CPU: 4x the saved bytes at 2 x 256
             # tokens, 8 heads). Zero value columns give zero output columns, dropped below.
             v = F.pad(v, (0, q.shape[-1] - value_dim))
+        if sinks is not None:
+            q, k, v, keep = _with_sink_key(q, k, v, keep, causal, sinks)
+            causal = False
         dropout = self.config.attention_dropout if self.training else 0.0
         gqa = k.shape[1] != q.shape[1]
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext():
@@ -162,6 +177,31 @@ class SDPACoreAttention(DotProductAttention):
             )
         context = context[..., :value_dim].permute(2, 0, 1, 3).reshape(seq_q, batch, self.hidden_size_per_partition)
         return context.squeeze(1) if packed else context
+
+
+def _with_sink_key(q, k, v, keep, causal: bool, sinks: torch.Tensor):
+    """q, k, v and a float mask with one more key: zero key and value, score = the head's sink logit.
+
+    `keep` ([.., sq, sk] bool, or None with `causal` or no mask) becomes 0 / -inf, with the sink column
+    appended per head: [1 or b, heads, sq, sk + 1]. A zero key's raw score is 0, so the column's mask value is
+    its score; the zero value adds nothing to the output, so what remains is HF's softmax over [scores, sink]
+    with the sink's probability dropped."""
+    seq_q, seq_k, heads = q.shape[2], k.shape[2], q.shape[1]
+    if keep is None:
+        keep = (
+            torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device).tril()
+            if causal
+            else torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device)
+        )
+    while keep.dim() < 4:
+        keep = keep.unsqueeze(0)
+    scores_dtype = torch.promote_types(q.dtype, sinks.dtype)
+    bias = torch.zeros(keep.shape, dtype=scores_dtype, device=q.device).masked_fill(~keep, float("-inf"))
+    bias = bias.expand(keep.shape[0], heads, seq_q, seq_k)
+    sink_column = sinks.to(scores_dtype).reshape(1, heads, 1, 1).expand(keep.shape[0], heads, seq_q, 1)
+    mask = torch.cat([bias, sink_column], dim=-1).to(q.dtype)
+    k, v = (torch.cat([t, t.new_zeros(*t.shape[:2], 1, t.shape[3])], dim=2) for t in (k, v))
+    return q, k, v, mask
 
 
 def use_sdpa_core_attention(block_spec) -> None:

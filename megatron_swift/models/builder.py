@@ -77,7 +77,10 @@ def transformer_config(
         # The all-to-all dispatcher creates CUDA streams at construction; all-gather is exact and runs on CPU.
         kwargs["moe_token_dispatcher_type"] = "allgather" if on_cpu else "alltoall"
     kwargs.update(overrides)
-    return (MLATransformerConfig if args.is_mla else TransformerConfig)(**kwargs)
+    config = (MLATransformerConfig if args.is_mla else TransformerConfig)(**kwargs)
+    for name, value in args.yarn.items():  # not TransformerConfig fields: GPTModel and the attention getattr them
+        setattr(config, name, value)
+    return config
 
 
 def build_model_chunks(
@@ -143,6 +146,10 @@ def build_model_chunks(
                 window_rotary_base=args.window_rotary_base,
                 te=te,
             )
+        if not te and args.is_moe and args.transformer.get("add_bias_linear"):
+            from megatron_swift.models.layer_variants import use_biased_expert_outputs
+
+            use_biased_expert_outputs(block_spec)
         if not te and args.is_mla:
             from megatron_swift.models.mla import use_duplicated_down_projections
 
@@ -165,7 +172,7 @@ def build_model_chunks(
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
                 share_embeddings_and_output_weights=args.share_embeddings_and_output_weights and not args.reward_head,
-                position_embedding_type="rope",
+                position_embedding_type=args.position_embedding_type,
                 rotary_base=args.rotary_base,
                 rotary_percent=args.rotary_percent,
                 rope_scaling=args.rope_scaling,
@@ -176,4 +183,35 @@ def build_model_chunks(
                 **model_kwargs,
             )
         )
+    if args.is_moe:
+        _expert_gradient_reduction(chunks, config)
     return chunks
+
+
+def _expert_gradient_reduction(chunks, config) -> None:
+    """Make DDP / finalize_model_grads reduce the routed experts' gradients once, over the ranks that share them.
+
+    - megatron-core 0.16 marks an expert weight `allreduce=False` (reduced over the expert data-parallel group)
+      only when expert_model_parallel_size > 1; otherwise DDP reduces it with the dense weights over data
+      parallel. With expert_tensor_parallel_size < tensor_model_parallel_size the TP ranks hold the same experts
+      and route different tokens (their sequence-parallel shards) to them, so the gradients must be summed over
+      the TP ranks too: the expert data-parallel group has them, the data-parallel group does not (measured: at
+      TP2 + SP, ETP1 each rank kept its own half of the expert gradients and the weights drifted apart).
+    - An expert's linear_fc2 bias (gpt-oss) is tagged `sequence_parallel` like a dense RowParallelLinear's, so
+      finalize_model_grads sums it over TP as well: twice with the reduction above, and across different
+      experts at EP > 1. Each expert has seen all its tokens once the expert data-parallel reduction is done.
+    - That bias is not tagged `tensor_model_parallel` (an expert's fc1 bias and weights are), so the gradient
+      norm counts it on TP rank 0 only: the experts that TP rank 1 holds at EP > 1 lost theirs (measured: step-1
+      norm 0.3% low at TP2 + SP + EP2). Tagged like the expert weights, it is counted as they are."""
+    etp = config.expert_tensor_parallel_size or config.tensor_model_parallel_size
+    shared_by_tp = config.expert_model_parallel_size == 1 and etp != config.tensor_model_parallel_size
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if ".mlp.experts." not in name:
+                continue
+            if shared_by_tp:
+                param.allreduce = False
+            if getattr(param, "sequence_parallel", False):
+                param.sequence_parallel = False
+            if name.endswith("linear_fc2.bias"):
+                param.tensor_model_parallel = True

@@ -85,6 +85,12 @@ class Family:
     qkv_bias: bool | str = False
     # Per-head RMSNorm on q and k; a string names the HF field that switches it (GLM-4.5's `use_qk_norm`).
     qk_layernorm: bool | str = False
+    # Every linear carries a bias (q/k/v, o_proj, experts, router: megatron's add_bias_linear); a string names the
+    # HF field that says so (gpt-oss's `attention_bias`).
+    linear_bias: bool | str = False
+    # A learned per-head logit in every softmax's denominator (gpt-oss's `sinks`: megatron's softmax_type
+    # "learnable", the core attention's `softmax_offset`).
+    attention_sinks: bool = False
     moe: MoEFields | None = None
     # "standard" (q/k/v fused into linear_qkv) or "mla" (multi-latent attention: models/mla.py).
     attention: str = "standard"

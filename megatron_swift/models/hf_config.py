@@ -38,6 +38,10 @@ class GPTModelArgs:
     rope_scaling: bool = False
     rope_scaling_factor: float = 8.0
     seq_len_interpolation_factor: float | None = None
+    # GPTModel's position embedding: "rope", or "yarn" (standard attention with YaRN; its settings are the
+    # `yarn_*` attributes the builder sets on the TransformerConfig, which megatron-core reads with getattr).
+    position_embedding_type: str = "rope"
+    yarn: dict = field(default_factory=dict)
     # HF sliding window not built into the model (families without `window_layers`): sequences must stay within it.
     sliding_window: int | None = None
     # Gemma-style layers (models/layer_variants.py): embeddings times this, output norms, the sliding-window
@@ -124,8 +128,46 @@ def _translate_rope(hf_config, rope: dict, args: dict) -> None:
                 )
         args["rope_scaling"] = True
         args["rope_scaling_factor"] = float(rope["factor"])
+    elif rope_type == "yarn":
+        args.update(_standard_yarn(hf_config, rope, partial))
     else:  # a family declared a rope type standard attention has no translation for
         raise ConfigError(f"rope_parameters.rope_type={rope_type!r} is not supported with standard attention")
+
+
+def _standard_yarn(hf_config, rope: dict, partial: float) -> dict:
+    """HF's YaRN (`_compute_yarn_parameters`) as megatron-core's YarnRotaryEmbedding + its cos/sin scale
+    (`_yarn_get_concentration_factor_from_config`). HF scales cos/sin by mscale(factor, mscale) /
+    mscale(factor, mscale_all_dim) when both are set (non-zero), else by mscale(factor); megatron-core the same
+    when both are set (not None), so unset or zero ones are passed as None."""
+    if partial != 1.0:
+        raise ConfigError(
+            f"partial_rotary_factor={partial} with rope_type='yarn' is not supported: megatron-core's YaRN rotates "
+            "the whole head"
+        )
+    original = rope.get("original_max_position_embeddings")
+    if not original:
+        raise ConfigError("rope_parameters.original_max_position_embeddings is required with rope_type='yarn'")
+    factor = float(rope.get("factor") or hf_config.max_position_embeddings / original)
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    both = bool(mscale and mscale_all_dim)
+    if rope.get("attention_factor") is not None:
+        raise ConfigError(
+            f"rope_parameters.attention_factor={rope['attention_factor']} is not supported: megatron-core derives "
+            "the cos/sin scale from factor / mscale / mscale_all_dim"
+        )
+    return dict(
+        position_embedding_type="yarn",
+        yarn=dict(
+            yarn_rotary_scaling_factor=factor,
+            yarn_original_max_position_embeddings=int(original),
+            yarn_beta_fast=float(rope.get("beta_fast") or 32),
+            yarn_beta_slow=float(rope.get("beta_slow") or 1),
+            yarn_mscale=float(mscale) if both else None,
+            yarn_mscale_all_dim=float(mscale_all_dim) if both else None,
+            # HF floors / ceils the correction range unless `truncate` is false (gpt-oss).
+            yarn_correction_range_round_to_int=bool(rope.get("truncate", True)),
+        ),
+    )
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -196,11 +238,11 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
     _check_declared(hf_config, family, rope)
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    qkv_bias, qk_norm = (
+    qkv_bias, qk_norm, linear_bias = (
         bool(getattr(hf_config, flag, False)) if isinstance(flag, str) else flag
-        for flag in (family.qkv_bias, family.qk_layernorm)
+        for flag in (family.qkv_bias, family.qk_layernorm, family.linear_bias)
     )
-    if getattr(hf_config, "attention_bias", False) and family.qkv_bias != "attention_bias":
+    if getattr(hf_config, "attention_bias", False) and "attention_bias" not in (family.qkv_bias, family.linear_bias):
         # Llama-style attention_bias puts a bias on o_proj as well; megatron-core only offers a bias
         # on every linear (add_bias_linear, MLP included) or on q/k/v alone (add_qkv_bias).
         raise ConfigError(
@@ -221,7 +263,7 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
         layernorm_zero_centered_gamma=family.zero_centered_norms,
         gated_linear_unit=True,
         activation_func=ACTIVATIONS[getattr(hf_config, family.activation_field, "silu")],
-        add_bias_linear=False,
+        add_bias_linear=linear_bias,
         add_qkv_bias=qkv_bias,
         qk_layernorm=qk_norm,
         hidden_dropout=0.0,
@@ -229,6 +271,8 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
         init_method_std=float(getattr(hf_config, "initializer_range", 0.02)),
     )
     transformer.update(window_transformer)
+    if family.attention_sinks:
+        transformer["softmax_type"] = "learnable"
     if family.moe is not None:
         transformer.update(moe_args(hf_config, family.moe))
     rope_kwargs: dict = {}

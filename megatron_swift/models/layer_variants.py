@@ -9,6 +9,11 @@
 - Sliding-window layers with their own rope base (Gemma 3's `rope_local_base_freq`): GPTModel makes one rotary
   table for every layer; a windowed layer's attention swaps it for its own table of the same length and layout.
 
+- Biased routed experts on the local spec (gpt-oss): megatron-core's MLP adds an expert's `linear_fc2` bias in
+  place (`output += bias * probs`), and its RowParallelLinear returns, at expert-TP 1, the output of an autograd
+  Function that handed its input back: autograd forbids that in-place add ("a view ... modified inplace"). The
+  experts' `linear_fc2` here returns a copy when it has a bias, so the add is legal and the same computation.
+
 Parameters keep megatron's tags: a norm's weight is marked `sequence_parallel` under sequence parallelism, so
 `finalize_model_grads` sums its gradient over TP (each rank saw other tokens), and q/k norms keep their names
 (`q_layernorm`, `k_layernorm`), whose gradients megatron-core sums over TP by name.
@@ -21,6 +26,7 @@ import dataclasses
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
@@ -136,3 +142,21 @@ def use_layer_variants(block_spec, *, zero_centered_norms: bool, output_norms: b
             layer.mlp = dataclasses.replace(mlp, module=OutputNormMLP, params={**mlp.params, "output_norm": norm})
     if norm is not None and not te:
         block_spec.layer_norm = norm
+
+
+class BiasedExpertRowParallelLinear(RowParallelLinear):
+    """An expert's linear_fc2 whose output megatron-core's MLP may add the bias to in place (see the module
+    docstring)."""
+
+    def forward(self, *args, **kwargs):
+        output, bias = super().forward(*args, **kwargs)
+        return (output.clone() if bias is not None else output), bias
+
+
+def use_biased_expert_outputs(block_spec) -> None:
+    """Point the local spec's routed experts' linear_fc2 at BiasedExpertRowParallelLinear."""
+    for layer_spec in block_spec.layer_specs:
+        experts = getattr(getattr(layer_spec.submodules.mlp, "submodules", None), "experts", None)
+        submodules = getattr(experts, "submodules", None)
+        if submodules is not None and getattr(submodules, "linear_fc2", None) is RowParallelLinear:
+            submodules.linear_fc2 = BiasedExpertRowParallelLinear

@@ -27,6 +27,13 @@ def model_layout_problems(args: GPTModelArgs, parallel: ParallelConfig) -> list[
         found.append(f"expert parallel {ep} needs a MoE model")
     elif experts and experts % ep:
         found.append(f"num_experts={experts} is not divisible by expert parallel {ep}")
+    etp = parallel.expert_tensor_parallel_size or tp
+    if experts and t.get("add_bias_linear") and etp > 1:
+        found.append(
+            f"parallel.expert_tensor_parallel_size={etp} (it defaults to tensor_model_parallel_size): megatron-core "
+            "builds biased experts (gpt-oss) only at expert tensor parallel 1; set parallel.expert_tensor_parallel_size"
+            ": 1"
+        )
     return found
 
 

@@ -4,6 +4,10 @@ A family file lists `Rule`s; each rule names one megatron-core parameter (a temp
 `{layer}` / `{expert}` placeholders over *global* indices) and the HF tensors it is made of, and
 knows how to convert in both directions and how to cut its tensor-parallel shard. The rules are
 pure tensor functions: no I/O, no collectives, no knowledge of files or ranks.
+
+An HF name ending in `[i]` addresses slice i along dim 0 of a stacked tensor (gpt-oss stores all experts of a
+layer as one [experts, ...] tensor): readers take that slice, exporters write it at its offset in the stacked
+tensor (`stacked_name`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,15 @@ from dataclasses import dataclass, field
 import torch
 
 _PLACEHOLDER = re.compile(r"\\\{(layer|expert)\\\}")
+_SLICE = re.compile(r"^(?P<base>.+)\[(?P<index>\d+|\{expert\})\]$")
+
+
+def stacked_name(hf_name: str) -> tuple[str, int | None]:
+    """(stacked tensor name, slice index) of `NAME[i]`; (hf_name, None) for a whole tensor."""
+    found = _SLICE.match(hf_name)
+    if not found or not found.group("index").isdigit():
+        return hf_name, None
+    return found.group("base"), int(found.group("index"))
 
 
 def template_regex(template: str) -> re.Pattern:
@@ -179,7 +192,7 @@ class RuleSet:
         object.__setattr__(
             self,
             "_hf_res",
-            tuple(template_regex(t) for rule in self.rules for t in rule.hf)
+            tuple(template_regex(_SLICE.sub(r"\g<base>", t)) for rule in self.rules for t in rule.hf)
             + tuple(re.compile(p) for p in self.ignore_hf),
         )
 
@@ -192,3 +205,37 @@ class RuleSet:
 
     def is_known_hf(self, hf_name: str) -> bool:
         return any(regex.match(hf_name) for regex in self._hf_res)
+
+
+@dataclass(frozen=True)
+class ExpertSlice(Rule):
+    """One expert's linear <- its slice of an HF tensor stacking every expert (`NAME[{expert}]`), stored
+    transposed ([in, out], gpt-oss's `x @ W` layout); with `interleaved_gate_up` the HF output columns
+    alternate gate / up (gpt-oss's gate_up_proj: gate = [..., ::2], up = [..., 1::2]), megatron's linear_fc1
+    is [gate; up]. Works for weights ([in, out] -> [out, in]) and biases ([out])."""
+
+    hf_name: str = ""
+    interleaved_gate_up: bool = False
+
+    @property
+    def hf(self):
+        return (f"{self.hf_name}[{{expert}}]",)
+
+    def to_mcore(self, hf_tensors, dims):
+        (tensor,) = hf_tensors
+        tensor = tensor.t() if tensor.dim() == 2 else tensor
+        if self.interleaved_gate_up:
+            tensor = torch.cat([tensor[0::2], tensor[1::2]], dim=0)
+        return tensor.contiguous()
+
+    def to_hf(self, mcore_tensor, dims):
+        tensor = mcore_tensor
+        if self.interleaved_gate_up:
+            gate, up = torch.chunk(tensor, 2, dim=0)
+            tensor = torch.stack([gate, up], dim=1).reshape(tensor.shape)
+        return [(tensor.t() if tensor.dim() == 2 else tensor).contiguous()]
+
+    def tp_shard(self, full, dim, rank, size):
+        if not self.interleaved_gate_up:
+            return super().tp_shard(full, dim, rank, size)
+        return FusedGateUp.tp_shard(self, full, dim, rank, size)

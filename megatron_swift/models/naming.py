@@ -38,6 +38,8 @@ def _partition_dim(module: nn.Module, param_name: str) -> int | None:
     """
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
+    if param_name == "softmax_offset":  # attention sinks, one per head: split by heads like the query heads
+        return 0
     if not param_name.startswith(("weight", "bias")):
         return None  # e.g. Transformer Engine's fused layer_norm_weight
     mode = getattr(module, "parallel_mode", None)  # Transformer Engine linears

@@ -140,8 +140,9 @@ class Inventory:
         entries.append(("pre_mlp_layernorm", "weight", h, DENSE, None))
         entries.append(("mlp.router", "weight", self.experts * h, DENSE, None))
         ffn, etp = t["moe_ffn_hidden_size"], lay.etp
-        # Expert weights go to the expert buffer (reduced over expert data parallel) only when EP > 1.
-        buffer = EXPERT if lay.ep > 1 else DENSE
+        # Expert weights go to the expert buffer (reduced over expert data parallel) when EP > 1, and when expert TP
+        # is smaller than TP (models/builder.py: the TP ranks share the experts then).
+        buffer = EXPERT if lay.ep > 1 or etp != tp else DENSE
         local = self.experts // lay.ep
         for j in range(local):
             path = f"mlp.experts.local_experts.{j}"

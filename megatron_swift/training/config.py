@@ -237,6 +237,9 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
     if windowed and job.model.attention == "local" and job.model.spec != "te":
         found.append("model.attention=local: the sliding-window layers are checked against HF with our SDPA core "
                      "attention only; use model.attention=sdpa")  # fmt: skip
+    if model_args is not None and model_args.position_embedding_type == "yarn" and job.model.apply_rope_fusion:
+        found.append("model.apply_rope_fusion: Transformer Engine's fused RoPE has no YaRN cos/sin scale (the model's "
+                     "rope_type yarn); set it to null or false")  # fmt: skip
     if job.train.train_type == "lora" and job.moe.moe_router_bias_update_rate:
         found.append("moe.moe_router_bias_update_rate: under LoRA the routing bias stays the base model's (it is "
                      "not part of the adapter); leave it unset")  # fmt: skip

@@ -156,7 +156,11 @@ def build_chunks(job: JobConfig, args) -> list:
     dtype = dtype_from_name(precision(job))
     # Initialisation stays on although every weight is then loaded: megatron-core marks tensor-parallel
     # weights (`tensor_model_parallel`, read by grad-norm clipping and the optimizers) only while initialising.
-    config = transformer_config(args, job.parallel, params_dtype=dtype, **transformer_overrides(job, args.is_moe))
+    overrides = transformer_overrides(job, args.is_moe)
+    if args.position_embedding_type == "yarn":
+        # TE's fused RoPE refuses YaRN's cos/sin scale (megatron-core's rope_utils); preflight refuses forcing it.
+        overrides["apply_rope_fusion"] = False
+    config = transformer_config(args, job.parallel, params_dtype=dtype, **overrides)
     model = job.model
     return build_model_chunks(args, config, spec=model.spec, attention=model.attention, kernels=model.kernels,
                               fused_linear_cross_entropy=model.fused_linear_cross_entropy)  # fmt: skip
