@@ -18,28 +18,24 @@ LLAMA_LAYOUTS = [
     ({"tensor_model_parallel_size": 2, "sequence_parallel": True}, {}),
     ({"pipeline_model_parallel_size": 2}, {}),
     ({"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}, {}),
-    ({"pipeline_model_parallel_size": 2, "decoder_first_pipeline_num_layers": 1}, {}),  # uneven: 1 + 3 layers
     ({}, {}),  # DP2 against DP1 with 2x gradient accumulation (global batch 4, micro batch 1)
     ({}, {"use_distributed_optimizer": True}),
-    # Overlapped DP communication with small buckets (several per model): reduction during the backward,
-    # parameter all-gather during the next forward.
-    ({}, {"overlap_grad_reduce": True, "ddp_bucket_size": 20000}),
-    (
-        {},
-        {
-            "use_distributed_optimizer": True,
-            "overlap_grad_reduce": True,
-            "overlap_param_gather": True,
-            "ddp_bucket_size": 20000,
-        },
-    ),
     (
         {"tensor_model_parallel_size": 2},
         {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
     ),
-    ({}, {"recompute_granularity": "selective"}),
     ({"context_parallel_size": 2}, {}),  # seq 32 split into 4 chunks of 8, two per rank
 ]
+# Their own code paths on the arithmetic of the layouts above: in the slow suite (test_more_llama_layouts_...).
+LLAMA_LAYOUTS_SLOW = [
+    ({"pipeline_model_parallel_size": 2, "decoder_first_pipeline_num_layers": 1}, {}),  # uneven: 1 + 3 layers
+    # Overlapped DP communication with small buckets (several per model): reduction during the backward,
+    # parameter all-gather during the next forward.
+    ({}, {"overlap_grad_reduce": True, "ddp_bucket_size": 20000}),
+    ({}, {"use_distributed_optimizer": True, "overlap_grad_reduce": True, "overlap_param_gather": True,
+          "ddp_bucket_size": 20000}),
+    ({}, {"recompute_granularity": "selective"}),
+]  # fmt: skip
 MOE_LAYOUTS = [({"expert_model_parallel_size": 2}, {}), ({"pipeline_model_parallel_size": 2}, {})]
 # Gemma 3 (sliding windows shorter than the sequence, (1 + w) and output norms): TP2 / CP2 / packed in the slow suite.
 GEMMA3_LAYOUTS = [({"tensor_model_parallel_size": 2, "sequence_parallel": True}, {}),
@@ -94,6 +90,18 @@ def test_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
         if name == "mixtral":
             got = router_loss(tmp_path / "par" / f"case{index}")
             assert got == pytest.approx(expected, rel=REL_TOL), (cases[index][1], got, expected)
+
+
+@pytest.mark.slow
+def test_more_llama_layouts_match_single_process_losses(tiny_models, tmp_path):
+    llama = tiny_models["llama"]
+    (expected,) = run_cases([(llama, {}, {})], DATA, tmp_path / "ref", world_size=1)
+    results = run_cases([(llama, *layout) for layout in LLAMA_LAYOUTS_SLOW], DATA, tmp_path / "par", world_size=2)
+    expected_norms = [record["grad_norm"] for record in _metrics(tmp_path / "ref" / "case0")]
+    for index, (layout, losses) in enumerate(zip(LLAMA_LAYOUTS_SLOW, results, strict=True)):
+        assert losses == pytest.approx(expected, rel=REL_TOL), (layout, losses, expected)
+        norms = [record["grad_norm"] for record in _metrics(tmp_path / "par" / f"case{index}")]
+        assert norms == pytest.approx(expected_norms, rel=1e-4), (layout, norms, expected_norms)
 
 
 @pytest.mark.parametrize(
