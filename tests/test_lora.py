@@ -88,7 +88,15 @@ MOE_TARGETS = ["linear_qkv", "linear_proj", r"re:\.mlp\.experts\.local_experts\.
 
 
 @pytest.mark.parametrize(
-    ("family", "dora"), [("llama", False), ("qwen3_moe", False), ("llama", True), ("gemma3", False), ("gpt_oss", False)]
+    ("family", "dora"),
+    [
+        ("llama", False),
+        ("qwen3_moe", False),
+        ("llama", True),
+        ("gemma3", False),
+        ("gpt_oss", False),
+        ("glm4_moe", False),
+    ],
 )
 def test_merged_export_equals_base_plus_peft_adapter(family, dora, tiny_models, tmp_path):
     """DoRA: trained from PEFT's start (magnitude = row norms), two steps move the magnitude off the norms."""
@@ -98,7 +106,7 @@ def test_merged_export_equals_base_plus_peft_adapter(family, dora, tiny_models, 
     from converters.convert import mcore_to_hf
 
     lora = {**LORA, "target_modules": MOE_TARGETS} if family == "qwen3_moe" else {**LORA, "use_dora": dora}
-    if family == "gpt_oss":  # its experts are stacked parameters in HF, not linears PEFT adapts: attention only
+    if family in ("gpt_oss", "glm4_moe"):  # experts stacked parameters in HF, not linears PEFT adapts: attention
         lora["target_modules"] = ["linear_qkv", "linear_proj"]
     _, ckpt = _train_lora(tiny_models[family], tmp_path, lora=lora)
     merged_dir = mcore_to_hf(ckpt, tmp_path / "merged", lora="merge")
