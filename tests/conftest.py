@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import zlib
 from pathlib import Path
@@ -17,16 +16,6 @@ os.environ.setdefault("MSWIFT_DEVICE_AUDIT", "1")
 # from two, and two threads spin-wait whenever anything else runs on a 2-core machine (a tiny training case
 # measured 5x slower). Workers of megatron_swift.distributed.spawn apply it to the torch they inherit.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-@pytest.fixture(autouse=True)
-def _frozen_heap():
-    """Freeze what is alive when a test starts (the libraries collection and earlier tests imported: ~400-500k
-    objects) out of the cyclic collector's reach: each in-process run's destroy_distributed collects cycles to free
-    its process groups, and a collection over that heap took ~0.5 s, ~70 times in test_lora + test_export alone.
-    Frozen objects are still freed by reference counting; only cycles among them would stay."""
-    gc.freeze()
-    yield
 
 
 @pytest.fixture(scope="session")

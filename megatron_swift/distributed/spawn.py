@@ -62,8 +62,7 @@ def _context(fn: Callable):
     module = getattr(fn, "__module__", None)
     # Read only when the server starts (the first launch of this process); later functions' modules are
     # imported by the forked workers themselves.
-    worker_module = [module] if module and module != "__main__" else []
-    ctx.set_forkserver_preload([*_SERVER_PRELOAD, *worker_module, "megatron_swift.distributed.forkserver_heap"])
+    ctx.set_forkserver_preload([*_SERVER_PRELOAD, *([module] if module and module != "__main__" else [])])
     return ctx
 
 
