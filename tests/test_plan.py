@@ -361,7 +361,11 @@ def test_training_run_prints_its_own_layouts_estimate_at_start(tiny_models, tmp_
     run_cases([(tiny_models["llama"], {}, {"train_iters": 1})], DATA, tmp_path, world_size=1)
     out = capsys.readouterr().out
     job = job_for(str(tiny_models["llama"]), DATA, str(tmp_path), {}, {"train_iters": 1, "global_batch_size": 4})
-    assert startup_summary(job, 1, check_job(job, 1)) in out.splitlines()
+    line = startup_summary(job, 1, check_job(job, 1))
+    assert line in out.splitlines()
+    # The tiny model's figures in MiB: in GiB each would print as 0.0.
+    total = float(re.search(r"\): ([\d.]+) MiB on the busiest rank", line)[1])
+    assert 0 < total < 1024, line
 
 
 README_ROWS = re.compile(

@@ -91,12 +91,18 @@ def render(est: Estimate, title: str) -> str:
 
 
 def startup_line(est: Estimate, device_bytes: int | None) -> str:
-    """One line for the training run's start-up: its own layout's estimate."""
+    """One line for the training run's start-up: its own layout's estimate, in MiB when under a GiB (a tiny
+    model's figures would all print as 0.0 GiB)."""
     worst = max(est.ranks, key=lambda r: r.total_bytes)
+    unit, scale = ("GiB", GIB) if worst.total_bytes >= GIB else ("MiB", GIB / 1024)
+
+    def size(value: int) -> str:
+        return f"{value / scale:.1f}"
+
     text = (
-        f"memory estimate (mswift-plan): {gib(worst.total_bytes)} GiB on the busiest rank (stage {worst.pp_stage}: "
-        f"weights {gib(worst.weights_bytes)}, grads {gib(worst.grads_bytes)}, optimizer {gib(worst.optimizer_bytes)}, "
-        f"activations {gib(worst.activations_bytes)})"
+        f"memory estimate (mswift-plan): {size(worst.total_bytes)} {unit} on the busiest rank (stage "
+        f"{worst.pp_stage}: weights {size(worst.weights_bytes)}, grads {size(worst.grads_bytes)}, optimizer "
+        f"{size(worst.optimizer_bytes)}, activations {size(worst.activations_bytes)})"
     )
     if device_bytes:
         text += f" of {gib(device_bytes)} GiB"
