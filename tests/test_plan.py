@@ -81,6 +81,10 @@ def _cases_two_ranks(models, tiny=None):
     odd = [] if tiny is None else [  # 64-wide norms: DP shards only line up with the bucket padded to lcm(DP, 128)
         dict(name="distributed optimizer DP2, odd sizes", hf=str(tiny["llama"]), parallel={}, data={"seq_length": 32},
              train=dict(BF16, global_batch_size=4, use_distributed_optimizer=True)),
+        # attention sinks (per head, split by TP) and a bias on every linear, router and experts included
+        dict(name="gpt-oss TP2 + SP, expert TP 1", hf=str(tiny["gpt_oss"]), data={"seq_length": 32},
+             parallel=dict(tensor_model_parallel_size=2, sequence_parallel=True, expert_tensor_parallel_size=1),
+             train=dict(BF16, global_batch_size=2, use_distributed_optimizer=True)),
     ]  # fmt: skip
     return [
         *odd,

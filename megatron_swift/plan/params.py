@@ -132,13 +132,11 @@ class Inventory:
                     None,
                 )
             )
-            return [
-                *entries,
-                (fc1.module, "weight", 2 * ffn * h // tp, DENSE, fc1),
-                (fc2.module, "weight", ffn * h // tp, DENSE, fc2),
-            ]
+            return [*entries, *self._mlp_entries(fc1, fc2, ffn, h, tp, DENSE)]
         entries.append(("pre_mlp_layernorm", "weight", h, DENSE, None))
         entries.append(("mlp.router", "weight", self.experts * h, DENSE, None))
+        if self.biased:
+            entries.append(("mlp.router", "bias", self.experts, DENSE, None))
         ffn, etp = t["moe_ffn_hidden_size"], lay.etp
         # Expert weights go to the expert buffer (reduced over expert data parallel) when EP > 1, and when expert TP
         # is smaller than TP (models/builder.py: the TP ranks share the experts then).
@@ -148,20 +146,30 @@ class Inventory:
             path = f"mlp.experts.local_experts.{j}"
             fc1 = Linear(f"{path}.linear_fc1", 2 * ffn, h, etp, "column", True)
             fc2 = Linear(f"{path}.linear_fc2", h, ffn, etp, "row", True)
-            entries += [
-                (fc1.module, "weight", 2 * ffn * h // etp, buffer, fc1),
-                (fc2.module, "weight", ffn * h // etp, buffer, fc2),
-            ]
+            entries += self._mlp_entries(fc1, fc2, ffn, h, etp, buffer)
         shared = t.get("moe_shared_expert_intermediate_size")
         if shared:
             if t.get("moe_shared_expert_gate"):
                 entries.append(("mlp.shared_experts", "gate_weight", h, DENSE, None))
             fc1 = Linear("mlp.shared_experts.linear_fc1", 2 * shared, h, tp, "column", False)
             fc2 = Linear("mlp.shared_experts.linear_fc2", h, shared, tp, "row", False)
-            entries += [
-                (fc1.module, "weight", 2 * shared * h // tp, DENSE, fc1),
-                (fc2.module, "weight", shared * h // tp, DENSE, fc2),
-            ]
+            entries += self._mlp_entries(fc1, fc2, shared, h, tp, DENSE)
+        return entries
+
+    @property
+    def biased(self) -> bool:
+        """megatron's add_bias_linear (gpt-oss): a bias on every linear, the router's included."""
+        return bool(self.args.transformer.get("add_bias_linear"))
+
+    def _mlp_entries(self, fc1: Linear, fc2: Linear, ffn: int, h: int, split: int, buffer) -> list:
+        """A gated MLP's fc1 and fc2 (split `split` ways), each followed by its bias when linears are biased: fc1's
+        split like its output, fc2's (a row-parallel output) whole."""
+        entries = [(fc1.module, "weight", 2 * ffn * h // split, buffer, fc1)]
+        if self.biased:
+            entries.append((fc1.module, "bias", 2 * ffn // split, buffer, None))
+        entries.append((fc2.module, "weight", ffn * h // split, buffer, fc2))
+        if self.biased:
+            entries.append((fc2.module, "bias", h, buffer, None))
         return entries
 
     def _attention_entries(self) -> list:
@@ -169,11 +177,16 @@ class Inventory:
         qkv_out = (self.heads + 2 * self.groups) * d
         qkv = Linear("self_attention.linear_qkv", qkv_out, h, tp, "column", False)
         proj = Linear("self_attention.linear_proj", h, self.heads * d, tp, "row", False)
-        entries = [(proj.module, "weight", h * self.heads * d // tp, DENSE, proj)]
+        entries = []
+        if t.get("softmax_type") == "learnable":  # attention sinks: one logit per head, in the core attention
+            entries.append(("self_attention.core_attention", "softmax_offset", self.heads // tp, DENSE, None))
+        entries.append((proj.module, "weight", h * self.heads * d // tp, DENSE, proj))
+        if self.biased:  # a row-parallel output's bias, whole on every TP rank
+            entries.append((proj.module, "bias", h, DENSE, None))
         if self.ops.te_spec:  # TE's LayerNormLinear registers its norm weight before its own weight
             entries.append((qkv.module, "layer_norm_weight", h, DENSE, None))
         entries.append((qkv.module, "weight", qkv_out * h // tp, DENSE, qkv))
-        if t.get("add_qkv_bias"):
+        if t.get("add_qkv_bias") or self.biased:
             entries.append((qkv.module, "bias", qkv_out // tp, DENSE, None))
         if t.get("qk_layernorm"):
             entries += [
