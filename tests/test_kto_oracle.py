@@ -216,3 +216,65 @@ def test_kto_per_item_values_equal_trl(request, tiny_models, tmp_path, case):
     assert len({round(item["loss"], 6) for item in per_item}) > 2
     print(f"{case}: max abs diff vs TRL " + ", ".join(f"{key} {value:.1e}" for key, value in worst.items())
           + f"; grad norm {step.grad_norm:.6g} vs {trl_grad_norm:.6g}")  # fmt: skip
+
+
+def test_packed_items_give_the_unpacked_per_item_values(tiny_models, tuned, tmp_path):
+    """Items packed into rows (data.packing: each completion and each KL sequence its own document, the KL sequences
+    in rows of their own) give the values of the same items unpacked, one per micro-batch: each item's policy and
+    reference log-probs of its completion and its KL sequence, the KL term, the loss report's sums, and the step's
+    gradient norm (lr 0: both steps see the same weights)."""
+    from transformers import AutoTokenizer
+
+    from megatron_swift.data import build_train_data
+    from megatron_swift.data.kto import KtoCollate
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.job import build_model, build_preference, check_job, check_weights
+    from megatron_swift.training.optim import wrap_for_training
+    from megatron_swift.training.preference import ReferenceModel
+
+    data = {"seq_length": 256, "shuffle": False, "packing": True}
+    train = {"task": "kto", "global_batch_size": 2, "lr": 0.0, "min_lr": 0.0}
+    rlhf = {"ref_model": str(tiny_models["llama"]), **CASES["kto"]}
+    job = job_for(str(tuned), KTO, str(tmp_path), {}, train, data=data, rlhf=rlhf)
+    args = check_job(job, 1)
+    init_distributed(job.parallel, seed=job.train.seed)
+    try:
+        chunks = build_model(job, args)
+        kto = build_preference(job, args, chunks, check_weights(job, chunks, args))
+        packed = build_train_data(job.data, AutoTokenizer.from_pretrained(tuned), "kto", 2, 0)
+        rows = [row for row in packed.batches.items if len(row) >= 2][:2]  # rows of several whole items
+        assert len(rows) == 2 and packed.stats["items_longer_than_a_row"] == 0, [len(r) for r in packed.batches.items]
+        items = [item for row in rows for item in row]
+        assert 0 < sum(item.desirable for item in items) < len(items)
+        collate, single = packed.batches.collate, KtoCollate(256, packed.batches.collate.pad_id)
+
+        def batches(packing: bool) -> list[dict]:
+            return [collate(rows)] if packing else [single([item]) for item in items]
+
+        found, steps = {}, {}
+        for packing in (True, False):
+            policy, microbatches = batches(packing), batches(packing)
+            with torch.no_grad():
+                ReferenceModel(chunks, adapters=False).attach_logps(policy)  # the policy's own log-probs
+                reports, kl = kto.run(chunks, microbatches, forward_only=True)
+            logps = [torch.cat([mb["ref_logps"].reshape(2, -1) for mb in mbs], dim=1) for mbs in (policy, microbatches)]
+            found[packing] = (logps, kl, torch.stack([report["kto"] for report in reports]).sum(0))
+        wrapped, optimizer, scheduler = wrap_for_training(chunks, job)
+        for packing in (True, False):
+            steps[packing] = kto.train_step(wrapped, optimizer, scheduler, batches(packing), args.vocab_size)
+    finally:
+        destroy_distributed()
+    (logps, kl, total), (logps1, kl1, total1) = found[True], found[False]
+    step, step1 = steps[True], steps[False]
+    worst = max(float((a - b).abs().max()) for a, b in zip(logps, logps1, strict=True))
+    print(f"packed vs unpacked: log-probs {worst:.1e}, kl "
+          f"{abs(kl - kl1):.1e}, report {float((total - total1).abs().max()):.1e}, grad norm {step.grad_norm:.6g} vs "
+          f"{step1.grad_norm:.6g}")  # fmt: skip
+    for name, a, b in zip(("policy", "reference"), logps, logps1, strict=True):
+        assert a.shape == (2, len(items)) and (a - b).abs().max() <= TOL, (name, (a - b).abs().max())
+    assert (logps[0] - logps[1]).abs().max() > 1e-2  # the policy is not the reference
+    assert kl == pytest.approx(kl1, abs=TOL) and kl > 1e-3
+    assert total[1] == len(items) and total.tolist() == pytest.approx(total1.tolist(), abs=TOL)
+    assert step.loss == pytest.approx(step1.loss, abs=TOL)
+    assert step.grad_norm == pytest.approx(step1.grad_norm, rel=1e-5) and step.grad_norm > 0
+    assert step.metrics == pytest.approx(step1.metrics, abs=TOL)
