@@ -104,7 +104,7 @@ PREFLIGHT = [
     ({"label_smoothing": 0.1}, {}, {}, "rlhf.label_smoothing: not used by train.task kto"),
     ({"reference_free": True}, {}, {}, "rlhf.reference_free: not used by train.task kto"),
     ({"loss_weights": [1.0]}, {}, {}, "rlhf.loss_weights: not used by train.task kto"),
-    ({}, {"packing": True}, {}, "data.packing: not built for train.task kto"),
+    ({}, {"packing": True, "streaming": True}, {}, "data.streaming: preference data is read whole"),
     ({}, {}, {"global_batch_size": 1}, "train.global_batch_size: kto estimates its KL term"),
     ({"cpo_alpha": 1.0}, {}, {}, "rlhf.cpo_alpha: used by train.task simpo only"),
 ]  # fmt: skip
@@ -119,6 +119,7 @@ def test_preflight_names_the_kto_field(tmp_path, rlhf, data, train, message):
 def test_preflight_accepts_kto_and_keeps_its_fields_off_other_tasks(tmp_path):
     for rlhf in ({}, {"loss_type": ["apo_zero_unpaired"]}, {"desirable_weight": 1.33, "beta": 0.5}):
         assert not preflight(job_for("hf", KTO, str(tmp_path), {}, {"task": "kto"}, rlhf=rlhf), 1)
+    assert not preflight(job_for("hf", KTO, str(tmp_path), {}, {"task": "kto"}, data={"packing": True}), 1)
     assert not preflight(
         job_for(
             "hf",

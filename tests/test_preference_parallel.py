@@ -3,8 +3,8 @@ the single process (3 steps, losses, reward / log-prob metrics, grad norms), pac
 SimPO and ORPO at two layouts each, precomputed reference log-probs at one and two processes;
 LoRA's adapters-off reference against an explicit frozen copy of the base (`rlhf.ref_model`); a run stopped after
 2 steps and resumed equals the straight run; KTO full and LoRA at the same four layouts (its KL term reduced over
-the global batch: DP2 equals one process), precomputed at DP2. Every layout of a world size runs inside one
-launch."""
+the global batch: DP2 equals one process), precomputed at DP2, packed (full and LoRA) at TP2 + SP (packed and
+precomputed equals packed and live). Every layout of a world size runs inside one launch."""
 
 from __future__ import annotations
 
@@ -38,12 +38,14 @@ PACKED = {**DATA, "seq_length": 256, "packing": True}
 PRECOMPUTE = {"precompute_ref_logps": True}
 KTO = "examples/data/kto_sample.jsonl"
 KTO_DATA = {"seq_length": 64, "dataset": [KTO], "val_dataset": [f"{KTO}#10"]}
+KTO_PACKED = {**KTO_DATA, "seq_length": 256, "packing": True}  # whole items per row (about 4), validation unpacked
 KTO_METRICS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
 
 
-def _kto_case(hf, parallel: dict, lora: dict | None, rlhf: dict | None = None, train: dict | None = None):
+def _kto_case(hf, parallel: dict, lora: dict | None, rlhf: dict | None = None, train: dict | None = None,
+              data: dict = KTO_DATA):  # fmt: skip
     return _case(hf, parallel, lora, rlhf={"undesirable_weight": 1.2, **(rlhf or {})},
-                 train={"task": "kto", **(train or {})}, data=KTO_DATA)  # fmt: skip
+                 train={"task": "kto", **(train or {})}, data=data)  # fmt: skip
 
 
 def _assert_same_kto(got: list[dict], expected: list[dict], rel: float, what, steps: int = 3) -> None:
@@ -111,6 +113,9 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
     single.append(_case(llama, {}, None, rlhf=PRECOMPUTE))  # 8: reference log-probs precomputed
     single += [_kto_case(llama, {}, None), _kto_case(llama, {}, LORA)]  # 9, 10: KTO full, LoRA
     single.append(_kto_case(llama, {}, LORA, rlhf={"ref_model": str(llama)}))  # 11: KTO LoRA, explicit frozen copy
+    single.append(_kto_case(llama, {}, None, data=KTO_PACKED))  # 12: KTO packed
+    single.append(_kto_case(llama, {}, None, rlhf=PRECOMPUTE, data=KTO_PACKED))  # 13: KTO packed, precomputed
+    single.append(_kto_case(llama, {}, LORA, data=KTO_PACKED))  # 14: KTO packed, LoRA
     run_cases(single, DPO, tmp_path / "one", world_size=1)
     one = [_metrics(tmp_path / "one" / f"case{i}") for i in range(3)]
     full, lora = one[0], one[1]
@@ -140,6 +145,7 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
     kto_first = len(cases)
     cases += [_kto_case(llama, LAYOUTS[layout], LORA if train == "lora" else None) for train, layout in names]
     cases.append(_kto_case(llama, LAYOUTS["dp2"], None, rlhf=PRECOMPUTE))
+    cases += [_kto_case(llama, LAYOUTS["tp2_sp"], lora, data=KTO_PACKED) for lora in (None, LORA)]
     run_cases(cases, DPO, tmp_path / "two", world_size=2)
     for index, (train, layout) in enumerate(names):
         _assert_same(_metrics(tmp_path / "two" / f"case{index}"), full if train == "full" else lora, 1e-5,
@@ -167,6 +173,12 @@ def test_dpo_layouts_references_and_resume_match_the_single_process(tiny_models,
     for index, (train, layout) in enumerate(names, start=kto_first):
         _assert_same_kto(_metrics(tmp_path / "two" / f"case{index}"), kto[train], 1e-5, ("kto", train, layout))
     _assert_same_kto(_metrics(tmp_path / "two" / f"case{kto_first + len(names)}"), kto["full"], 1e-5, "kto precomputed")
+    kto_packed = _metrics(tmp_path / "one" / "case12")
+    assert kto_packed[-1]["loss"] < kto_packed[0]["loss"] and max(m["kl"] for m in kto_packed) > 0.1  # KL live
+    _assert_same_kto(_metrics(tmp_path / "one" / "case13"), kto_packed, 1e-6, "kto packed: precomputed vs live")
+    for offset, (expected, what) in enumerate(((kto_packed, "full"), (_metrics(tmp_path / "one" / "case14"), "lora"))):
+        got = _metrics(tmp_path / "two" / f"case{kto_first + len(names) + 1 + offset}")
+        _assert_same_kto(got, expected, 1e-5, ("kto packed tp2_sp", what))
 
 
 def test_dpo_tp2_sp_matches_the_single_process_fast_guard(tiny_models, tmp_path):

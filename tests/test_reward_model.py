@@ -206,6 +206,16 @@ def test_preflight_names_what_rm_does_not_build(tmp_path, options, message):
     assert "rlhf.center_rewards_coefficient: used by train.task rm only" in preflight(dpo, 1)
 
 
+def test_the_rm_example_passes_preflight_at_its_layout():
+    from megatron_swift.config import load_config
+    from megatron_swift.training.config import JobConfig, preflight
+
+    job = load_config(JobConfig, "examples/tiny_rm.yaml")
+    assert job.train.task == "rm" and job.train.train_type == "lora", job.train
+    assert job.parallel.tensor_model_parallel_size == 2 and not preflight(job, 2), preflight(job, 2)
+    assert preflight(job, 3)  # the check has teeth: 3 processes do not fit its layout
+
+
 def test_a_reward_model_checkpoint_trains_only_as_a_reward_model(reward_hf, tmp_path):
     from megatron_swift.config import ConfigError
     from megatron_swift.training.job import check_job

@@ -10,12 +10,18 @@ items, in dataset order, are cut into consecutive chunks of `global_batch_size` 
 the next item of its chunk, the last one's to the first ((x1, y1) ... (xn, yn) -> (x1, yn), (x2, y1), ...,
 (xn, yn-1)). The pairing is fixed with the item (as TRL's, done once before its sequential sampler; ms-swift does
 it once on the shuffled data), so it is the same at every parallel layout, and precomputed reference log-probs
-hold for it. Unshuffled (`data.shuffle: false`) each global batch's KL sequences are its own completions with other
-prompts, TRL's recommended set; shuffled, each item keeps its fixed mismatched completion. A last chunk of one item
-joins the chunk before it. A KL sequence is cut to `max_length` keeping its start (TRL's collator).
+hold for it. Unshuffled (`data.shuffle: false`) each global batch's KL sequences are its own completions with
+other prompts, TRL's recommended set; shuffled, each item keeps its fixed mismatched completion. A last chunk of one
+item joins the chunk before it. With packing the chunks are still of `global_batch_size` items, made before the
+items are packed into rows (a global batch of rows then holds other items' KL completions too). A KL sequence is
+cut to `max_length` keeping its start (TRL's collator).
 
 A micro-batch of n items is one [2n, seq] batch: the n completions, then their n KL sequences (the layout of
-preference pairs, data/pairs.py, so the reference's forward and precomputed log-probs are shared with DPO).
+preference pairs, data/pairs.py, so the reference's forward and precomputed log-probs are shared with DPO). With
+`data.packing` whole items are packed into rows (`item_positions`: both the completion and the KL sequence fit);
+a packed micro-batch of r rows is [2r, seq]: the r rows of completions, then the r rows of the same items' KL
+sequences, each sequence its own document (`PackedKtoCollate`, the layout of packed pairs with the completion as
+side 0 and the KL sequence as side 1).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 from megatron_swift.data.encode import Encoder, Sample
 from megatron_swift.data.errors import RowProblem
 from megatron_swift.data.formats import normalise
-from megatron_swift.data.packing import PaddedCollate
+from megatron_swift.data.packing import PackedCollate, PaddedCollate
 from megatron_swift.data.sources import Row
 
 KTO_TASK = "kto"
@@ -142,4 +148,42 @@ class KtoCollate:
         batch["loss_mask"] = (batch["loss_mask"] > 0).float()
         batch["desirable"] = torch.tensor([float(item.desirable) for item in items])
         batch["pair_weight"] = torch.ones(len(items))
+        return batch
+
+
+def item_positions(item: KtoSample) -> int:
+    """Positions an item takes in a packed row: the longer of its completion's and its KL sequence's inputs (both
+    halves of a packed micro-batch hold the same items, one row each)."""
+    return max(len(item.completion.ids), len(item.kl.ids)) - 1
+
+
+@dataclass(frozen=True)
+class PackedKtoCollate:
+    """Rows of whole items -> one packed micro-batch (THD, as packing.PackedCollate) of 2r rows: the items'
+    completions in rows 0..r-1, their KL sequences in rows r..2r-1, each a document; `document_pair` / `document_side`
+    [documents] say which item (micro-batch order; -1: a row's padding) and which sequence (0: completion, 1: KL)
+    each document of `cu_seqlens` holds (pairs.PackedPairCollate's fields); `desirable` and `pair_weight` [n] as
+    KtoCollate's."""
+
+    seq_length: int
+    pad_id: int
+
+    def __call__(self, rows: list[list[KtoSample]]) -> dict[str, torch.Tensor]:
+        halves = [[item.completion for item in row] for row in rows] + [[item.kl for item in row] for row in rows]
+        batch = PackedCollate(self.seq_length, self.pad_id)(halves)
+        batch["loss_mask"] = (batch["loss_mask"] > 0).float()
+        document_pair, document_side = [], []
+        for side, half in enumerate((halves[: len(rows)], halves[len(rows) :])):
+            items = 0
+            for row in half:
+                document_pair += range(items, items + len(row))
+                document_side += [side] * len(row)
+                items += len(row)
+                if sum(len(sample.ids) - 1 for sample in row) < self.seq_length:
+                    document_pair.append(-1)  # the row's padding: its own final segment
+                    document_side.append(0)
+        items = [item for row in rows for item in row]
+        batch |= {"document_pair": torch.tensor(document_pair), "document_side": torch.tensor(document_side),
+                  "desirable": torch.tensor([float(item.desirable) for item in items]),
+                  "pair_weight": torch.ones(len(items))}  # fmt: skip
         return batch

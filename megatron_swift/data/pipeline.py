@@ -21,7 +21,15 @@ from megatron_swift.data.cache import SampleCache, cache_key
 from megatron_swift.data.encode import Encoder, Sample, encode_rows
 from megatron_swift.data.errors import BadRows, DataError
 from megatron_swift.data.indexed import TokenWindows, is_indexed_prefix
-from megatron_swift.data.kto import KTO_TASK, KtoCollate, KtoEncoder, LabelledSample, with_kl_sequences
+from megatron_swift.data.kto import (
+    KTO_TASK,
+    KtoCollate,
+    KtoEncoder,
+    LabelledSample,
+    PackedKtoCollate,
+    item_positions,
+    with_kl_sequences,
+)
 from megatron_swift.data.labels import LossPolicy, TruncationCounts, parse_role_scales, truncate
 from megatron_swift.data.packing import PackedCollate, PaddedCollate, pack, padding_fraction
 from megatron_swift.data.pairs import (
@@ -222,9 +230,19 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
     if validation:
         held_out = {"eval_items": validation_items(validation, task, data, max_length, seed, global_batch_size),
                     "eval_collate": eval_collate}  # fmt: skip
-    if task == KTO_TASK:  # preflight refuses streaming and packing for KTO
+    if task == KTO_TASK:  # preflight refuses streaming for KTO
         items = fit_labelled(samples, data, max_length, global_batch_size, stats)
-        return TrainData(batches(items, KtoCollate(seq_length, pad_id)), len(items), validation, stats, **held_out)
+        if not data.packing:
+            return TrainData(batches(items, KtoCollate(seq_length, pad_id)), len(items), validation, stats, **held_out)
+        # Whole items per row (data/kto.py); one longer than a row (max_length > seq_length + 1) cannot be packed.
+        stats["items_longer_than_a_row"] = sum(item_positions(item) > seq_length for item in items)
+        items = [item for item in items if item_positions(item) <= seq_length]
+        if not items:
+            raise DataError(f"no KTO item fits a packed row of {seq_length} positions; raise data.seq_length or "
+                            "lower data.max_length")  # fmt: skip
+        rows = [[items[i] for i in row] for row in pack([item_positions(item) + 1 for item in items], seq_length)]
+        stats["packed_rows"] = len(rows)
+        return TrainData(batches(rows, PackedKtoCollate(seq_length, pad_id)), len(rows), validation, stats, **held_out)
     if task in (*PAIR_TASKS, RM_TASK):  # preflight refuses streaming for pairs
         pairs = fit_pairs(samples, max_length, data.truncation_strategy, stats)
         if data.packing:  # whole pairs per row: a pair longer than a row cannot be packed

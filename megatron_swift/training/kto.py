@@ -1,7 +1,8 @@
 """KTO (train.task kto): TRL's KTOTrainer loss on unpaired, labelled completions; one step.
 
-A micro-batch of n items is [2n, seq]: the n completions, then their n mismatched KL sequences (data/kto.py). Each
-step, as TRL's `_compute_loss`:
+A micro-batch of n items is [2n, seq]: the n completions, then their n mismatched KL sequences (data/kto.py; packed:
+r rows of completions, then r rows of the same items' KL sequences, each sequence a document, so each pass below
+runs only its half and log-probs are summed per document). Each step, as TRL's `_compute_loss`:
 1. the reference's log-probs of all 2n rows (preference.ReferenceModel: LoRA adapters off, a frozen copy,
    `rlhf.ref_model`, or precomputed and carried with the items), through megatron-core's forward-only schedule;
 2. the policy's log-probs of the KL rows, forward-only and without gradient (TRL computes them under no_grad);
@@ -32,7 +33,7 @@ from functools import partial
 
 import torch
 
-from megatron_swift.training.preference import ReferenceModel, global_report
+from megatron_swift.training.preference import ReferenceModel, global_report, model_output, pair_sums
 from megatron_swift.training.step import StepResult, run_forward_backward
 
 # Reported per micro-batch (sums over its items) and summed over the global batch.
@@ -73,18 +74,30 @@ class KtoLoss:
 
 def _rows(batch: dict, second_half: bool) -> dict:
     """The completions (first half) or the KL sequences (second half) of a [2n, seq] micro-batch, with the per-item
-    fields; `ref_logps` [2n] split the same way."""
+    fields; `ref_logps` [2n] split the same way. Packed ([2r, seq], data/kto.py): the half's r rows and the
+    documents in them (each row ends on a document boundary), every one side 0 (an item's only sequence there)."""
     n = len(batch["pair_weight"])
-    rows = slice(n, 2 * n) if second_half else slice(0, n)
-    out = {key: batch[key][rows] for key in ("tokens", "labels", "loss_mask")}
-    out |= {key: batch[key] for key in ("desirable", "pair_weight")}
+    out = {key: batch[key] for key in ("desirable", "pair_weight")}
     if "ref_logps" in batch:
-        out["ref_logps"] = batch["ref_logps"][rows]
+        out["ref_logps"] = batch["ref_logps"][n:] if second_half else batch["ref_logps"][:n]
+    if "cu_seqlens" not in batch:
+        rows = slice(n, 2 * n) if second_half else slice(0, n)
+        return out | {key: batch[key][rows] for key in ("tokens", "labels", "loss_mask")}
+    rows, seq_length = batch["tokens"].shape[0] // 2, batch["tokens"].shape[1]
+    cu_seqlens, boundary = batch["cu_seqlens"], rows * seq_length
+    split = int((cu_seqlens == boundary).nonzero()[0])  # documents before the KL rows
+    half, documents = (slice(rows, 2 * rows), slice(split, None)) if second_half else (slice(0, rows), slice(0, split))
+    out |= {key: batch[key][half] for key in ("tokens", "labels", "loss_mask", "position_ids")}
+    out["cu_seqlens"] = cu_seqlens[split:] - boundary if second_half else cu_seqlens[: split + 1]
+    out["document_pair"] = batch["document_pair"][documents]
+    out["document_side"] = torch.zeros_like(out["document_pair"])
     return out
 
 
 def _sequence_logps(per_token_loss: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Each row's log-prob, summed in float64 (as preference.pair_sums)."""
+    """Each item's log-prob, summed in float64 (as preference.pair_sums, which sums packed documents per item)."""
+    if "cu_seqlens" in batch:
+        return pair_sums(per_token_loss, batch).chosen
     return -(per_token_loss.double() * batch["loss_mask"].double()).sum(dim=1)
 
 
@@ -112,9 +125,7 @@ def _loss_func(loss: KtoLoss, kl: float, batch: dict, per_token_loss):
 def _forward_step(data_iterator, model, loss_func):
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in next(data_iterator).items()}
-    tokens, labels = batch["tokens"], batch["labels"]
-    position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-    return model(tokens, position_ids, None, labels=labels), partial(loss_func, batch)
+    return model_output(model, batch), partial(loss_func, batch)
 
 
 def kto_metrics(total: torch.Tensor, kl: float) -> dict[str, float]:

@@ -176,22 +176,27 @@ def _logps_func(batch: dict, per_token_loss):
     return torch.zeros((), device=logps.device), torch.tensor(0, dtype=torch.int), {"logps": logps}
 
 
-def _forward_step(data_iterator, model, loss: PreferenceLoss | None, nll_scale: float):
-    """Policy (loss given) or reference (loss None) forward of one micro-batch of pairs: [2n, seq] rows, or packed
-    (THD: one [1, mbs x seq] row whose documents restart attention and rotary positions)."""
+def model_output(model, batch: dict):
+    """The model's per-token loss of a micro-batch of rows [b, seq], or packed (THD: one [1, b x seq] row whose
+    documents restart attention and rotary positions)."""
     from megatron_swift.training.step import packed_seq_params
 
-    device = next(model.parameters()).device
-    batch = {key: value.to(device) for key, value in next(data_iterator).items()}
-    ref_logps = batch.pop("ref_logps", None)
     packed = None
     if "cu_seqlens" in batch:
         packed = packed_seq_params(batch["cu_seqlens"])
         tokens, labels, position_ids = (batch[key].reshape(1, -1) for key in ("tokens", "labels", "position_ids"))
     else:
         tokens, labels = batch["tokens"], batch["labels"]
-        position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-    output = model(tokens, position_ids, None, labels=labels, packed_seq_params=packed)
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    return model(tokens, position_ids, None, labels=labels, packed_seq_params=packed)
+
+
+def _forward_step(data_iterator, model, loss: PreferenceLoss | None, nll_scale: float):
+    """Policy (loss given) or reference (loss None) forward of one micro-batch of pairs: [2n, seq] rows, or packed."""
+    device = next(model.parameters()).device
+    batch = {key: value.to(device) for key, value in next(data_iterator).items()}
+    ref_logps = batch.pop("ref_logps", None)
+    output = model_output(model, batch)
     if loss is None:
         return output, partial(_logps_func, batch)
     return output, partial(_dpo_loss_func, loss, batch, ref_logps, nll_scale)

@@ -168,6 +168,4 @@ def kto_problems(job) -> list[str]:
     if (r.loss_type or ["kto"]) == ["kto"] and t.global_batch_size < 2:
         found.append("train.global_batch_size: kto estimates its KL term from the other items of the global batch "
                      "(their completions with this item's prompt), so it needs at least 2")  # fmt: skip
-    if job.data.packing:
-        found.append("data.packing: not built for train.task kto; set data.packing: false")
     return found
