@@ -62,3 +62,9 @@ def test_runs_in_this_process_do_not_pile_up_process_group_threads(tiny_models, 
     # A run creates ~18 gloo groups (megatron's TP / PP / DP / ... groups), each with a tcp-loop thread; measured:
     # 3 left after the first run and 1 more after each next (held outside Python), 17-19 each without the collect.
     assert _gloo_threads() - before <= 6
+    # Three cases of one launch: each re-initialises without destroying the previous one's groups, which must
+    # stay collectable (frozen with the heap at the next initialisation, they were never freed).
+    before = _gloo_threads()
+    llama = str(tiny_models["llama"])
+    losses_for_cases([(llama, {}, {}), (llama, {}, {}), (llama, {}, {})], DATA, str(tmp_path / "cases"))
+    assert _gloo_threads() - before <= 6

@@ -67,10 +67,17 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234, timeout_minu
         backend = "gloo"
         device = torch.device("cpu")
 
-    # What is alive before the run (the imported libraries: ~500k objects) is kept out of the collector's scans
-    # until destroy_distributed, whose collection then reads only what the run made: a full one took 0.5 s in
-    # an export, ~1.6 s per rank of a forked worker, and ran ~70 times in two of the test files.
-    gc.freeze()
+    if parallel_state.model_parallel_is_initialized():
+        # A run after another in this process with no destroy_distributed between them (the cases of one test
+        # launch): the earlier run's objects are garbage now and must stay collectable (frozen, their process
+        # groups' threads would pile up: measured 1,400 threads per rank and cases 5x slower), so nothing is
+        # frozen for this run.
+        gc.unfreeze()
+    else:
+        # What is alive before the run (the imported libraries: ~500k objects) is kept out of the collector's
+        # scans until destroy_distributed, whose collection then reads only what the run made: a full one took
+        # 0.5 s in an export, ~1.6 s per rank of a forked worker, and ran ~70 times in two of the test files.
+        gc.freeze()
     if not dist.is_initialized():
         init_method = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{free_port()}"
         dist.init_process_group(
