@@ -67,17 +67,6 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234, timeout_minu
         backend = "gloo"
         device = torch.device("cpu")
 
-    if parallel_state.model_parallel_is_initialized():
-        # A run after another in this process with no destroy_distributed between them (the cases of one test
-        # launch): the earlier run's objects are garbage now and must stay collectable (frozen, their process
-        # groups' threads would pile up: measured 1,400 threads per rank and cases 5x slower), so nothing is
-        # frozen for this run.
-        gc.unfreeze()
-    else:
-        # What is alive before the run (the imported libraries: ~500k objects) is kept out of the collector's
-        # scans until destroy_distributed, whose collection then reads only what the run made: a full one took
-        # 0.5 s in an export, ~1.6 s per rank of a forked worker, and ran ~70 times in two of the test files.
-        gc.freeze()
     if not dist.is_initialized():
         init_method = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{free_port()}"
         dist.init_process_group(
@@ -156,7 +145,6 @@ def destroy_distributed() -> None:
     # the cyclic collector runs, each group keeps its gloo threads (measured: 17 of a run's 18 tcp-loop threads
     # freed by this collect). A process that runs several jobs (tests, benchmarks) would pile them up.
     gc.collect()
-    gc.unfreeze()  # init_distributed's freeze: what was alive before the run is collectable again
     if not torch.cuda.is_available():
         from megatron_swift.compat import leave_device_redirect
 
