@@ -26,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_swift.data import DataError
     from megatron_swift.models import UnsupportedModelError
     from megatron_swift.training.job import train
-    from megatron_swift.training.preemption import mark_clean_exit
+    from megatron_swift.training.preemption import mark_clean_exit, register_rank
     from megatron_swift.tuners.lora.layers import LoraError
 
+    register_rank()
     try:
         results = train(load_config(JobConfig, known.config, overrides))
     except (ConfigError, DataError, CheckpointError, UnsupportedModelError, LoraError) as exc:

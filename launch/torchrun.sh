@@ -15,6 +15,15 @@ clean_dir=$(mktemp -d "${TMPDIR:-/tmp}/mswift-clean-exit.XXXXXX")
 export MSWIFT_CLEAN_EXIT_DIR=$clean_dir
 rc=0
 mswift_forward_signals torchrun "$@" || rc=$?
+# torchrun can end before its ranks: a second signal while it waits for them (Slurm signals every process of
+# the step, and the trap above forwards too) aborts that wait. Wait for the ranks themselves (each left its pid,
+# megatron_swift/training/preemption.py), at most MSWIFT_RANK_EXIT_WAIT seconds, before reading their notes.
+deadline=$((SECONDS + ${MSWIFT_RANK_EXIT_WAIT:-90}))
+for pid_note in "$clean_dir"/pid_*; do
+  [ -e "$pid_note" ] || continue
+  pid=$(cat "$pid_note")
+  while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+done
 if [ "$rc" -ne 0 ]; then
   notes=("$clean_dir"/rank_*)
   expected=$(head -n 1 "${notes[0]}" 2>/dev/null | awk '{print $2}')

@@ -100,3 +100,25 @@ def test_preemption_signal_ends_with_a_complete_checkpoint_and_exit_zero(target,
     assert json.loads((ckpt / last / "train_state.json").read_text())["iteration"] == len(steps)
     assert sorted(p.name for p in (ckpt / last / "rng").iterdir()) == ["rank_0.pt", "rank_1.pt"]
     assert not [p.name for p in ckpt.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_wrapper_waits_for_ranks_that_outlive_torchrun(tmp_path):
+    """torchrun can exit before its ranks (a second SIGTERM aborts its wait for them: CI saw the wrapper remove
+    its notes folder under ranks still saving). A stand-in torchrun starts one rank that saves for 2 s and exits
+    1 once it has started, as an aborted torchrun does: the wrapper must wait for the rank, read its note and exit 0."""
+    rank = (
+        "import time; from megatron_swift.training import preemption as p; "
+        "p.register_rank(); time.sleep(2); p.mark_clean_exit('saved')"
+    )
+    fake = tmp_path / "bin" / "torchrun"
+    fake.parent.mkdir()
+    fake.write_text(  # exits once the rank has registered, as torchrun's abort comes long after the start
+        f'#!/usr/bin/env bash\nRANK=0 LOCAL_WORLD_SIZE=1 {sys.executable} -c "{rank}" &\n'
+        'until [ -e "$MSWIFT_CLEAN_EXIT_DIR/pid_0" ]; do sleep 0.1; done\nexit 1\n'
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(["bash", str(ROOT / "launch/torchrun.sh")], env=env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all 1 ranks of this node saved and ended cleanly" in result.stdout

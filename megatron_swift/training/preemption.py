@@ -13,7 +13,10 @@ collect its results through a Manager process the forwarded SIGTERM kills
 handlers, so the signal only sets their copy of the flag.
 
 torchrun itself exits 1 after forwarding a signal, whatever its workers did. `mark_clean_exit` lets a
-wrapper (launch/torchrun.sh) tell a preemption whose every rank saved and exited 0 from a failure.
+wrapper (launch/torchrun.sh) tell a preemption whose every rank saved and exited 0 from a failure. torchrun can
+also end before its ranks: a second signal while it waits for them (Slurm signals every process of the step and
+the wrapper forwards too) aborts its wait. `register_rank` leaves each rank's pid so the wrapper waits for the
+ranks themselves.
 """
 
 from __future__ import annotations
@@ -57,11 +60,25 @@ class PreemptionFlag:
         return bool(flag.item())
 
 
+def register_rank() -> None:
+    """Leave this rank's pid for the wrapper that started torchrun (launch/torchrun.sh), which waits for it to
+    end before it reads the notes of `mark_clean_exit`; nothing without one."""
+    _write_note("pid", f"{os.getpid()}\n")
+
+
 def mark_clean_exit(detail: str) -> None:
     """Record that this rank ended cleanly (trained to the end or saved after a preemption signal), for the
     wrapper that started torchrun (launch/torchrun.sh); nothing without one."""
+    _write_note("rank", f"local_world_size {os.environ.get('LOCAL_WORLD_SIZE', '1')}\n{detail}\n")
+
+
+def _write_note(kind: str, text: str) -> None:
     directory = os.environ.get(CLEAN_EXIT_DIR)
-    if directory:
-        local_world = os.environ.get("LOCAL_WORLD_SIZE", "1")
-        rank_file = Path(directory) / f"rank_{os.environ.get('RANK', '0')}"
-        rank_file.write_text(f"local_world_size {local_world}\n{detail}\n")
+    if not directory:
+        return
+    try:
+        (Path(directory) / f"{kind}_{os.environ.get('RANK', '0')}").write_text(text)
+    except FileNotFoundError:
+        # The wrapper gave up waiting and removed its folder: its verdict is made, and this rank's own exit
+        # status must not turn a clean end into a failure.
+        print(f"mswift: {directory} is gone; the launcher no longer reads rank notes", flush=True)
