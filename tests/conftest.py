@@ -37,6 +37,7 @@ _FAMILY_SEEDS = {
     "glm4_moe": 1,
     "gemma3": 2,
     "gpt_oss": 3,
+    "qwen2_5_vl": 4,
 }
 
 

@@ -94,6 +94,7 @@ def _all_needed_hf_names(local: set[str]) -> set[str]:
 
 def preflight(ckpt: HFCheckpoint, slots: list[_Slot], args: GPTModelArgs) -> None:
     """Every missing, mismatched or unmapped HF tensor, reported together, before any tensor is read."""
+    ckpt.use_aliases(args.mapping.hf_aliases)
     problems = []
     for hf_name, shape in sorted(expected_hf_shapes(slots, args).items()):
         info = ckpt.info(hf_name)

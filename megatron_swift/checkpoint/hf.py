@@ -151,6 +151,7 @@ class HFCheckpoint:
             raise CheckpointError(f"{config_file}: invalid JSON at line {exc.lineno} ({exc.msg})") from None
         self.tensors = self._index_tensors()
         self._handles: dict[Path, object] = {}
+        self._stored: dict[str, str] = {}  # name read as -> name in the file (`use_aliases`)
 
     def weight_files(self) -> list[Path]:
         index = self.path / INDEX_NAME
@@ -204,6 +205,22 @@ class HFCheckpoint:
                 self.mxfp4[weight] = (tensors.pop(name), tensors.pop(weight + SCALES))
                 tensors[weight] = TensorInfo(blocks.file, "MXFP4", dequantized_shape(blocks.shape))
         return tensors
+
+    def use_aliases(self, aliases: tuple[tuple[str, str], ...]) -> None:
+        """Read tensors stored under another HF layout's names by the names the rules use: each (stored prefix,
+        rules' prefix) pair renames the tensors starting with the stored prefix (e.g. transformers 5's
+        `model.language_model.layers.*` as the hub's `model.layers.*`). A checkpoint holding a tensor under both
+        names is refused: which one the model should get is ambiguous."""
+        for name in list(self.tensors):
+            for stored, canonical in aliases:
+                if not name.startswith(stored):
+                    continue
+                renamed = canonical + name[len(stored) :]
+                if renamed in self.tensors:
+                    raise CheckpointError(f"{self.path}: holds both {name} and {renamed} (two layouts of one tensor)")
+                self.tensors[renamed] = self.tensors.pop(name)
+                self._stored[renamed] = name
+                break
 
     @property
     def config(self):
@@ -262,10 +279,10 @@ class HFCheckpoint:
         return handle
 
     def _read(self, file: Path, name: str) -> torch.Tensor:
-        return self._handle(file).get_tensor(name)
+        return self._handle(file).get_tensor(self._stored.get(name, name))
 
     def _read_slice(self, file: Path, name: str, index: int) -> torch.Tensor:
-        return self._handle(file).get_slice(name)[index : index + 1][0]
+        return self._handle(file).get_slice(self._stored.get(name, name))[index : index + 1][0]
 
     def nbytes(self, names) -> int:
         """Stored size of the named tensors (or slices)."""

@@ -129,6 +129,21 @@ def build_model_chunks(
         from megatron_swift.models.reward import RewardGPTModel
 
         model_cls = RewardGPTModel
+    if args.vision is not None:  # models/vlm.py: the family's vision tower in front of the decoder
+        if fused_linear_cross_entropy or args.reward_head:
+            raise ConfigError(
+                f"{'model.fused_linear_cross_entropy' if fused_linear_cross_entropy else 'train.task=rm'} is not "
+                f"supported with a vision tower ({args.family.name}) yet"
+            )
+        from megatron_swift.models.vlm import VisionLanguageModel
+
+        model_cls = VisionLanguageModel
+        model_kwargs = dict(
+            vision=args.vision,
+            vision_config=args.vision_config,
+            image_token_id=args.image_token_id,
+            video_token_id=args.video_token_id,
+        )
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
     for vp_stage in range(vpp or 1):

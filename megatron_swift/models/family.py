@@ -3,7 +3,8 @@
 A family is data: the HF `architectures` it covers (and its reward model's), its parameter mapping (`RuleSet`),
 and what differs from a Llama decoder (the defaults): qkv bias, qk-norm, attention kind (standard or
 multi-latent), the activations and rope types its configs may name, its MoE fields and router kind,
-its LoRA target names, and an optional hook for config fields only it has. Plus a tiny config for
+its LoRA target names, an optional hook for config fields only it has, and an optional vision tower
+(`VisionTower`: a vision-language model whose language model is the family's decoder). Plus a tiny config for
 tests and examples. Adding a family means adding one file under `families/`; what a hook or a kind
 needs from megatron-core is translated generically (hf_config.py, mla.py), never by family name.
 """
@@ -75,6 +76,36 @@ class MoEFields:
 
 
 @dataclass(frozen=True)
+class VisionTower:
+    """A vision encoder in front of the decoder (models/vlm.py): HF's own module, built from the config's vision
+    sub-config, replicated over tensor parallelism, on the first pipeline stage only. Its image / video features
+    replace the embeddings of the placeholder tokens the config names.
+
+    The decoder is described by the config's text sub-config (`text_config`); the family's rules map the tower's
+    parameters (models/mapping.py `{path}` renames) under `module_name` in megatron-core names."""
+
+    # Importable HF class of the tower (patch embedding, blocks, patch merger), constructed from the vision config.
+    hf_class: str
+    # Attribute of the model holding the tower (megatron-core side: parameters named `<module_name>.*`).
+    module_name: str = "vision_model"
+    config_field: str = "vision_config"
+    text_config_field: str = "text_config"
+    # Config fields naming the placeholder token ids of images and videos (None: the modality is not supported).
+    image_token_field: str = "image_token_id"
+    video_token_field: str | None = "video_token_id"
+    # Special tokens a tiny test tokenizer gets, as (config field naming its id, token text).
+    special_tokens: tuple[tuple[str, str], ...] = ()
+
+    def build(self, vision_config: dict, dtype):
+        """The HF tower module for a vision sub-config (as `to_dict()` gives it), in `dtype`."""
+        module_name, class_name = self.hf_class.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module_name), class_name)
+        config = cls.config_class.from_dict(vision_config)
+        # sdpa: the tower's attention is bidirectional within each window / image; the math is HF's either way.
+        return cls._from_config(config, attn_implementation="sdpa").to(dtype)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     model_type: str  # HF config `model_type`
@@ -115,6 +146,8 @@ class Family:
     extras: Callable | None = None
     # Keyword arguments for the HF config class that make a tiny, fast test model.
     tiny_config: dict = field(default_factory=dict)
+    # A vision-language family's vision encoder; its decoder is then described by the config's text sub-config.
+    vision: VisionTower | None = None
     # The HF reward-model (sequence classification) architecture, when it is not the generic rule's
     # (`XForCausalLM` -> `XForSequenceClassification`), e.g. Gemma 3's text model.
     sequence_classification: str | None = None

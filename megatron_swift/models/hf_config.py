@@ -53,7 +53,17 @@ class GPTModelArgs:
     # the pad token id its reward position is found with (HF's config.pad_token_id).
     reward_head: bool = False
     pad_token_id: int | None = None
+    # A vision-language model (models/vlm.py): the tower's HF vision sub-config (`to_dict()`), and the placeholder
+    # token ids its image / video features replace. The decoder fields above are the text sub-config's.
+    vision_config: dict | None = None
+    image_token_id: int | None = None
+    video_token_id: int | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def vision(self):
+        """The family's `VisionTower`, or None for a text-only model."""
+        return self.family.vision
 
     @property
     def mapping(self) -> RuleSet:
@@ -88,7 +98,7 @@ class GPTModelArgs:
 def _with_reward_head(rules: RuleSet) -> RuleSet:
     from megatron_swift.models.reward import REWARD_HEAD
 
-    return RuleSet((*rules.rules, REWARD_HEAD), ignore_hf=rules.ignore_hf)
+    return RuleSet((*rules.rules, REWARD_HEAD), ignore_hf=rules.ignore_hf, hf_aliases=rules.hf_aliases)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
@@ -226,9 +236,45 @@ def _window_layers(hf_config, transformer: dict) -> tuple[dict, float | None]:
     return full, float(local.get("rope_theta", full["rope_theta"]))
 
 
+def _vision_fields(top_config, family: Family) -> dict:
+    """A vision-language config: the tower's sub-config and the placeholder token ids (GPTModelArgs fields)."""
+    tower = family.vision
+    vision = getattr(top_config, tower.config_field, None)
+    if vision is None:
+        raise ConfigError(f"{tower.config_field} is missing: {family.name} needs its vision tower's config")
+    fields = {"vision_config": vision.to_dict() if hasattr(vision, "to_dict") else dict(vision)}
+    for key, field_name in (("image_token_id", tower.image_token_field), ("video_token_id", tower.video_token_field)):
+        if field_name is not None:
+            fields[key] = getattr(top_config, field_name)
+    return fields
+
+
+def _mrope(rope: dict, head_dim: int, args: dict, transformer: dict) -> None:
+    """Multimodal rope (a `mrope_section` in the rope parameters): megatron-core's mrope, positions [3, b, s]."""
+    sections = rope.get("mrope_section")
+    if sections is None:
+        return
+    sections = [int(s) for s in sections]
+    if len(sections) != 3 or sum(sections) * 2 != head_dim:
+        raise ConfigError(
+            f"rope_parameters.mrope_section={sections}: three sections (temporal, height, width) summing to "
+            f"head_dim / 2 = {head_dim // 2} are supported"
+        )
+    if args.get("rotary_percent", 1.0) != 1.0 or rope["rope_type"] != "default":
+        raise ConfigError(
+            f"rope_parameters.mrope_section with rope_type={rope['rope_type']!r} / partial rotation is not supported: "
+            "megatron-core's mrope is the default rope per section"
+        )
+    args["position_embedding_type"] = "mrope"
+    transformer["mrope_section"] = sections
+
+
 def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModelArgs:
     """Translate an HF config of a supported family into megatron-core model arguments."""
     family = family_for(hf_config)
+    top_config = hf_config
+    if family.vision is not None:  # the decoder is the text sub-config; tying and token ids are top-level fields
+        hf_config = getattr(top_config, family.vision.text_config_field)
     window_transformer: dict = {}
     window_rotary_base = None
     if family.window_layers:
@@ -280,6 +326,7 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
         transformer.update(mla_args(hf_config, rope))
     elif family.attention == "standard":
         _translate_rope(hf_config, rope, rope_kwargs)
+        _mrope(rope, head_dim, rope_kwargs, transformer)
     else:
         raise ValueError(f"family {family.name}: unknown attention kind {family.attention!r}")
     if family.extras is not None:
@@ -294,13 +341,14 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
         vocab_size=vocab,
         padded_vocab_size=padded_vocab_size(vocab, make_vocab_size_divisible_by),
         max_sequence_length=hf_config.max_position_embeddings,
-        share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        share_embeddings_and_output_weights=bool(getattr(top_config, "tie_word_embeddings", False)),
         sliding_window=sliding,
         embedding_multiplier=hf_config.hidden_size**0.5 if family.scale_embeddings else None,
         output_norms=family.output_norms,
         window_rotary_base=window_rotary_base if "window_size" in transformer else None,
         **rope_kwargs,
-        **_reward_fields(hf_config, family),
+        **_reward_fields(top_config, family),
+        **(_vision_fields(top_config, family) if family.vision is not None else {}),
     )
     if sliding and sliding < args.max_sequence_length:
         args.notes.append(

@@ -34,6 +34,11 @@ def model_layout_problems(args: GPTModelArgs, parallel: ParallelConfig) -> list[
             "builds biased experts (gpt-oss) only at expert tensor parallel 1; set parallel.expert_tensor_parallel_size"
             ": 1"
         )
+    if args.vision is not None and parallel.context_parallel_size > 1:
+        found.append(
+            f"parallel.context_parallel_size={parallel.context_parallel_size} is not supported with a vision tower "
+            f"({args.family.name}) yet: its features are placed over the whole sequence's placeholder tokens"
+        )
     return found
 
 

@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-_PLACEHOLDER = re.compile(r"\\\{(layer|expert)\\\}")
+_PLACEHOLDER = re.compile(r"\\\{(layer|expert|path)\\\}")
+# `{layer}` / `{expert}` are indices; `{path}` is a whole dotted subtree (a `Rename` of every parameter of a module
+# kept as HF builds it, e.g. a vision tower: `Rename("vision_model.{path}", hf_name="visual.{path}")`).
+_PLACEHOLDER_PATTERNS = {"layer": r"\d+", "expert": r"\d+", "path": r"[\w.]+"}
 _SLICE = re.compile(r"^(?P<base>.+)\[(?P<index>\d+|\{expert\})\]$")
 
 
@@ -30,7 +33,8 @@ def stacked_name(hf_name: str) -> tuple[str, int | None]:
 
 
 def template_regex(template: str) -> re.Pattern:
-    return re.compile("^" + _PLACEHOLDER.sub(lambda m: rf"(?P<{m.group(1)}>\d+)", re.escape(template)) + "$")
+    pattern = _PLACEHOLDER.sub(lambda m: rf"(?P<{m.group(1)}>{_PLACEHOLDER_PATTERNS[m.group(1)]})", re.escape(template))
+    return re.compile("^" + pattern + "$")
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,10 @@ class RuleSet:
     rules: tuple[Rule, ...]
     # HF tensors present in some checkpoints that carry no information (e.g. cached rotary tables).
     ignore_hf: tuple[str, ...] = ()
+    # Other HF layouts of the same tensors, read as the rules' names: (stored prefix, rules' prefix) pairs, e.g.
+    # transformers 5's `model.language_model.` for the hub's `model.` (checkpoint/hf.py `HFCheckpoint.use_aliases`).
+    # Exports write the rules' names.
+    hf_aliases: tuple[tuple[str, str], ...] = ()
     _hf_res: tuple = field(default=(), compare=False)
 
     def __post_init__(self):

@@ -33,9 +33,10 @@ CHATML_TEMPLATE = (
 )
 
 
-def make_tiny_tokenizer(vocab_size: int = 384, corpus: str | None = None):
+def make_tiny_tokenizer(vocab_size: int = 384, corpus: str | None = None, extra_special_tokens: tuple[str, ...] = ()):
     """A byte-level BPE tokenizer (`PreTrainedTokenizerFast`) trained on CORPUS (or on `corpus`, e.g. a task's
-    training text, so its frequent words become single tokens)."""
+    training text, so its frequent words become single tokens); `extra_special_tokens` (e.g. a vision model's
+    placeholders) get the ids after the trained vocabulary, in order."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -49,13 +50,16 @@ def make_tiny_tokenizer(vocab_size: int = 384, corpus: str | None = None):
         show_progress=False,
     )
     tokenizer.train_from_iterator((CORPUS if corpus is None else corpus).splitlines(), trainer=trainer)
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         bos_token=None,
         chat_template=CHATML_TEMPLATE,
     )
+    if extra_special_tokens:
+        fast.add_special_tokens({"additional_special_tokens": list(extra_special_tokens)})
+    return fast
 
 
 def tiny_hf_config(family: Family, **overrides):
@@ -79,23 +83,30 @@ def make_tiny_model(
 ) -> Path:
     """Write a random tiny HF model of `family_name` + tokenizer to `out_dir`; returns the path. The tokenizer is
     trained on `tokenizer_corpus` when given (then `vocab_size` must hold `tokenizer_vocab_size` tokens)."""
+    import transformers
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     known = all_families()
     if family_name not in known:
         raise ValueError(f"unknown family {family_name!r}; known: {', '.join(sorted(known))}")
-    tokenizer = make_tiny_tokenizer(tokenizer_vocab_size, tokenizer_corpus)
-    config = tiny_hf_config(
-        known[family_name],
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        **config_overrides,
-    )
-    if len(tokenizer) > config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but vocab_size={config.vocab_size}")
+    family = known[family_name]
+    tower = family.vision
+    special = tuple(token for _, token in tower.special_tokens) if tower else ()
+    tokenizer = make_tiny_tokenizer(tokenizer_vocab_size, tokenizer_corpus, special)
+    token_ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    if tower is not None:  # the decoder's token ids live in the text sub-config, the placeholders' at the top
+        text = {**family.tiny_config[tower.text_config_field], **config_overrides.pop(tower.text_config_field, {})}
+        config_overrides[tower.text_config_field] = {**text, **token_ids}
+        token_ids.update({field: tokenizer.convert_tokens_to_ids(token) for field, token in tower.special_tokens})
+    config = tiny_hf_config(family, **token_ids, **config_overrides)
+    vocab_size = config.get_text_config().vocab_size
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but vocab_size={vocab_size}")
     generator = torch.Generator().manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    if tower is not None:  # not a causal-LM auto class: the architecture's own class
+        model = getattr(transformers, family.architectures[0])._from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
     persistent_buffers = [
         (f"{module_name}.{name}", buffer)
         for module_name, module in model.named_modules()
@@ -104,7 +115,7 @@ def make_tiny_model(
     ]  # saved with the weights, e.g. DeepSeek's e_score_correction_bias (zero at initialisation)
     for name, param in [*model.named_parameters(), *persistent_buffers]:
         noise = torch.randn(param.shape, generator=generator)
-        if param.ndim == 1 and "norm" in name:
+        if param.ndim == 1 and ("norm" in name or ".ln_" in name):  # ln_q: Qwen-VL's patch merger norm
             param.copy_(1.0 + 0.1 * noise)
         else:
             param.copy_(0.05 * noise)
