@@ -16,12 +16,13 @@ from megatron_swift.config import ParallelConfig
 from megatron_swift.distributed import destroy_distributed
 
 
-def logits_for_cases(cases: list[tuple[str, dict]], tokens: torch.Tensor) -> dict[int, torch.Tensor]:
-    """case index -> fp32 logits, returned by the rank holding them (last stage, TP/DP rank 0)."""
+def logits_for_cases(cases: list[tuple], tokens: torch.Tensor) -> dict[int, torch.Tensor]:
+    """case index -> fp32 logits, returned by the rank holding them (last stage, TP/DP rank 0). A case is (checkpoint,
+    layout) on `tokens`, or (checkpoint, layout, batch) on its own batch (e.g. converters.check.sample_vision_batch)."""
     found = {}
     try:
-        for index, (ckpt_dir, parallel) in enumerate(cases):
-            logits = logits_in_this_world(ckpt_dir, ParallelConfig(**parallel), tokens)
+        for index, (ckpt_dir, parallel, *batch) in enumerate(cases):
+            logits = logits_in_this_world(ckpt_dir, ParallelConfig(**parallel), batch[0] if batch else tokens)
             if logits is not None:
                 found[index] = logits
     finally:
@@ -40,5 +41,7 @@ def run_case_matrix(worker, case_count: int, world_size: int, *args) -> list:
     return [merged[i] for i in range(case_count)]
 
 
-def run_cases(cases: list[tuple[Path, dict]], tokens: torch.Tensor, world_size: int) -> list[torch.Tensor]:
-    return run_case_matrix(logits_for_cases, len(cases), world_size, [(str(c), p) for c, p in cases], tokens)
+def run_cases(cases: list[tuple], tokens: torch.Tensor, world_size: int) -> list[torch.Tensor]:
+    """Logits of each (checkpoint, layout) or (checkpoint, layout, batch) case, in one launch of `world_size` ranks."""
+    cases = [(str(ckpt), parallel, *batch) for ckpt, parallel, *batch in cases]
+    return run_case_matrix(logits_for_cases, len(cases), world_size, cases, tokens)

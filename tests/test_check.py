@@ -1,11 +1,13 @@
 """Acceptance: megatron-core logits equal HF logits (fp32, <= 1e-4) at TP1, TP2, PP2 (+EP2 for MoE),
-and a checkpoint written at one TP loads at another with the same logits."""
+and a checkpoint written at one TP loads at another with the same logits. A vision-language family is checked on
+text + images (converters.check.sample_vision_batch) at TP1 / TP2 / TP2 + SP / PP2, and on text only at TP2 / PP2."""
 
 import pytest
 import torch
 
-from converters.check import check, compare_logits, hf_logits, sample_tokens
+from converters.check import check, compare_logits, compare_valid, hf_logits, sample_tokens, sample_vision_batch
 from converters.convert import hf_to_mcore
+from megatron_swift.checkpoint.hf import load_hf_config
 from megatron_swift.config import ParallelConfig
 from megatron_swift.models import all_families
 from tests.dist_matrix import run_cases
@@ -31,15 +33,20 @@ def test_every_family_at_tp2_pp2_ep2_in_one_two_rank_launch(tiny_models, convert
         # Biased experts (gpt-oss) are built at expert tensor parallel 1 only (megatron-core).
         tp2 = {**TP2, "expert_tensor_parallel_size": 1} if family.linear_bias and family.moe else TP2
         layouts = [tp2, PP2] + ([EP2] if family.moe else [])
-        cases += [(name, layout) for layout in layouts]
-    logits = run_cases([(converted[name], layout) for name, layout in cases], tokens, world_size=2)
+        cases += [(name, layout, tokens) for layout in layouts]
+        if family.vision:  # text + images too; sequence parallel scatters the embeddings after the images' merge
+            images = sample_vision_batch(load_hf_config(tiny_models[name]))
+            cases += [(name, layout, images) for layout in (TP2, {**TP2, "sequence_parallel": True}, PP2)]
+    logits = run_cases([(converted[name], layout, batch) for name, layout, batch in cases], tokens, world_size=2)
     reference = {name: hf_logits(tiny_models[name], tokens) for name in tiny_models}
     failures = []
-    for (name, layout), candidate in zip(cases, logits, strict=True):
-        result = compare_logits(reference[name], candidate)
+    for (name, layout, batch), candidate in zip(cases, logits, strict=True):
+        expected = reference[name] if batch is tokens else hf_logits(tiny_models[name], batch)
+        result = compare_valid(expected, candidate, batch)
         if result["max_abs_diff"] > TOL or result["argmax_agreement"] < 1.0:
             failures.append((name, layout, result))
     assert not failures, failures
+    assert any(batch is not tokens for _, _, batch in cases)  # a vision-language family was checked with images
 
 
 def test_checkpoint_written_at_tp1_and_tp2_loads_at_both(tiny_models, converted, tmp_path):
