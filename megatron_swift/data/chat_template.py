@@ -65,6 +65,10 @@ class TokenizerTemplate:
         self.nonce = uuid.uuid4().hex[:12]
         self.sentinel = re.compile(f"Q{self.nonce}Z([0-9]+)Q")
 
+    @staticmethod
+    def _printed_forms(value: str) -> list[str]:  # a method so that a template printing values otherwise can say so
+        return _printed_forms(value)
+
     def _render(self, messages: list[dict], tools, generation_prompt: bool = False) -> str:
         try:
             return self.tokenizer.apply_chat_template(
@@ -106,7 +110,7 @@ class TokenizerTemplate:
                 break
             position += len(before)
             is_last = k + 1 == len(matches)
-            form = next((f for f in _printed_forms(value) if real.startswith(f + after, position)
+            form = next((f for f in self._printed_forms(value) if real.startswith(f + after, position)
                          and (not is_last or position + len(f + after) == len(real))), None)  # fmt: skip
             if form is None:
                 raise RowProblem(f"the tokenizer's chat_template prints messages[{index}] in a form that cannot be "

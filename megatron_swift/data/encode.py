@@ -42,6 +42,9 @@ class Encoder:
 
     def check(self, row: Row) -> Conversation | str:
         """The row normalised, or RowProblem; cheap (no tokenization)."""
+        if row.data.get("images") or row.data.get("videos"):
+            raise RowProblem("the row has images or videos but the model is text-only (its directory has no image "
+                             "processor); train a vision-language model, or drop the row's media")  # fmt: skip
         item = normalise(row.data, self.row_format)
         if self.task == "pretrain" and not isinstance(item, str):
             raise RowProblem("pretraining rows need a string field 'text'")
@@ -80,18 +83,22 @@ class Encoder:
         ids = np.asarray(encoding.ids, dtype=np.int32)
         if plan is None:
             return Sample(np.append(ids, np.int32(self.eos_id)), np.ones(len(ids) + 1, dtype=np.float32))
-        segments, segment_weights = plan
-        starts, position = [], 0
-        for segment in segments:
-            starts.append(_first_token(encoding, position, len(segment.text)))
-            position += len(segment.text)
-        following = len(ids)
-        for index in reversed(range(len(starts))):  # a segment without a token of its own starts where the next does
-            if starts[index] is None:
-                starts[index] = following
-            following = starts[index]
-        counts = np.diff(np.asarray([*starts, len(ids)]))
-        return Sample(ids, np.repeat(np.asarray(segment_weights, dtype=np.float32), counts))
+        return Sample(ids, token_weights(encoding, *plan))
+
+
+def token_weights(encoding, segments: Sequence, segment_weights: Sequence[float]) -> np.ndarray:
+    """Each token's weight: that of the segment its first character belongs to (segments concatenate to the text)."""
+    starts, position = [], 0
+    for segment in segments:
+        starts.append(_first_token(encoding, position, len(segment.text)))
+        position += len(segment.text)
+    following = len(encoding.ids)
+    for index in reversed(range(len(starts))):  # a segment without a token of its own starts where the next does
+        if starts[index] is None:
+            starts[index] = following
+        following = starts[index]
+    counts = np.diff(np.asarray([*starts, len(encoding.ids)]))
+    return np.repeat(np.asarray(segment_weights, dtype=np.float32), counts)
 
 
 def _first_token(encoding, start: int, length: int) -> int | None:

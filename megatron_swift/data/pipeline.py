@@ -31,6 +31,13 @@ from megatron_swift.data.kto import (
     with_kl_sequences,
 )
 from megatron_swift.data.labels import LossPolicy, TruncationCounts, parse_role_scales, truncate
+from megatron_swift.data.multimodal import (
+    MediaEncoder,
+    MediaPackedCollate,
+    MediaPaddedCollate,
+    fit_media_sample,
+    image_options,
+)
 from megatron_swift.data.packing import PackedCollate, PaddedCollate, pack, padding_fraction
 from megatron_swift.data.pairs import (
     PAIR_TASKS,
@@ -192,9 +199,16 @@ def validation_items(validation: list[Sample], task: str, data, max_length: int,
         ) from None
 
 
-def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: int,
-                     progress: bool = False) -> TrainData:  # fmt: skip
-    """`data` is a training.config.DataSection; `task` is "pretrain", "sft" or a pair task (pairs.PAIR_TASKS)."""
+def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: int, progress: bool = False,
+                     processor=None, positions_fn=None) -> TrainData:  # fmt: skip
+    """`data` is a training.config.DataSection; `task` is "pretrain", "sft" or a pair task (pairs.PAIR_TASKS).
+
+    `processor`: the model's HF processor when it has an image processor (a vision-language model); SFT rows are
+    then encoded by it (data/multimodal.py), images and all. `positions_fn(input_ids, image_grid_thw,
+    video_grid_thw, attention_mask) -> [3, b, s]` fills the micro-batches' position_ids (the model's 3-D rope).
+    """
+    if processor is not None and task == "sft":
+        return build_media_data(data, processor, global_batch_size, seed, progress, positions_fn)
     seq_length = data.seq_length
     pad_id = pad_token_id(tokenizer)
     max_length = data.max_length or seq_length + 1
@@ -272,3 +286,66 @@ def build_train_data(data, tokenizer, task: str, global_batch_size: int, seed: i
     stats |= {"packed_rows": len(rows),
               "padding_fraction_packed": round(padding_fraction(lengths, len(rows), seq_length), 4)}  # fmt: skip
     return TrainData(batches(rows, PackedCollate(seq_length, pad_id)), len(rows), validation, stats, **held_out)
+
+
+def fit_media(samples: list, data, max_length: int, media_ids: set[int], stats: dict) -> list:
+    """Multimodal samples cut like text samples, except that a cut through an image deletes the sample."""
+    counts, cut = TruncationCounts(), []
+    kept = [fit_media_sample(s, max_length, data.truncation_strategy, counts, media_ids, cut) for s in samples]
+    fitted = [sample for sample in kept if sample is not None]
+    stats |= {"truncated": counts.truncated, "deleted_too_long": counts.deleted,
+              "no_target_after_truncation": counts.no_target, "deleted_image_cut": len(cut),
+              "trained_samples": len(fitted)}  # fmt: skip
+    if cut:
+        stats["image_cut_examples"] = cut[:3]
+    if not fitted:
+        raise DataError(f"no sample left to train on after truncation to {max_length} tokens"
+                        + (f" (e.g. {cut[0]})" if cut else "") + "; raise data.seq_length")  # fmt: skip
+    return fitted
+
+
+def build_media_data(data, processor, global_batch_size: int, seed: int, progress: bool, positions_fn) -> TrainData:
+    """SFT on a vision-language model: rows (with or without images) encoded by the processor, padded or packed."""
+    if data.streaming:
+        raise DataError("data.streaming is not supported for vision-language models yet; set data.streaming=false")
+    if data.cache_dir:
+        raise DataError("data.cache_dir is not supported for vision-language models yet (images are re-read each "
+                        "step); unset it")  # fmt: skip
+    if len(data.dataset) == 1 and is_indexed_prefix(data.dataset[0]):
+        raise DataError("indexed (.bin/.idx) data has no images; vision-language SFT needs chat rows")
+    if data.template not in ("auto", "tokenizer"):
+        raise DataError(f"data.template={data.template}: a vision-language model's rows are rendered by its "
+                        "processor's chat template; use template auto")  # fmt: skip
+    seq_length, pad_id = data.seq_length, pad_token_id(processor.tokenizer)
+    max_length = data.max_length or seq_length + 1
+    policy = LossPolicy(data.loss_scale, {"tool": 0.0, **parse_role_scales(data.role_loss_scale)})
+    options = image_options(processor, data.max_pixels, data.min_pixels)
+    encoder = MediaEncoder(processor, policy, data.format, options)
+    padded = MediaPaddedCollate(processor, options, seq_length, pad_id, positions_fn)
+    held_out = {}
+    if data.val_dataset:
+        val_samples, _ = encode_dataset(dataclasses.replace(data, dataset=data.val_dataset), encoder, seed, False)
+        held_out = {"eval_items": fit_media(val_samples, data, max_length, encoder.media_ids, {}),
+                    "eval_collate": padded}  # fmt: skip
+    samples, stats = encode_dataset(data, encoder, seed, progress)
+    if not stats["bad_examples"]:
+        del stats["bad_examples"]
+    samples, validation = split_rows(samples, data.split_dataset_ratio, seed)
+    stats |= {"samples": len(samples), "validation": len(validation),
+              "images": sum(len(s.images) for s in samples)}  # fmt: skip
+    if validation:
+        held_out = {"eval_items": fit_media(validation, data, max_length, encoder.media_ids, {}),
+                    "eval_collate": padded}  # fmt: skip
+    fitted = fit_media(samples, data, max_length, encoder.media_ids, stats)
+
+    def batches(items, collate) -> GlobalBatches:
+        return GlobalBatches(items, global_batch_size, seed, data.shuffle, collate)
+
+    if not data.packing:
+        return TrainData(batches(fitted, padded), len(fitted), validation, stats, **held_out)
+    lengths = [len(s.ids) for s in fitted]
+    rows = [[fitted[i] for i in row] for row in pack(lengths, seq_length)]
+    stats |= {"packed_rows": len(rows),
+              "padding_fraction_packed": round(padding_fraction(lengths, len(rows), seq_length), 4)}  # fmt: skip
+    collate = MediaPackedCollate(processor, options, seq_length, pad_id, positions_fn)
+    return TrainData(batches(rows, collate), len(rows), validation, stats, **held_out)

@@ -71,6 +71,11 @@ class DataSection:
     dataset_num_proc: int = 1  # tokenization worker processes
     skip_bad_rows: bool = False  # skip and count malformed rows instead of stopping at the first
     cache_dir: str | None = None  # tokenized samples cached here, keyed by (files, tokenizer, template, options)
+    # Images (vision-language models): each image is resized to at most max_pixels / at least min_pixels pixels
+    # (ms-swift's names; null: the model's preprocessor_config). Set here only: the MAX_PIXELS / MIN_PIXELS
+    # environment variables ms-swift also reads are not consulted.
+    max_pixels: int | None = None
+    min_pixels: int | None = None
 
 
 @dataclass

@@ -273,6 +273,7 @@ def run_job(job: JobConfig, ctx, args) -> list:
     from megatron_swift.data.pairs import PAIR_TASKS
     from megatron_swift.data.pipeline import pad_token_id
     from megatron_swift.distributed import on_rank_zero_agreed
+    from megatron_swift.models.tiny_processor import load_processor
     from megatron_swift.plan.runtime import startup_summary
     from megatron_swift.training import reference_cache
     from megatron_swift.training.checkpoint import load_checkpoint, save_checkpoint
@@ -293,8 +294,10 @@ def run_job(job: JobConfig, ctx, args) -> list:
         tokenizer = AutoTokenizer.from_pretrained(model_source(job))
         if args.reward_head:  # the pad token the reward position is found with (exported as config.pad_token_id)
             args = dataclasses.replace(args, pad_token_id=pad_token_id(tokenizer))
+        # A vision-language model's processor (None for a text model): its SFT rows carry images (data/multimodal.py).
+        processor = load_processor(model_source(job))
         data = build_train_data(job.data, tokenizer, job.train.task, job.train.global_batch_size, job.train.seed,
-                                progress=ctx.is_main)  # fmt: skip
+                                progress=ctx.is_main, processor=processor)  # fmt: skip
         if ctx.is_main:
             print(data.summary())
         if job.train.epochs is not None:

@@ -1,0 +1,246 @@
+"""The multimodal data path (data/multimodal.py) against HF's own Qwen2.5-VL processor called directly.
+
+References are independent of the product code: the processor's `apply_chat_template` on the content-parts form
+written out here, `processor(text=..., images=...)` on images opened here with PIL, the tokenizer's own tokens of
+each assistant reply, and a processor built with max_pixels in its constructor (not our call options).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from megatron_swift.data.errors import DataError
+from megatron_swift.data.labels import LossPolicy
+from megatron_swift.data.multimodal import MediaEncoder, MediaPackedCollate, MediaPaddedCollate, image_options
+from megatron_swift.data.pipeline import build_train_data
+from megatron_swift.data.sources import Row
+from megatron_swift.models.tiny import make_tiny_tokenizer
+from megatron_swift.models.tiny_processor import (
+    QWEN2_5_VL_CHAT_TEMPLATE,
+    VISION_TOKENS,
+    load_processor,
+    make_tiny_vlm_processor,
+)
+from megatron_swift.training.config import DataSection
+
+IMAGE_PAD = 386  # the tiny tokenizer's <|image_pad|> (make_tiny_vlm_processor adds the vision tokens after its 384)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return make_tiny_vlm_processor(make_tiny_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Real-size photos-like images (noise over gradients) and small ones, as PNG files."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for name, (width, height) in {"vga.png": (640, 480), "hd.png": (1280, 720), "small.png": (84, 56)}.items():
+        ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+        pixels = np.clip(ramp + rng.normal(0, 40, (height, width, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / name)
+    return folder
+
+
+def conversation(first: str = "vga.png", second: str = "hd.png") -> dict:
+    return {"messages": [{"role": "system", "content": "Answer in one word."},
+                         {"role": "user", "content": "<image>What colour is the shape?"},
+                         {"role": "assistant", "content": "red"},
+                         {"role": "user", "content": "And here: <image> which shape?"},
+                         {"role": "assistant", "content": "circle"}],
+            "images": [first, second]}  # fmt: skip
+
+
+def parts_form(row: dict) -> list[dict]:
+    """The same conversation written by hand in HF's content-parts form (the reference for rendering)."""
+    m = row["messages"]
+    return [{"role": "system", "content": [{"type": "text", "text": m[0]["content"]}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+            {"role": "user", "content": [{"type": "text", "text": "And here: "}, {"type": "image"},
+                                         {"type": "text", "text": " which shape?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "circle"}]}]  # fmt: skip
+
+
+def encode(processor, row: dict, folder, policy=None, options=None):
+    sample = MediaEncoder(processor, policy or LossPolicy(), options=options).encode([Row(f"{folder}/d.jsonl:1", row)])
+    assert not isinstance(sample[0], str), sample[0]
+    return sample[0]
+
+
+def test_tiny_processor_has_qwen_settings_and_round_trips(processor, images, tmp_path):
+    tokenizer = processor.tokenizer
+    assert all(token in tokenizer.get_vocab() for token in VISION_TOKENS)
+    again = make_tiny_vlm_processor(tokenizer)  # a tokenizer that already has the tokens keeps its vocabulary
+    assert len(again.tokenizer) == len(tokenizer)
+    settings = processor.image_processor
+    assert (settings.patch_size, settings.merge_size, settings.temporal_patch_size) == (14, 2, 2)
+    assert (settings.size["shortest_edge"], settings.size["longest_edge"]) == (3136, 12845056)
+    processor.save_pretrained(tmp_path)
+    loaded = load_processor(tmp_path)
+    assert loaded.chat_template == QWEN2_5_VL_CHAT_TEMPLATE and loaded.tokenizer.get_vocab() == tokenizer.get_vocab()
+    text = processor.apply_chat_template(parts_form(conversation()), tokenize=False)
+    pictures = [Image.open(images / "vga.png"), Image.open(images / "hd.png")]
+    want, got = processor(text=[text], images=pictures), loaded(text=[text], images=pictures)
+    assert np.array_equal(want["input_ids"], got["input_ids"])
+    assert np.array_equal(want["pixel_values"], got["pixel_values"])
+    assert load_processor(tmp_path / "missing") is None  # a text-only model directory: no processor
+
+
+@pytest.mark.parametrize("max_pixels", [None, 100_000])
+def test_ids_pixels_and_grids_are_what_the_hf_processor_gives(processor, images, max_pixels):
+    row = conversation()
+    options = image_options(processor, max_pixels=max_pixels)
+    sample = encode(processor, row, images, options=options)
+    reference = make_tiny_vlm_processor(processor.tokenizer, **({"max_pixels": max_pixels} if max_pixels else {}))
+    text = reference.apply_chat_template(parts_form(row), tokenize=False)
+    pictures = [Image.open(images / "vga.png"), Image.open(images / "hd.png")]
+    want = reference(text=[text], images=pictures, return_tensors="pt")
+    assert sample.ids.tolist() == want["input_ids"][0].tolist()
+    assert np.array_equal(sample.image_grid_thw, want["image_grid_thw"].numpy())
+    batch = MediaPaddedCollate(processor, options, seq_length=len(sample.ids) + 8, pad_id=0)([sample])
+    assert torch.equal(batch["pixel_values"], want["pixel_values"])  # max abs difference 0
+    assert torch.equal(batch["image_grid_thw"], want["image_grid_thw"])
+    if max_pixels:
+        assert (want["image_grid_thw"].prod(-1) * 14 * 14 <= max_pixels).all()
+    else:
+        assert want["image_grid_thw"].tolist() == [[1, 34, 46], [1, 52, 92]]  # 476x644 and 728x1288: 14 x 2 steps
+
+
+def test_rendered_text_is_the_processor_template_on_content_parts(processor, images):
+    row = conversation()
+    encoder = MediaEncoder(processor, LossPolicy())
+    conv, _, _ = encoder.check(Row(f"{images}/d.jsonl:1", row))
+    rendered = "".join(s.text for s in encoder.template.segments(conv))
+    assert rendered == processor.apply_chat_template(parts_form(row), tokenize=False)
+    assert rendered.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
+
+
+@pytest.mark.parametrize("scope", ["default", "last_round", "all"])
+def test_labels_are_the_assistant_replies_and_never_an_image_token(processor, images, scope):
+    sample = encode(processor, conversation(), images, policy=LossPolicy(scope))
+    tokens = processor.tokenizer.convert_ids_to_tokens(sample.ids.tolist())
+    media = np.isin(sample.ids, [processor.image_token_id, processor.video_token_id])
+    assert media.sum() == int(sample.image_grid_thw.prod(-1).sum()) // 4 and not sample.weights[media].any()
+    if scope == "all":
+        assert (sample.weights[~media][1:] == 1).all()
+        return
+    # Reference: each reply's own tokens, then the end of turn the template prints (<|im_end|> and its newline).
+    tokenizer = processor.tokenizer
+    replies = ["red", "circle"] if scope == "default" else ["circle"]
+    want = [tokenizer.convert_ids_to_tokens(tokenizer(reply + "<|im_end|>\n")["input_ids"]) for reply in replies]
+    want = [token for reply in want for token in reply]
+    assert [t for t, w in zip(tokens, sample.weights, strict=True) if w] == want
+
+
+def test_image_sources_path_dict_bytes_base64_and_data_url_agree(processor, images):
+    data = (images / "small.png").read_bytes()
+    encoded = base64.b64encode(data).decode()
+    sources = ["small.png", str(images / "small.png"), {"path": "small.png"}, {"bytes": data, "path": None}, data,
+               encoded, "data:image/png;base64," + encoded]  # fmt: skip
+    samples = [encode(processor, conversation(source, "small.png"), images) for source in sources]
+    for sample in samples[1:]:
+        assert np.array_equal(sample.ids, samples[0].ids)
+    collate = MediaPaddedCollate(processor, {}, seq_length=max(len(s.ids) for s in samples), pad_id=0)
+    pixels = [collate([s])["pixel_values"] for s in samples]
+    assert all(torch.equal(p, pixels[0]) for p in pixels[1:])
+
+
+def _write(folder, rows, name="d.jsonl"):
+    path = folder / name
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _data(path, **options) -> DataSection:
+    return DataSection(dataset=[str(path)], **{"seq_length": 1024, "shuffle": False, **options})
+
+
+BAD_ROWS = {
+    "missing": ({**conversation("vga.png", "nope.png")}, "no such file nope.png"),
+    "corrupt": ({**conversation("vga.png", "corrupt.png")}, "is not a readable image"),
+    "tags": ({**conversation(), "images": ["vga.png"]}, "2 <image> tag(s) in the messages but 1 images"),
+    "video_tags": ({**conversation(), "videos": [["small.png"]]}, "0 <video> tag(s) in the messages but 1 videos"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_bad_media_rows_name_file_and_line(processor, images, case):
+    (images / "corrupt.png").write_bytes((images / "small.png").read_bytes()[:60])  # a truncated PNG
+    row, message = BAD_ROWS[case]
+    path = _write(images, [conversation(), row], f"{case}.jsonl")
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: ") + ".*" + re.escape(message)):
+        build_train_data(_data(path), processor.tokenizer, "sft", 1, 0, processor=processor)
+
+
+def test_bad_media_rows_are_skipped_and_counted_and_text_models_refuse_images(processor, images):
+    (images / "corrupt.png").write_bytes((images / "small.png").read_bytes()[:60])
+    rows = [conversation(), *[row for row, _ in BAD_ROWS.values()], conversation("small.png", "small.png")]
+    path = _write(images, rows, "mixed.jsonl")  # relative image paths resolve against the file's folder
+    data = build_train_data(_data(path, skip_bad_rows=True), processor.tokenizer, "sft", 2, 0, processor=processor)
+    assert (data.stats["bad_rows"], data.stats["samples"], data.stats["images"]) == (4, 2, 4)
+    # The same file for a text-only model: the first row with images is refused, naming it.
+    with pytest.raises(DataError, match=f"{path}:1: the row has images .* text-only"):
+        build_train_data(_data(path), make_tiny_tokenizer(), "sft", 1, 0)
+
+
+def test_truncation_never_cuts_an_image(processor, images):
+    row = {"messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "red " * 40}],
+           "images": ["small.png"]}  # fmt: skip
+    late = {"messages": [{"role": "user", "content": "word " * 40 + "<image>"}, {"role": "assistant", "content": "ok"}],
+            "images": ["small.png"]}  # fmt: skip
+    path = _write(images, [row, late], "long.jsonl")
+    full = encode(processor, row, images)
+    data = build_train_data(_data(path, seq_length=len(full.ids) - 20), processor.tokenizer, "sft", 1, 0,
+                            processor=processor)  # fmt: skip
+    assert (data.stats["truncated"], data.stats["deleted_image_cut"]) == (1, 1)
+    assert f"{path}:2" in data.stats["image_cut_examples"][0]
+    kept = data.batches.items[0]
+    assert np.array_equal(kept.ids, full.ids[: len(full.ids) - 19]) and np.array_equal(
+        kept.image_grid_thw, full.image_grid_thw
+    )
+
+
+def _positions(tokens, image_grid, video_grid, mask):
+    """A stand-in for the 3-D rope positions: checks it is given the grids of exactly the images in `tokens`, and
+    returns the text positions and a count of the image tokens so far (per row: the same packed or padded)."""
+    images = tokens == IMAGE_PAD
+    assert int(images.sum()) == (0 if image_grid is None else int(image_grid.prod(-1).sum()) // 4)
+    base = torch.cumsum(mask, -1) - 1
+    return torch.stack([base, base + torch.cumsum(images.long(), -1), mask])
+
+
+def test_collates_align_pixels_with_image_tokens_and_packed_equals_padded(processor, images):
+    assert processor.image_token_id == IMAGE_PAD
+    text_only = {"messages": [{"role": "user", "content": "No image here."}, {"role": "assistant", "content": "ok"}]}
+    rows = [conversation(), conversation("small.png", "vga.png"), text_only]
+    samples = [encode(processor, row, images) for row in rows]
+    seq = sum(len(s.ids) for s in samples)
+    padded = MediaPaddedCollate(processor, {}, seq, 0, _positions)(samples)
+    packed = MediaPackedCollate(processor, {}, seq, 0, _positions)([samples])
+    grids = padded["image_grid_thw"]
+    assert padded["pixel_values"].shape[0] == int(grids.prod(-1).sum())
+    at = 0
+    for r, sample in enumerate(samples):  # each row's image tokens = its images' merged patches, in order
+        n = len(sample.images)
+        tokens = (padded["tokens"][r] == processor.image_token_id).sum()
+        assert tokens == int(grids[at : at + n].prod(-1).sum()) // 4
+        at += n
+    for key in ("pixel_values", "image_grid_thw"):
+        assert torch.equal(packed[key], padded[key])
+    start = 0
+    for r, sample in enumerate(samples):
+        n = len(sample.ids) - 1
+        for key in ("tokens", "labels", "loss_mask"):
+            assert torch.equal(packed[key][0, start : start + n], padded[key][r, :n])
+        assert torch.equal(packed["position_ids"][:, 0, start : start + n], padded["position_ids"][:, r, :n])
+        start += n
+    assert padded["position_ids"].shape == (3, 3, seq) and packed["position_ids"].shape == (3, 1, seq)
