@@ -46,6 +46,14 @@ def _family_seed(name: str) -> int:
 
 
 @pytest.fixture(scope="session")
+def vlm_sft_data(tmp_path_factory) -> Path:
+    """A small image-SFT jsonl (tests/vlm_data.py) for vision-language training tests."""
+    from tests.vlm_data import write_image_rows
+
+    return write_image_rows(tmp_path_factory.mktemp("vlm_data"))
+
+
+@pytest.fixture(scope="session")
 def converted(tiny_models, tmp_path_factory) -> dict[str, Path]:
     """family name -> megatron-core checkpoint converted at TP1 from the tiny model."""
     from converters.convert import hf_to_mcore

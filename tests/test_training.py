@@ -47,19 +47,30 @@ NO_AUX = (None, {}, None, {"moe_aux_loss_coeff": 0.0})
 GPT_OSS_LAYOUTS = [
     ({"tensor_model_parallel_size": 2, "sequence_parallel": True, "expert_tensor_parallel_size": 1}, {}, *NO_AUX)
 ]
-FAMILIES = ("llama", "mixtral", "gemma3", "gpt_oss")
+# Qwen2.5-VL on image rows (tests/vlm_data.py; micro-batches mix image sizes and text-only rows): the language model
+# trained with the tower frozen (ms-swift's defaults), and everything trained with a ViT rate of its own.
+VLM_DATA = {"seq_length": 128, "shuffle": False}
+VLM_TOWER_TRAINED = {"freeze_vit": False, "freeze_aligner": False, "vit_lr": 5e-4}
+VLM_LAYOUTS = [({}, {}), ({"tensor_model_parallel_size": 2, "sequence_parallel": True}, {}),
+               ({"pipeline_model_parallel_size": 2}, {})]  # fmt: skip
+VLM_TOWER_LAYOUTS = [({"tensor_model_parallel_size": 2, "sequence_parallel": True}, VLM_TOWER_TRAINED)]
+FAMILIES = ("llama", "mixtral", "gemma3", "gpt_oss", "qwen2_5_vl", "qwen2_5_vl_tower")
 
 
-def test_parallel_layouts_match_single_process_losses(tiny_models, tmp_path):
-    llama, mixtral, gemma3, gpt_oss = (tiny_models[name] for name in FAMILIES)
+def test_parallel_layouts_match_single_process_losses(tiny_models, vlm_sft_data, tmp_path):
+    llama, mixtral, gemma3, gpt_oss, vlm = (tiny_models[name] for name in FAMILIES[:5])
+    on_images = (None, {}, None, None, {"dataset": [str(vlm_sft_data)], **VLM_DATA})
     references = run_cases(
-        [(llama, {}, {}), (mixtral, {}, {}), (gemma3, {}, {}), (gpt_oss, {}, {}, *NO_AUX)], DATA, tmp_path / "ref", 1
-    )
+        [(llama, {}, {}), (mixtral, {}, {}), (gemma3, {}, {}), (gpt_oss, {}, {}, *NO_AUX), (vlm, {}, {}, *on_images),
+         (vlm, {}, VLM_TOWER_TRAINED, *on_images)], DATA, tmp_path / "ref", 1
+    )  # fmt: skip
     reference = dict(zip(FAMILIES, references, strict=True))
     cases = [(llama, *layout) for layout in LLAMA_LAYOUTS] + [(mixtral, *layout) for layout in MOE_LAYOUTS]
     cases += [(gemma3, *layout) for layout in GEMMA3_LAYOUTS] + [(gpt_oss, *layout) for layout in GPT_OSS_LAYOUTS]
+    cases += [(vlm, *layout, *on_images) for layout in VLM_LAYOUTS + VLM_TOWER_LAYOUTS]
     names = ["llama"] * len(LLAMA_LAYOUTS) + ["mixtral"] * len(MOE_LAYOUTS) + ["gemma3"] * len(GEMMA3_LAYOUTS)
-    names += ["gpt_oss"] * len(GPT_OSS_LAYOUTS)
+    names += ["gpt_oss"] * len(GPT_OSS_LAYOUTS) + ["qwen2_5_vl"] * len(VLM_LAYOUTS)
+    names += ["qwen2_5_vl_tower"] * len(VLM_TOWER_LAYOUTS)
     results = run_cases(cases, DATA, tmp_path / "par", world_size=2)
     failures = []
     for name, (_, parallel, train, *_), losses in zip(names, cases, results, strict=True):

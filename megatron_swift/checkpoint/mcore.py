@@ -40,12 +40,14 @@ LATEST = "latest"  # a training save directory's pointer to its newest complete 
 
 
 def _trainable_keys(chunk) -> set[str] | None:
-    """State-dict keys a checkpoint of this chunk holds: all (None) unless part of the model is frozen
-    (LoRA), in which case only the trainable parameters; frozen weights come from the model source."""
-    from megatron_swift.tuners.lora import trainable_state_keys
+    """State-dict keys a checkpoint of this chunk holds: all (None) unless the model holds LoRA adapters, in which
+    case only the trainable parameters; frozen weights come from the model source. Parts frozen in full training
+    (a vision-language model's tower, training/vision_tuning.py) are saved: resume and export read every weight
+    from the checkpoint."""
+    from megatron_swift.tuners.lora import LoraLinear, trainable_state_keys
 
     model = unwrap_model(chunk)
-    if all(param.requires_grad for param in model.parameters()):
+    if not any(isinstance(module, LoraLinear) for module in model.modules()):
         return None
     return trainable_state_keys(model)
 

@@ -93,6 +93,9 @@ class VisionTower:
     # Config fields naming the placeholder token ids of images and videos (None: the modality is not supported).
     image_token_field: str = "image_token_id"
     video_token_field: str | None = "video_token_id"
+    # Submodules of the tower that are the aligner (ms-swift's freeze_aligner / aligner_lr: the projection into the
+    # decoder's width, Qwen2.5-VL's patch merger); the rest of the tower is the ViT (training/vision_tuning.py).
+    aligner_modules: tuple[str, ...] = ("merger",)
     # Special tokens a tiny test tokenizer gets, as (config field naming its id, token text).
     special_tokens: tuple[tuple[str, str], ...] = ()
 

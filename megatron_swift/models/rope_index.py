@@ -149,3 +149,25 @@ def packed_rope_index(
         if remaining is not None and next(remaining, None) is not None:
             raise ValueError(f"more {'image' if kind == IMAGE else 'video'} grids than token runs in the packed row")
     return positions
+
+
+def model_positions(
+    input_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
+    video_grid_thw: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    *,
+    args,
+) -> torch.Tensor:
+    """Positions [3, b, s] of a batch for the vision-language model `args` (GPTModelArgs) describes: what the
+    training data's collates call (`functools.partial(model_positions, args=args)`)."""
+    positions, _ = rope_index(
+        input_ids,
+        mm_token_type_ids(input_ids, args.image_token_id, args.video_token_id),
+        image_grid_thw,
+        video_grid_thw,
+        attention_mask=attention_mask,
+        spatial_merge_size=args.vision_config["spatial_merge_size"],
+        tokens_per_second=args.vision_config["tokens_per_second"],
+    )
+    return positions

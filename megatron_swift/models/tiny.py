@@ -123,7 +123,28 @@ def make_tiny_model(
     out = Path(out_dir)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if tower is not None:  # the processor the data path encodes image rows with (data/multimodal.py)
+        tiny_vlm_processor(tokenizer, config).save_pretrained(out)
     GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
     ).save_pretrained(out)
     return out
+
+
+def tiny_vlm_processor(tokenizer, config):
+    """The Qwen2.5-VL processor of a tiny vision-language model: the image processor's patch, merge and temporal
+    sizes are the tiny tower's (not the real model's 14-pixel patches), and images are resized to between 1 and 64
+    merged patches of (patch x merge)^2 pixels: at most 64 placeholder tokens an image, so tests and the example stay
+    fast."""
+    from megatron_swift.models.tiny_processor import make_tiny_vlm_processor
+
+    vision = config.vision_config
+    merged_patch = vision.patch_size * vision.spatial_merge_size
+    return make_tiny_vlm_processor(
+        tokenizer,
+        patch_size=vision.patch_size,
+        merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        min_pixels=merged_patch**2,
+        max_pixels=64 * merged_patch**2,
+    )

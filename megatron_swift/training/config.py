@@ -14,6 +14,7 @@ from megatron_swift.config import ParallelConfig
 from megatron_swift.data.kto import KTO_TASK
 from megatron_swift.data.pairs import PAIR_TASKS, RM_TASK
 from megatron_swift.models.layout import model_layout_problems
+from megatron_swift.training import vision_tuning
 from megatron_swift.training.moe import MoeSection, moe_overrides, moe_problems
 from megatron_swift.training.rlhf_config import RlhfSection, rlhf_problems
 from megatron_swift.tuners.lora.config import LoraConfig
@@ -120,6 +121,13 @@ class TrainSection:
     recompute_granularity: Literal["full", "selective"] | None = None
     recompute_method: Literal["uniform", "block"] | None = None
     recompute_num_layers: int | None = None
+    # Vision-language models (ms-swift's names and defaults, training/vision_tuning.py): which parts train, and the
+    # vision tower's (ViT) and aligner's own learning rates (null: train.lr).
+    freeze_vit: bool = True
+    freeze_aligner: bool = True
+    freeze_llm: bool = False
+    vit_lr: float | None = None
+    aligner_lr: float | None = None
 
 
 @dataclass
@@ -250,6 +258,10 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
                      "not part of the adapter); leave it unset")  # fmt: skip
     if model_args is not None:
         found += [f"model: {problem}" for problem in model_layout_problems(model_args, p) if problem not in found]
+        found += vision_tuning.problems(t, model_args.vision)
+        if model_args.vision is not None and t.task != "sft":
+            found.append(f"train.task={t.task}: a vision-language model ({model_args.family.name}) trains with "
+                         "train.task sft here")  # fmt: skip
     return found
 
 

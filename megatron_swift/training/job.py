@@ -8,6 +8,7 @@ point); tests and benchmarks call the phases directly. Weights come straight fro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -296,8 +297,13 @@ def run_job(job: JobConfig, ctx, args) -> list:
             args = dataclasses.replace(args, pad_token_id=pad_token_id(tokenizer))
         # A vision-language model's processor (None for a text model): its SFT rows carry images (data/multimodal.py).
         processor = load_processor(model_source(job))
+        positions = None
+        if args.vision is not None:  # the multimodal rope's 3-D positions of each micro-batch (models/rope_index.py)
+            from megatron_swift.models.rope_index import model_positions
+
+            positions = functools.partial(model_positions, args=args)
         data = build_train_data(job.data, tokenizer, job.train.task, job.train.global_batch_size, job.train.seed,
-                                progress=ctx.is_main, processor=processor)  # fmt: skip
+                                progress=ctx.is_main, processor=processor, positions_fn=positions)  # fmt: skip
         if ctx.is_main:
             print(data.summary())
         if job.train.epochs is not None:
@@ -313,7 +319,11 @@ def run_job(job: JobConfig, ctx, args) -> list:
         resume_from = latest_checkpoint(ckpt.load or ckpt.save) if (ckpt.load or ckpt.save) else None
         if resume_from is None or job.train.train_type == "lora":  # LoRA checkpoints hold only the adapters
             load_weights(job, chunks, args, source)
-        chunks, optimizer, scheduler = wrap_for_training(chunks, job)
+        if args.vision is not None and job.train.train_type == "full":  # freeze_vit / freeze_aligner / freeze_llm
+            from megatron_swift.training.vision_tuning import freeze
+
+            freeze(chunks, args.vision, job.train)
+        chunks, optimizer, scheduler = wrap_for_training(chunks, job, vision=args.vision)
         cache_file, cached = None, False
         if job.train.task in (*PAIR_TASKS, KTO_TASK) and job.rlhf.precompute_ref_logps:
             cache_file = reference_cache.cache_path(job, tokenizer)

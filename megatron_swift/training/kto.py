@@ -33,6 +33,7 @@ from functools import partial
 
 import torch
 
+from megatron_swift.training.optim import current_lr
 from megatron_swift.training.preference import ReferenceModel, global_report, model_output, pair_sums
 from megatron_swift.training.step import StepResult, run_forward_backward
 
@@ -194,7 +195,7 @@ class Kto:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         reports, kl = self.run(chunks, microbatches, forward_only=False)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = current_lr(optimizer)
         updated, grad_norm, _ = optimizer.step()
         if updated:
             scheduler.step(increment=1)

@@ -9,8 +9,9 @@ import torch
 from megatron_swift.training.config import JobConfig
 
 
-def wrap_for_training(chunks: list, job: JobConfig):
-    """(DDP-wrapped chunks, MegatronOptimizer, OptimizerParamScheduler) for `chunks`."""
+def wrap_for_training(chunks: list, job: JobConfig, vision=None):
+    """(DDP-wrapped chunks, MegatronOptimizer, OptimizerParamScheduler) for `chunks`; `vision`: a vision-language
+    model's `VisionTower`, whose ViT and aligner may have learning rates of their own (training/vision_tuning.py)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -33,23 +34,26 @@ def wrap_for_training(chunks: list, job: JobConfig):
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
         for i, chunk in enumerate(chunks)
     ]
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=t.lr,
-            min_lr=t.min_lr,
-            weight_decay=t.weight_decay,
-            adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2,
-            adam_eps=t.adam_eps,
-            clip_grad=t.clip_grad,
-            bf16=t.bf16,
-            fp16=t.fp16,
-            params_dtype=config.params_dtype,
-            use_distributed_optimizer=t.use_distributed_optimizer,
-        ),
-        ddp_chunks,
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=t.use_distributed_optimizer,
     )
+    overrides = None
+    if vision is not None:
+        from megatron_swift.training.vision_tuning import lr_overrides
+
+        overrides = lr_overrides(vision, t, optimizer_config)
+    optimizer = get_megatron_optimizer(optimizer_config, ddp_chunks, config_overrides=overrides)
     use_fused_torch_adam(optimizer)
     decay_iters = t.lr_decay_iters or t.train_iters
     warmup = int(t.lr_warmup_fraction * decay_iters) if t.lr_warmup_fraction is not None else t.lr_warmup_iters
@@ -97,6 +101,13 @@ def use_fused_torch_adam(optimizer) -> None:
         adam.defaults.update(fused=True, foreach=False)
         for group in adam.param_groups:
             group.update(fused=True, foreach=False)
+
+
+def current_lr(optimizer) -> float:
+    """The rate this step uses: that of the groups on the default schedule (a vision-language model's ViT and
+    aligner may have groups of their own, training/vision_tuning.py), as megatron-core logs it."""
+    groups = optimizer.param_groups
+    return next((group["lr"] for group in groups if group.get("default_config", True)), groups[0]["lr"])
 
 
 def inner_optimizers(optimizer) -> list:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_swift.distributed.runtime import comm_device
+from megatron_swift.training.optim import current_lr
 from megatron_swift.training.step import StepResult, run_forward_backward
 
 # Reported per micro-batch (sums over its pairs) and summed over the global batch.
@@ -345,7 +346,7 @@ class Preference:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
         reports = self.run(chunks, microbatches, forward_only=False)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = current_lr(optimizer)
         updated, grad_norm, _ = optimizer.step()
         if updated:
             scheduler.step(increment=1)

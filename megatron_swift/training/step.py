@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_swift.distributed.runtime import comm_device
+from megatron_swift.training.optim import current_lr
 
 
 @dataclass
@@ -32,6 +33,9 @@ class StepResult:
     skipped: bool
     router_losses: dict[str, float] = field(default_factory=dict)  # MoE: see training/moe_metrics.py
     metrics: dict[str, float] = field(default_factory=dict)  # the task's own (preference: rewards/..., logps/...)
+
+
+MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -84,24 +88,30 @@ def _forward_step(data_iterator, model, vocab_size: int):
 
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in next(data_iterator).items()}
+    # A vision-language model's images / videos (models/vlm.py): whole, whatever the layout (CP is refused).
+    media = {key: batch.pop(key) for key in MEDIA_KEYS if key in batch}
     packed = None
     if "cu_seqlens" in batch:
         # Packed (THD): all documents of the micro-batch as one row; megatron-core restarts rotary
-        # positions and the attention restarts its causal mask at every cu_seqlens offset.
+        # positions and the attention restarts its causal mask at every cu_seqlens offset. (Multimodal
+        # rope's positions [3, b, s] come restarted per document from the collate.)
         packed = packed_seq_params(batch.pop("cu_seqlens"))
-        batch = {key: value.reshape(1, -1) for key, value in batch.items()}
+        batch = {key: value.reshape(*value.shape[:-2], 1, -1) for key, value in batch.items()}
+    core_model = unwrap_model(model)
     if "position_ids" not in batch:
         seq = batch["tokens"].shape[1]
         batch["position_ids"] = torch.arange(seq, device=device).unsqueeze(0).expand_as(batch["tokens"])
+        if core_model.position_embedding_type == "mrope":  # text only: the same position on all three axes
+            batch["position_ids"] = batch["position_ids"].unsqueeze(0).expand(3, -1, -1)
     if packed is None:
         batch = get_batch_on_this_cp_rank(batch)  # CP: this rank's two load-balanced sequence chunks
-    core_model = unwrap_model(model)
     if isinstance(core_model, FusedLossGPTModel) and core_model.returns_hidden_states():
         # Without labels its last stage returns the output layer's input [b, s, h]; the fused loss is ours.
         output = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed)
         return output, partial(_fused_loss_func, batch["loss_mask"], batch["labels"], vocab_size, core_model)
     # With labels the last stage returns the per-token loss [b, s] (models/gpt.py).
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed,
+                   **media)  # fmt: skip
     return output, partial(_loss_func, batch["loss_mask"])
 
 
@@ -156,7 +166,7 @@ def train_step(chunks, optimizer, scheduler, microbatches: list[dict], vocab_siz
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses = run_schedule(chunks, microbatches, vocab_size, forward_only=False)
-    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+    lr = current_lr(optimizer)  # the rate this step uses
     updated, grad_norm, _ = optimizer.step()
     if updated:
         scheduler.step(increment=1)

@@ -1,0 +1,166 @@
+"""Vision-language training (Qwen2.5-VL, tiny) against HF transformers' Qwen2_5_VLForConditionalGeneration.
+
+In one process: the first step's loss on a global batch of images of four sizes (two in one row) and text-only rows
+equals HF's loss on the same micro-batches (HF computing its own 3-D positions); ms-swift's freezing leaves the ViT
+and the aligner bitwise as they were in the export while the language model moves; a ViT learning rate of its own
+moves the ViT; packed and padded global batches give the same step loss. The layouts (DP2, TP2 + SP, PP2, and the
+tower trained at TP2) are in test_training.py's shared launch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_swift.config import ConfigError
+from tests.train_matrix import job_for
+
+FAMILY = "qwen2_5_vl"
+TRAIN = {"global_batch_size": 4, "micro_batch_size": 2, "train_iters": 2, "lr": 1e-3}
+DATA = {"seq_length": 128, "shuffle": False}
+
+
+def _train(job):
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.job import check_job, run_job
+
+    args = check_job(job, 1)
+    ctx = init_distributed(job.parallel, seed=job.train.seed)
+    try:
+        return run_job(job, ctx, args)
+    finally:
+        destroy_distributed()
+
+
+def _first_global_batch(job, hf_dir):
+    from transformers import AutoTokenizer
+
+    from megatron_swift.checkpoint.hf import load_hf_config
+    from megatron_swift.data import build_train_data
+    from megatron_swift.models import translate
+    from megatron_swift.models.rope_index import model_positions
+    from megatron_swift.models.tiny_processor import load_processor
+
+    args = translate(load_hf_config(hf_dir))
+    data = build_train_data(job.data, AutoTokenizer.from_pretrained(hf_dir), "sft", job.train.global_batch_size,
+                            job.train.seed, processor=load_processor(hf_dir),
+                            positions_fn=functools.partial(model_positions, args=args))  # fmt: skip
+    return data.batches.next_microbatches(0, 1, job.train.micro_batch_size)
+
+
+def _hf_loss(hf_dir, micro_batches) -> float:
+    """HF's token-mean loss over the micro-batches: its own forward (pixels, grids, its 3-D positions from the
+    attention mask and token types), cross entropy on our labels and loss mask."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    pad, image = model.config.get_text_config().pad_token_id, model.config.image_token_id
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in micro_batches:
+            ids = batch["tokens"]
+            logits = model(input_ids=ids, attention_mask=(ids != pad).long(), mm_token_type_ids=(ids == image).int(),
+                           pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw")).logits
+            per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
+                                                          reduction="none")  # fmt: skip
+            total += float((per_token * batch["loss_mask"].flatten()).sum())
+            tokens += int(batch["loss_mask"].sum())
+    return total / tokens
+
+
+def test_first_step_equals_hf_and_freezing_keeps_the_tower(tiny_models, vlm_sft_data, tmp_path):
+    hf_dir = tiny_models[FAMILY]
+    save = tmp_path / "ckpt"
+    job = job_for(str(hf_dir), str(vlm_sft_data), str(tmp_path / "run"), {}, TRAIN, data=DATA,
+                  checkpoint={"save": str(save), "save_interval": 2})  # fmt: skip
+    micro_batches = _first_global_batch(job, hf_dir)
+    # Unshuffled: an image row beside a text-only row, then three images of two sizes in two rows.
+    sizes = {tuple(grid.tolist()) for batch in micro_batches for grid in batch["image_grid_thw"]}
+    assert len(sizes) == 3 and [len(batch["image_grid_thw"]) for batch in micro_batches] == [1, 3]
+    results = _train(job)
+    hf_loss = _hf_loss(hf_dir, micro_batches)
+    assert abs(results[0].loss - hf_loss) <= 1e-5, (results[0].loss, hf_loss)
+
+    # ms-swift's defaults (freeze_vit, freeze_aligner): the exported tower is the original bit for bit.
+    changes = _exported_changes(hf_dir, save, tmp_path / "hf")
+    assert changes["vit"] == 0.0 and changes["aligner"] == 0.0 and changes["llm"] > 1e-4, changes
+
+
+def _exported_changes(hf_dir, save, out) -> dict[str, float]:
+    """Largest |exported - original| of each part (vit, aligner, llm) after training."""
+    from converters.convert import mcore_to_hf
+
+    out = mcore_to_hf(save, out)
+    exported = {name: tensor for path in out.glob("*.safetensors") for name, tensor in load_file(path).items()}
+    original = {_hub_name(name): tensor for name, tensor in load_file(hf_dir / "model.safetensors").items()}
+    assert exported.keys() == original.keys()
+    changes = {"vit": 0.0, "aligner": 0.0, "llm": 0.0}
+    for name, tensor in exported.items():
+        part = "llm" if not name.startswith("visual.") else "aligner" if name.startswith("visual.merger.") else "vit"
+        changes[part] = max(changes[part], float((tensor - original[name]).abs().max()))
+    return changes
+
+
+def _hub_name(name: str) -> str:
+    """transformers 5 saves `model.language_model.*` / `model.visual.*`; the export writes the hub's names."""
+    return name.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
+
+
+def test_vit_lr_moves_the_vit_at_its_rate_and_packing_gives_the_padded_step_loss(tiny_models, vlm_sft_data,
+                                                                                   tmp_path):  # fmt: skip
+    """One step over all 8 rows. Adam's first update of an element is lr x sign(gradient) (weight decay aside), so
+    the largest change of each part is its learning rate: vit_lr for the ViT, train.lr for the language model,
+    0 for the still-frozen aligner. The same rows packed (two documents and more a row) give the same loss."""
+    from transformers import AutoTokenizer
+
+    from megatron_swift.data import build_train_data
+    from megatron_swift.models.tiny_processor import load_processor
+
+    hf_dir = tiny_models[FAMILY]
+    whole = {"global_batch_size": 8, "micro_batch_size": 4, "train_iters": 1, "lr": 1e-3, "freeze_vit": False,
+             "vit_lr": 1e-2}  # fmt: skip
+    save = tmp_path / "ckpt"
+    padded = _train(job_for(str(hf_dir), str(vlm_sft_data), str(tmp_path / "padded"), {}, whole, data=DATA,
+                            checkpoint={"save": str(save), "save_interval": 1}))  # fmt: skip
+    changes = _exported_changes(hf_dir, save, tmp_path / "hf")
+    assert changes["aligner"] == 0.0
+    assert changes["vit"] == pytest.approx(1e-2, rel=0.05) and changes["llm"] == pytest.approx(1e-3, rel=0.05)
+
+    packing = {**DATA, "packing": True, "seq_length": 256}
+    rows = build_train_data(job_for(str(hf_dir), str(vlm_sft_data), "", {}, whole, data=packing).data,
+                            AutoTokenizer.from_pretrained(hf_dir), "sft", 8, 1234,
+                            processor=load_processor(hf_dir)).num_samples  # fmt: skip
+    assert rows < 8  # documents share rows
+    packed = _train(job_for(str(hf_dir), str(vlm_sft_data), str(tmp_path / "packed"), {},
+                            {**whole, "global_batch_size": rows, "micro_batch_size": 1}, data=packing))  # fmt: skip
+    assert abs(packed[0].loss - padded[0].loss) <= 1e-5, (packed[0].loss, padded[0].loss)
+    assert packed[0].tokens == padded[0].tokens
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"freeze_vit": True, "vit_lr": 1e-4}, "train.vit_lr=0.0001: train.freeze_vit is true"),
+        ({"freeze_llm": True}, "all true: nothing would be trained"),
+        ({"freeze_vit": False, "train_type": "lora"}, "LoRA trains the language model's adapters only"),
+        ({"task": "dpo"}, "train.task=dpo: a vision-language model"),
+    ],
+)
+def test_preflight_refuses_what_vision_training_cannot_do(tiny_models, vlm_sft_data, tmp_path, train, message):
+    from megatron_swift.training.job import check_job
+
+    job = job_for(str(tiny_models[FAMILY]), str(vlm_sft_data), str(tmp_path), {}, {**TRAIN, **train}, data=DATA)
+    with pytest.raises(ConfigError, match=message):
+        check_job(job, 1)
+
+
+def test_text_models_refuse_vision_fields(tiny_models, tmp_path):
+    from megatron_swift.training.job import check_job
+
+    job = job_for(str(tiny_models["llama"]), "examples/data/sft_sample.jsonl", str(tmp_path), {},
+                  {**TRAIN, "vit_lr": 1e-4})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"train\.vit_lr: the model has no vision tower"):
+        check_job(job, 1)
