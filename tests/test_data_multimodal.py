@@ -244,3 +244,53 @@ def test_collates_align_pixels_with_image_tokens_and_packed_equals_padded(proces
         assert torch.equal(packed["position_ids"][:, 0, start : start + n], padded["position_ids"][:, r, :n])
         start += n
     assert padded["position_ids"].shape == (3, 3, seq) and packed["position_ids"].shape == (3, 1, seq)
+
+
+def test_synthetic_shapes_are_balanced_deterministic_and_answered_right(processor, tmp_path):
+    from collections import Counter
+
+    from megatron_swift.data.synthetic_shapes import COLOURS, QUESTIONS, SHAPES, write_dataset
+
+    paths = write_dataset(tmp_path / "a", train=48, held_out=24, seed=3)
+    again = write_dataset(tmp_path / "b", train=48, held_out=24, seed=3)
+    assert paths["train"].read_text() == again["train"].read_text()
+    seen = Counter()
+    for split, path in paths.items():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            image_file = path.parent / row["images"][0]
+            assert image_file.read_bytes() == (again[split].parent / row["images"][0]).read_bytes()
+            pixels = np.asarray(Image.open(image_file).convert("RGB")).reshape(-1, 3)
+            assert 56 <= Image.open(image_file).size[0] <= 112
+            # Read the answer back from the pixels: the shape's colour is the most common non-background value;
+            # the shape is told by how much of its bounding box it fills (square 1, circle pi/4, triangle 1/2).
+            values, counts = np.unique(pixels, axis=0, return_counts=True)
+            colour = next(tuple(v) for v in values[np.argsort(-counts)].tolist() if tuple(v) != (245, 245, 240))
+            mask = (np.asarray(Image.open(image_file).convert("RGB")) == colour).all(-1)
+            ys, xs = np.nonzero(mask)
+            fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+            shape = "square" if fill > 0.95 else "circle" if fill > 0.65 else "triangle"
+            asked = "colour" if row["messages"][0]["content"].endswith(QUESTIONS["colour"]) else "shape"
+            name = next(n for n, rgb in COLOURS.items() if rgb == colour)
+            assert row["messages"][1]["content"] == (name if asked == "colour" else shape), (image_file, fill)
+            seen[(split, name, shape, asked)] += 1
+    assert set(seen.values()) == {2 if split == "train" else 1 for split in paths}  # every combination equally often
+    assert len(seen) == 2 * len(COLOURS) * len(SHAPES) * len(QUESTIONS)
+    data = build_train_data(_data(paths["train"], seq_length=256), processor.tokenizer, "sft", 4, 0,
+                            processor=processor)  # fmt: skip
+    assert data.stats["samples"] == 48 and data.stats["images"] == 48
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_build_train_data_gives_media_microbatches(processor, images, packing):
+    rows = [conversation(), conversation("small.png", "small.png"), conversation("hd.png", "small.png")]
+    path = _write(images, rows, "three.jsonl")
+    data = build_train_data(_data(path, seq_length=4096, packing=packing, max_pixels=60_000), processor.tokenizer,
+                            "sft", 1 if packing else 3, 0, processor=processor)  # fmt: skip
+    assert data.num_samples == (1 if packing else 3)  # packed: the three conversations fit one row
+    (batch,) = data.batches.next_microbatches(0, 1, 1 if packing else 3)
+    grid = batch["image_grid_thw"]
+    assert len(grid) == 6 and (grid.prod(-1) * 14 * 14 <= 60_000).all()  # data.max_pixels reaches the processor
+    assert batch["pixel_values"].shape[0] == int(grid.prod(-1).sum())
+    assert int((batch["tokens"] == IMAGE_PAD).sum()) == int(grid.prod(-1).sum()) // 4
+    assert ("cu_seqlens" in batch) == packing
