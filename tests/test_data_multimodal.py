@@ -92,7 +92,8 @@ def test_tiny_processor_has_qwen_settings_and_round_trips(processor, images, tmp
     want, got = processor(text=[text], images=pictures), loaded(text=[text], images=pictures)
     assert np.array_equal(want["input_ids"], got["input_ids"])
     assert np.array_equal(want["pixel_values"], got["pixel_values"])
-    assert load_processor(tmp_path / "missing") is None  # a text-only model directory: no processor
+    make_tiny_tokenizer().save_pretrained(tmp_path / "text")
+    assert load_processor(tmp_path / "text") is None  # a text-only model directory: no processor
 
 
 @pytest.mark.parametrize("max_pixels", [None, 100_000])
@@ -115,12 +116,18 @@ def test_ids_pixels_and_grids_are_what_the_hf_processor_gives(processor, images,
         assert want["image_grid_thw"].tolist() == [[1, 34, 46], [1, 52, 92]]  # 476x644 and 728x1288: 14 x 2 steps
 
 
-def test_rendered_text_is_the_processor_template_on_content_parts(processor, images):
-    row = conversation()
+BARE = {"messages": [{"role": "user", "content": "<image><image>"}, {"role": "assistant", "content": "two"}],
+        "images": ["small.png", "vga.png"]}  # fmt: skip
+BARE_PARTS = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}]},
+              {"role": "assistant", "content": [{"type": "text", "text": "two"}]}]  # fmt: skip
+
+
+@pytest.mark.parametrize("row, parts", [(conversation(), parts_form(conversation())), (BARE, BARE_PARTS)])
+def test_rendered_text_is_the_processor_template_on_content_parts(processor, images, row, parts):
     encoder = MediaEncoder(processor, LossPolicy())
     conv, _, _ = encoder.check(Row(f"{images}/d.jsonl:1", row))
     rendered = "".join(s.text for s in encoder.template.segments(conv))
-    assert rendered == processor.apply_chat_template(parts_form(row), tokenize=False)
+    assert rendered == processor.apply_chat_template(parts, tokenize=False)
     assert rendered.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
 
 
@@ -294,3 +301,28 @@ def test_build_train_data_gives_media_microbatches(processor, images, packing):
     assert batch["pixel_values"].shape[0] == int(grid.prod(-1).sum())
     assert int((batch["tokens"] == IMAGE_PAD).sum()) == int(grid.prod(-1).sum()) // 4
     assert ("cu_seqlens" in batch) == packing
+
+
+def test_weights_are_the_text_paths_and_the_encoder_pickles(processor, images):
+    """Without images a row is weighted exactly as the text path weights it with the same template (the
+    tokenizer's own, chat_template.py); with images, the trained tokens are the same; a pickled encoder (what
+    dataset_num_proc workers get) encodes the same."""
+    import pickle
+
+    from megatron_swift.data.encode import Encoder
+    from megatron_swift.data.templates import make_template
+
+    tokenizer = make_tiny_tokenizer()
+    make_tiny_vlm_processor(tokenizer)  # the same vocabulary as the processor's tokenizer
+    tokenizer.chat_template = QWEN2_5_VL_CHAT_TEMPLATE
+    text_path = Encoder(tokenizer, make_template("auto", tokenizer), LossPolicy())
+    row = conversation()
+    untagged = {"messages": [{**m, "content": m["content"].replace("<image>", "")} for m in row["messages"]]}
+    (want,) = text_path.encode([Row("t.jsonl:1", untagged)])
+    got = encode(processor, untagged, images)
+    assert np.array_equal(got.ids, want.ids) and np.array_equal(got.weights, want.weights)
+    with_images = encode(processor, row, images)
+    assert np.array_equal(with_images.ids[with_images.weights > 0], want.ids[want.weights > 0])
+    encoder = MediaEncoder(processor, LossPolicy())
+    (again,) = pickle.loads(pickle.dumps(encoder)).encode([Row(f"{images}/d.jsonl:1", row)])
+    assert np.array_equal(again.ids, with_images.ids) and np.array_equal(again.weights, with_images.weights)
