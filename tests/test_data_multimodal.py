@@ -326,3 +326,31 @@ def test_weights_are_the_text_paths_and_the_encoder_pickles(processor, images):
     encoder = MediaEncoder(processor, LossPolicy())
     (again,) = pickle.loads(pickle.dumps(encoder)).encode([Row(f"{images}/d.jsonl:1", row)])
     assert np.array_equal(again.ids, with_images.ids) and np.array_equal(again.weights, with_images.weights)
+
+
+def test_load_processor_reads_a_hub_style_checkpoint_directory(processor, images, tmp_path):
+    """The layout Qwen2.5-VL checkpoints ship (preprocessor_config.json, chat_template.json, a video processor
+    config) loads, and processes images as the tiny processor does."""
+    from megatron_swift.models.tiny_processor import QWEN2_5_VL_IMAGE_SETTINGS
+
+    processor.tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**QWEN2_5_VL_IMAGE_SETTINGS,
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}))  # fmt: skip
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_5_VL_CHAT_TEMPLATE}))
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps({"video_processor_type":
+        "Qwen2VLVideoProcessor", "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}))  # fmt: skip
+    loaded = load_processor(tmp_path)
+    text = processor.apply_chat_template(parts_form(conversation()), tokenize=False)
+    pictures = [Image.open(images / "vga.png"), Image.open(images / "hd.png")]
+    want, got = processor(text=[text], images=pictures), loaded(text=[text], images=pictures)
+    assert np.array_equal(want["input_ids"], got["input_ids"])
+    assert np.array_equal(want["pixel_values"], got["pixel_values"])
+
+
+@pytest.mark.parametrize("option, message", [({"streaming": True}, "data.streaming is not supported"),
+                                             ({"cache_dir": "c"}, "data.cache_dir is not supported"),
+                                             ({"template": "chatml"}, "use template auto")])  # fmt: skip
+def test_unsupported_options_are_refused_by_name(processor, images, option, message):
+    path = _write(images, [conversation()], "one.jsonl")
+    with pytest.raises(DataError, match=message):
+        build_train_data(_data(path, **option), processor.tokenizer, "sft", 1, 0, processor=processor)
