@@ -92,7 +92,8 @@ def test_tiny_processor_has_qwen_settings_and_round_trips(processor, images, tmp
     want, got = processor(text=[text], images=pictures), loaded(text=[text], images=pictures)
     assert np.array_equal(want["input_ids"], got["input_ids"])
     assert np.array_equal(want["pixel_values"], got["pixel_values"])
-    assert load_processor(tmp_path / "missing") is None  # a text-only model directory: no processor
+    make_tiny_tokenizer().save_pretrained(tmp_path / "text")
+    assert load_processor(tmp_path / "text") is None  # a text-only model directory: no processor
 
 
 @pytest.mark.parametrize("max_pixels", [None, 100_000])
@@ -115,12 +116,18 @@ def test_ids_pixels_and_grids_are_what_the_hf_processor_gives(processor, images,
         assert want["image_grid_thw"].tolist() == [[1, 34, 46], [1, 52, 92]]  # 476x644 and 728x1288: 14 x 2 steps
 
 
-def test_rendered_text_is_the_processor_template_on_content_parts(processor, images):
-    row = conversation()
+BARE = {"messages": [{"role": "user", "content": "<image><image>"}, {"role": "assistant", "content": "two"}],
+        "images": ["small.png", "vga.png"]}  # fmt: skip
+BARE_PARTS = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}]},
+              {"role": "assistant", "content": [{"type": "text", "text": "two"}]}]  # fmt: skip
+
+
+@pytest.mark.parametrize("row, parts", [(conversation(), parts_form(conversation())), (BARE, BARE_PARTS)])
+def test_rendered_text_is_the_processor_template_on_content_parts(processor, images, row, parts):
     encoder = MediaEncoder(processor, LossPolicy())
     conv, _, _ = encoder.check(Row(f"{images}/d.jsonl:1", row))
     rendered = "".join(s.text for s in encoder.template.segments(conv))
-    assert rendered == processor.apply_chat_template(parts_form(row), tokenize=False)
+    assert rendered == processor.apply_chat_template(parts, tokenize=False)
     assert rendered.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
 
 
@@ -244,3 +251,106 @@ def test_collates_align_pixels_with_image_tokens_and_packed_equals_padded(proces
         assert torch.equal(packed["position_ids"][:, 0, start : start + n], padded["position_ids"][:, r, :n])
         start += n
     assert padded["position_ids"].shape == (3, 3, seq) and packed["position_ids"].shape == (3, 1, seq)
+
+
+def test_synthetic_shapes_are_balanced_deterministic_and_answered_right(processor, tmp_path):
+    from collections import Counter
+
+    from megatron_swift.data.synthetic_shapes import COLOURS, QUESTIONS, SHAPES, write_dataset
+
+    paths = write_dataset(tmp_path / "a", train=48, held_out=24, seed=3)
+    again = write_dataset(tmp_path / "b", train=48, held_out=24, seed=3)
+    assert paths["train"].read_text() == again["train"].read_text()
+    seen = Counter()
+    for split, path in paths.items():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            image_file = path.parent / row["images"][0]
+            assert image_file.read_bytes() == (again[split].parent / row["images"][0]).read_bytes()
+            pixels = np.asarray(Image.open(image_file).convert("RGB")).reshape(-1, 3)
+            assert 56 <= Image.open(image_file).size[0] <= 112
+            # Read the answer back from the pixels: the shape's colour is the most common non-background value;
+            # the shape is told by how much of its bounding box it fills (square 1, circle pi/4, triangle 1/2).
+            values, counts = np.unique(pixels, axis=0, return_counts=True)
+            colour = next(tuple(v) for v in values[np.argsort(-counts)].tolist() if tuple(v) != (245, 245, 240))
+            mask = (np.asarray(Image.open(image_file).convert("RGB")) == colour).all(-1)
+            ys, xs = np.nonzero(mask)
+            fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+            shape = "square" if fill > 0.95 else "circle" if fill > 0.65 else "triangle"
+            asked = "colour" if row["messages"][0]["content"].endswith(QUESTIONS["colour"]) else "shape"
+            name = next(n for n, rgb in COLOURS.items() if rgb == colour)
+            assert row["messages"][1]["content"] == (name if asked == "colour" else shape), (image_file, fill)
+            seen[(split, name, shape, asked)] += 1
+    assert set(seen.values()) == {2 if split == "train" else 1 for split in paths}  # every combination equally often
+    assert len(seen) == 2 * len(COLOURS) * len(SHAPES) * len(QUESTIONS)
+    data = build_train_data(_data(paths["train"], seq_length=256), processor.tokenizer, "sft", 4, 0,
+                            processor=processor)  # fmt: skip
+    assert data.stats["samples"] == 48 and data.stats["images"] == 48
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_build_train_data_gives_media_microbatches(processor, images, packing):
+    rows = [conversation(), conversation("small.png", "small.png"), conversation("hd.png", "small.png")]
+    path = _write(images, rows, "three.jsonl")
+    data = build_train_data(_data(path, seq_length=4096, packing=packing, max_pixels=60_000), processor.tokenizer,
+                            "sft", 1 if packing else 3, 0, processor=processor)  # fmt: skip
+    assert data.num_samples == (1 if packing else 3)  # packed: the three conversations fit one row
+    (batch,) = data.batches.next_microbatches(0, 1, 1 if packing else 3)
+    grid = batch["image_grid_thw"]
+    assert len(grid) == 6 and (grid.prod(-1) * 14 * 14 <= 60_000).all()  # data.max_pixels reaches the processor
+    assert batch["pixel_values"].shape[0] == int(grid.prod(-1).sum())
+    assert int((batch["tokens"] == IMAGE_PAD).sum()) == int(grid.prod(-1).sum()) // 4
+    assert ("cu_seqlens" in batch) == packing
+
+
+def test_weights_are_the_text_paths_and_the_encoder_pickles(processor, images):
+    """Without images a row is weighted exactly as the text path weights it with the same template (the
+    tokenizer's own, chat_template.py); with images, the trained tokens are the same; a pickled encoder (what
+    dataset_num_proc workers get) encodes the same."""
+    import pickle
+
+    from megatron_swift.data.encode import Encoder
+    from megatron_swift.data.templates import make_template
+
+    tokenizer = make_tiny_tokenizer()
+    make_tiny_vlm_processor(tokenizer)  # the same vocabulary as the processor's tokenizer
+    tokenizer.chat_template = QWEN2_5_VL_CHAT_TEMPLATE
+    text_path = Encoder(tokenizer, make_template("auto", tokenizer), LossPolicy())
+    row = conversation()
+    untagged = {"messages": [{**m, "content": m["content"].replace("<image>", "")} for m in row["messages"]]}
+    (want,) = text_path.encode([Row("t.jsonl:1", untagged)])
+    got = encode(processor, untagged, images)
+    assert np.array_equal(got.ids, want.ids) and np.array_equal(got.weights, want.weights)
+    with_images = encode(processor, row, images)
+    assert np.array_equal(with_images.ids[with_images.weights > 0], want.ids[want.weights > 0])
+    encoder = MediaEncoder(processor, LossPolicy())
+    (again,) = pickle.loads(pickle.dumps(encoder)).encode([Row(f"{images}/d.jsonl:1", row)])
+    assert np.array_equal(again.ids, with_images.ids) and np.array_equal(again.weights, with_images.weights)
+
+
+def test_load_processor_reads_a_hub_style_checkpoint_directory(processor, images, tmp_path):
+    """The layout Qwen2.5-VL checkpoints ship (preprocessor_config.json, chat_template.json, a video processor
+    config) loads, and processes images as the tiny processor does."""
+    from megatron_swift.models.tiny_processor import QWEN2_5_VL_IMAGE_SETTINGS
+
+    processor.tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**QWEN2_5_VL_IMAGE_SETTINGS,
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}))  # fmt: skip
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_5_VL_CHAT_TEMPLATE}))
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps({"video_processor_type":
+        "Qwen2VLVideoProcessor", "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}))  # fmt: skip
+    loaded = load_processor(tmp_path)
+    text = processor.apply_chat_template(parts_form(conversation()), tokenize=False)
+    pictures = [Image.open(images / "vga.png"), Image.open(images / "hd.png")]
+    want, got = processor(text=[text], images=pictures), loaded(text=[text], images=pictures)
+    assert np.array_equal(want["input_ids"], got["input_ids"])
+    assert np.array_equal(want["pixel_values"], got["pixel_values"])
+
+
+@pytest.mark.parametrize("option, message", [({"streaming": True}, "data.streaming is not supported"),
+                                             ({"cache_dir": "c"}, "data.cache_dir is not supported"),
+                                             ({"template": "chatml"}, "use template auto")])  # fmt: skip
+def test_unsupported_options_are_refused_by_name(processor, images, option, message):
+    path = _write(images, [conversation()], "one.jsonl")
+    with pytest.raises(DataError, match=message):
+        build_train_data(_data(path, **option), processor.tokenizer, "sft", 1, 0, processor=processor)

@@ -16,8 +16,9 @@ go through the processor itself, so the ids (each image's pad token repeated t*h
 role scales; chat_template.py finds the turns), and the media pad tokens are never trained.
 
 Samples keep where their images are, not their pixels (an image's patches weigh megabytes): the collates load
-and process each micro-batch's images again, with the same processor and settings. Videos need a video processor
-(torchvision); without one a row with videos is refused.
+and process each micro-batch's images again, with the same processor and settings. Videos (lists of frame
+images) need a video processor (torchvision); without one a row with videos is refused. The video path is
+written but untested: this project's environment has no torchvision.
 """
 
 from __future__ import annotations
