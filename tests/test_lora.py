@@ -69,10 +69,11 @@ def test_dora_tp2_and_pp2_match_single_process_losses(tiny_models, tmp_path):
     _assert_same_losses(cases, run_cases(cases, DATA, tmp_path / "par", world_size=2), [reference] * 2)
 
 
-def _train_lora(hf_dir, tmp_path, lora=LORA, iters=2, model=None, **train):
+def _train_lora(hf_dir, tmp_path, lora=LORA, iters=2, model=None, data=None, **train):
     from megatron_swift.training.job import train as run_training
 
-    job = job_for(str(hf_dir), DATA, str(tmp_path / "out"), {}, {"train_iters": iters, **train}, lora, **(model or {}))
+    job = job_for(str(hf_dir), DATA, str(tmp_path / "out"), {}, {"train_iters": iters, **train}, lora, data=data,
+                  **(model or {}))  # fmt: skip
     job.checkpoint.save = str(tmp_path / "ckpt")
     return run_training(job), tmp_path / "ckpt"
 
@@ -96,19 +97,23 @@ MOE_TARGETS = ["linear_qkv", "linear_proj", r"re:\.mlp\.experts\.local_experts\.
         ("gemma3", False),
         ("gpt_oss", False),
         ("glm4_moe", False),
+        ("qwen2_5_vl", False),  # PEFT on the whole vision-language model: the adapter addresses its language model
     ],
 )
 def test_merged_export_equals_base_plus_peft_adapter(family, dora, tiny_models, tmp_path):
     """DoRA: trained from PEFT's start (magnitude = row norms), two steps move the magnitude off the norms."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from converters.convert import mcore_to_hf
 
     lora = {**LORA, "target_modules": MOE_TARGETS} if family == "qwen3_moe" else {**LORA, "use_dora": dora}
     if family in ("gpt_oss", "glm4_moe"):  # experts stacked parameters in HF, not linears PEFT adapts: attention
         lora["target_modules"] = ["linear_qkv", "linear_proj"]
-    _, ckpt = _train_lora(tiny_models[family], tmp_path, lora=lora)
+    # Qwen2.5-VL's chat template adds a system turn: its rows need more than 32 tokens.
+    _, ckpt = _train_lora(
+        tiny_models[family], tmp_path, lora=lora, data={"seq_length": 96} if family == "qwen2_5_vl" else None
+    )
     merged_dir = mcore_to_hf(ckpt, tmp_path / "merged", lora="merge")
     adapter_dir = mcore_to_hf(ckpt, tmp_path / "adapter", lora="adapter")
 
@@ -116,8 +121,9 @@ def test_merged_export_equals_base_plus_peft_adapter(family, dora, tiny_models, 
     assert adapter_config["r"] == LORA["rank"] and adapter_config["lora_alpha"] == LORA["alpha"]
     assert adapter_config["use_dora"] == dora
     tokens = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))
-    merged = _logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32), tokens)
-    base = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32)
+    auto = AutoModelForImageTextToText if family == "qwen2_5_vl" else AutoModelForCausalLM
+    merged = _logits(auto.from_pretrained(merged_dir, dtype=torch.float32), tokens)
+    base = auto.from_pretrained(tiny_models[family], dtype=torch.float32)
     base_logits = _logits(base, tokens)
     with_adapter = _logits(PeftModel.from_pretrained(base, adapter_dir), tokens)
     print(f"merged vs adapter-in-PEFT: max abs logit difference {(merged - with_adapter).abs().max():.2e}")

@@ -51,12 +51,16 @@ def _adapters(chunk) -> list[tuple[str, LoraLinear]]:
     ]
 
 
-def _hf_skeleton(hf_config, reward_model: bool = False):
-    """The HF model on the meta device: a causal LM, or the reward model (`*ForSequenceClassification`)."""
+def _hf_skeleton(hf_config, args: GPTModelArgs, reward_model: bool = False):
+    """The HF model on the meta device: a causal LM, the reward model (`*ForSequenceClassification`), or a
+    vision-language model's own class (its module names are transformers', e.g. `model.language_model.layers.*`)."""
+    import transformers
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
     with torch.device("meta"):
+        if args.vision is not None:
+            return getattr(transformers, args.family.architectures[0])._from_config(hf_config)
+        auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
         return auto.from_config(hf_config)
 
 
@@ -100,8 +104,10 @@ def peft_adapter_tensors(chunk, args: GPTModelArgs, lora: LoraConfig, hf_config,
     from peft import LoraConfig as PeftLoraConfig
     from peft.tuners.lora.layer import ParamWrapper
 
-    skeleton = _hf_skeleton(hf_config, args.reward_head)
+    skeleton = _hf_skeleton(hf_config, args, args.reward_head)
+    # PEFT addresses the skeleton's modules, which a family may name otherwise than its rules (mapping.py hf_aliases).
     modules = dict(skeleton.named_modules())
+    module_of = {args.mapping.rules_name(name): name for name in modules}
     linear_sources: dict[str, tuple] = {}  # HF module -> (A, B, DoRA magnitude or None)
     param_sources: dict[tuple[str, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     fused = _fused_expert_params(args)
@@ -109,6 +115,7 @@ def peft_adapter_tensors(chunk, args: GPTModelArgs, lora: LoraConfig, hf_config,
         lora_a, lora_b = wrapper.lora_A.weight.detach(), wrapper.lora_B.weight.detach()
         rule, bindings = args.mapping.resolve(f"{name}.weight")
         hf_modules = [n.removesuffix(".weight") for n in rule.hf_names(bindings)]
+        hf_modules = [module_of.get(m, m) for m in hf_modules]
         if all(m in modules for m in hf_modules):
             magnitude = wrapper.lora_magnitude_vector
             magnitudes = (
@@ -123,7 +130,10 @@ def peft_adapter_tensors(chunk, args: GPTModelArgs, lora: LoraConfig, hf_config,
         experts_module = hf_modules[0].rsplit(".", 2)[0]  # model.layers.L.mlp.experts.E.gate_proj -> ...experts
         param_sources.setdefault((experts_module, fused[expert.group(3)]), {})[int(expert.group(2))] = (lora_a, lora_b)
 
-    saved = _modules_to_save(chunk, args)
+    saved = {}
+    for name, tensor in _modules_to_save(chunk, args).items():
+        module, _, leaf = name.rpartition(".")
+        saved[f"{module_of.get(module, module)}.{leaf}"] = tensor
     rank_pattern, alpha_pattern = {}, {}
     for module, (lora_a, *_) in linear_sources.items():
         if lora_a.shape[0] != lora.rank:  # an imported adapter stacked over fused projections (see above)
@@ -240,7 +250,9 @@ class PeftAdapterSource:
         self.linear: dict[str, tuple] = {}  # HF module -> (A, B, DoRA magnitude or None)
         self.params: dict[tuple[str, str], tuple] = {}  # (experts module, parameter) -> (A, B, experts)
         self.unread_experts: set[tuple[str, str, int]] = set()
-        for peft_name, path, layer in _peft_lora_layers(_hf_skeleton(hf_config), peft_config):
+        skeleton = _hf_skeleton(hf_config, args)
+        self.module_of = {args.mapping.rules_name(name): name for name, _ in skeleton.named_modules()}
+        for peft_name, path, layer in _peft_lora_layers(skeleton, peft_config):
             pair = tensors[f"{peft_name}.lora_A.weight"], tensors[f"{peft_name}.lora_B.weight"]
             if isinstance(layer, ParamWrapper):
                 self.params[(path, layer.parameter_name)] = (*pair, layer.num_experts)
@@ -251,7 +263,7 @@ class PeftAdapterSource:
 
     def __call__(self, name: str, rule, bindings) -> tuple:
         """(A, B) or (A, B, DoRA magnitude) of the linear `name`, megatron layout, full size."""
-        hf_modules = [n.removesuffix(".weight") for n in rule.hf_names(bindings)]
+        hf_modules = [self.module_of.get(m, m) for m in (n.removesuffix(".weight") for n in rule.hf_names(bindings))]
         if all(m in self.linear for m in hf_modules):
             triples = [self.linear.pop(m) for m in hf_modules]
             pairs = [(a, b) for a, b, _ in triples]

@@ -214,6 +214,13 @@ class RuleSet:
     def is_known_hf(self, hf_name: str) -> bool:
         return any(regex.match(hf_name) for regex in self._hf_res)
 
+    def rules_name(self, hf_name: str) -> str:
+        """`hf_name` (a tensor or module name of any of the family's HF layouts) as the rules name it."""
+        for stored, ours in self.hf_aliases:
+            if hf_name.startswith(stored):
+                return ours + hf_name[len(stored) :]
+        return hf_name
+
 
 @dataclass(frozen=True)
 class ExpertSlice(Rule):
