@@ -302,6 +302,15 @@ def test_tower_gradients_are_identical_on_every_tp_rank_and_hf_s(tiny_models, co
         assert _worst_relative(first, expected) <= 1e-4, layout
 
 
+def test_text_only_logits_at_tp1(tiny_models, converted):
+    """Text only (no pixels): our mrope positions are 0..s-1 on every axis, HF's its own text positions."""
+    from converters.check import compare_logits, mcore_logits, sample_tokens
+
+    tokens = sample_tokens(384, batch=2, seq=32, seed=1)
+    result = compare_logits(hf_logits(tiny_models[FAMILY], tokens), mcore_logits(converted[FAMILY], tokens))
+    assert result["max_abs_diff"] <= 1e-4 and result["argmax_agreement"] == 1.0, result
+
+
 def test_vision_batch_is_what_hf_positions(tiny_models):
     """The check's batch: images of different grids in different rows, a padded text-only row; our positions for it
     are HF's own (its model computes them from the token types)."""
