@@ -184,6 +184,9 @@ def test_translation_and_refusals():
     text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[2, 3, 4])
     with pytest.raises(ConfigError, match=r"rope_parameters.mrope_section=\[2, 3, 4\]: three sections"):
         translate(_config(text_config=text))
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
+    with pytest.raises(ConfigError, match=r"rope_parameters\.mrope_section is missing: qwen2_5_vl's decoder"):
+        translate(_config(text_config=text))
     problems = model_layout_problems(args, ParallelConfig(context_parallel_size=2))
     assert any("parallel.context_parallel_size=2 is not supported with a vision tower" in p for p in problems)
 
@@ -309,6 +312,50 @@ def test_text_only_logits_at_tp1(tiny_models, converted):
     tokens = sample_tokens(384, batch=2, seq=32, seed=1)
     result = compare_logits(hf_logits(tiny_models[FAMILY], tokens), mcore_logits(converted[FAMILY], tokens))
     assert result["max_abs_diff"] <= 1e-4 and result["argmax_agreement"] == 1.0, result
+
+
+def test_packed_documents_with_images_give_each_rows_hf_logits(tiny_models, converted):
+    """The check's three rows (images of different sizes; text only) packed into one THD row: per-document positions
+    (`packed_rope_index`) and megatron-core's packed attention give each document HF's logits for its own row."""
+    from converters.convert import build_chunks, model_args_for_checkpoint
+    from megatron_swift.checkpoint.mcore import full_model_weights_dir, load_model
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.models.forward import forward_logits
+    from megatron_swift.models.rope_index import mm_token_type_ids
+    from megatron_swift.training.step import packed_seq_params
+
+    config = _config()
+    batch = sample_vision_batch(config)
+    keep = batch["attention_mask"].bool()
+    reference = hf_logits(tiny_models[FAMILY], batch)
+    documents = [batch["input_ids"][row][keep[row]] for row in range(keep.shape[0])]
+    packed = torch.cat(documents).unsqueeze(0)
+    cu_seqlens = torch.tensor([0, *torch.cumsum(torch.tensor([len(d) for d in documents]), 0).tolist()])
+    positions = packed_rope_index(
+        packed,
+        mm_token_type_ids(packed, config.image_token_id, config.video_token_id),
+        cu_seqlens,
+        batch["inputs"]["image_grid_thw"],
+        spatial_merge_size=MERGE,
+        tokens_per_second=config.vision_config.tokens_per_second,
+    )
+    init_distributed(ParallelConfig())
+    try:
+        _, args = model_args_for_checkpoint(converted[FAMILY])
+        (model,) = build_chunks(args, ParallelConfig(), torch.float32)
+        load_model([model], full_model_weights_dir(converted[FAMILY]))
+        logits = forward_logits(
+            [model], packed, args.vocab_size, packed_seq_params(cu_seqlens), positions, batch["inputs"]
+        )[0]
+        # Without the boundaries later documents attend to earlier ones: the comparison has teeth. (A constant
+        # offset of a document's positions would not show: rope scores depend on position differences only.)
+        leaky = forward_logits([model], packed, args.vocab_size, None, positions, batch["inputs"])[0]
+    finally:
+        destroy_distributed()
+    worst = (logits - reference[keep]).abs().max().item()
+    assert worst <= 1e-4, worst
+    later = slice(int(cu_seqlens[1]), None)
+    assert (leaky[later] - reference[keep][later]).abs().max() > 1e-3
 
 
 def test_vision_batch_is_what_hf_positions(tiny_models):

@@ -93,6 +93,9 @@ class VisionTower:
     # Config fields naming the placeholder token ids of images and videos (None: the modality is not supported).
     image_token_field: str = "image_token_id"
     video_token_field: str | None = "video_token_id"
+    # The decoder's rope is multimodal (positions [3, b, s], models/rope_index.py): the text config's
+    # `rope_parameters.mrope_section` is then required (HF would fall back to a default split silently).
+    mrope: bool = True
     # Special tokens a tiny test tokenizer gets, as (config field naming its id, token text).
     special_tokens: tuple[tuple[str, str], ...] = ()
 
