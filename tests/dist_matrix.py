@@ -7,8 +7,6 @@ cases (the gloo process group is kept).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from converters.check import logits_in_this_world

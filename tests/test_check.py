@@ -5,7 +5,7 @@ text + images (converters.check.sample_vision_batch) at TP1 / TP2 / TP2 + SP / P
 import pytest
 import torch
 
-from converters.check import check, compare_logits, compare_valid, hf_logits, sample_tokens, sample_vision_batch
+from converters.check import check, compare_valid, hf_logits, sample_tokens, sample_vision_batch
 from converters.convert import hf_to_mcore
 from megatron_swift.checkpoint.hf import load_hf_config
 from megatron_swift.config import ParallelConfig

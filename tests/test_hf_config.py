@@ -10,8 +10,9 @@ from megatron_swift.models.tiny import tiny_hf_config
 
 def test_every_family_translates_its_tiny_config():
     for name, family in all_families().items():
-        hf = tiny_hf_config(family)
-        args = translate(hf)
+        top = tiny_hf_config(family)
+        hf = top.get_text_config()  # a vision-language config's decoder is its text config
+        args = translate(top)
         t = args.transformer
         assert args.family is family
         assert t["num_layers"] == hf.num_hidden_layers and t["hidden_size"] == hf.hidden_size
@@ -22,7 +23,7 @@ def test_every_family_translates_its_tiny_config():
             assert t["kv_channels"] == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
             # GLM-4.5: use_qk_norm
             assert t["qk_layernorm"] == (name.startswith("qwen3") or name in ("glm4_moe", "gemma3"))
-        assert args.share_embeddings_and_output_weights == hf.tie_word_embeddings
+        assert args.share_embeddings_and_output_weights == top.tie_word_embeddings
         assert args.padded_vocab_size % 128 == 0 and args.padded_vocab_size >= hf.vocab_size
 
 

@@ -11,6 +11,7 @@ unexpected keys, and gradients reaching the vision tower as HF's.
 import functools
 import itertools
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,6 +184,9 @@ def test_translation_and_refusals():
     text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[2, 3, 4])
     with pytest.raises(ConfigError, match=r"rope_parameters.mrope_section=\[2, 3, 4\]: three sections"):
         translate(_config(text_config=text))
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
+    with pytest.raises(ConfigError, match=r"rope_parameters\.mrope_section is missing: qwen2_5_vl's decoder"):
+        translate(_config(text_config=text))
     problems = model_layout_problems(args, ParallelConfig(context_parallel_size=2))
     assert any("parallel.context_parallel_size=2 is not supported with a vision tower" in p for p in problems)
 
@@ -215,47 +219,143 @@ def test_reads_both_hf_layouts_and_exports_what_transformers_loads(tiny_models, 
     torch.testing.assert_close(hf_logits(exported, batch), hf_logits(source, batch), rtol=0, atol=0)
 
 
-def test_gradients_reach_the_vision_tower_as_hf_and_count_mismatch_is_refused(tiny_models, converted):
-    """In one process (world of 1): the loss over text + images backwards into the tower; every tower gradient
-    equals HF's (same loss: summed next-token cross entropy over the unpadded tokens)."""
+def _loss_inputs(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token labels, mask of the unpadded positions) of a `sample_vision_batch` batch."""
+    return torch.roll(batch["input_ids"], -1, dims=1), batch["attention_mask"].bool()
+
+
+def _hf_tower_gradients(hf_dir, batch) -> dict[str, torch.Tensor]:
+    """HF's vision tower gradients of the summed next-token cross entropy over the unpadded tokens."""
     from transformers import AutoModelForImageTextToText
 
+    hf = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    labels, keep = _loss_inputs(batch)
+    logits = hf(**batch["hf"]).logits.float()
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    (per_token.view_as(labels) * keep).sum().backward()
+    return {name: p.grad for name, p in hf.model.visual.named_parameters()}
+
+
+def _tower_gradients(mcore_dir: str, layouts: list[dict], batch) -> list[dict[str, torch.Tensor]]:
+    """Per layout, this rank's vision tower gradients of the same loss (megatron-core's per-token loss through the
+    `labels` path, as training computes it); the model is loaded from the checkpoint at each layout."""
     from converters.convert import build_chunks, model_args_for_checkpoint
     from megatron_swift.checkpoint.mcore import full_model_weights_dir, load_model
     from megatron_swift.distributed import destroy_distributed, init_distributed
 
-    hf = AutoModelForImageTextToText.from_pretrained(tiny_models[FAMILY], dtype=torch.float32)
-    hf.config._attn_implementation = "eager"
-    batch = sample_vision_batch(hf.config)
-    keep = batch["attention_mask"].bool()
-    labels = torch.roll(batch["input_ids"], -1, dims=1)
-    logits = hf(**batch["hf"]).logits.float()
-    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-    (per_token.view_as(labels) * keep).sum().backward()
-    expected = {name: p.grad for name, p in hf.model.visual.named_parameters()}
+    labels, keep = _loss_inputs(batch)
+    found = []
+    try:
+        for layout in layouts:
+            parallel = ParallelConfig(**layout)
+            init_distributed(parallel)
+            _, args = model_args_for_checkpoint(mcore_dir)
+            (model,) = build_chunks(args, parallel, torch.float32)
+            load_model([model], full_model_weights_dir(Path(mcore_dir)))
+            loss = model(batch["input_ids"], batch["position_ids"], None, labels=labels, **batch["inputs"])
+            (loss * keep).sum().backward()
+            found.append({name: p.grad.clone() for name, p in model.vision_model.named_parameters()})
+    finally:
+        destroy_distributed()
+    return found
+
+
+def _worst_relative(got: dict, expected: dict) -> float:
+    assert sorted(got) == sorted(expected) and all(expected[n].abs().max() > 0 for n in expected)
+    return max((got[n] - expected[n]).abs().max().item() / expected[n].abs().max().item() for n in expected)
+
+
+def test_gradients_reach_the_vision_tower_as_hf_and_count_mismatch_is_refused(tiny_models, converted):
+    """In one process (world of 1): the loss over text + images backwards into the tower; every tower gradient
+    equals HF's. A batch whose placeholder count does not match its images is refused, naming both counts."""
+    from converters.convert import build_chunks, model_args_for_checkpoint
+    from megatron_swift.checkpoint.mcore import full_model_weights_dir, load_model
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+
+    batch = sample_vision_batch(_config())
+    expected = _hf_tower_gradients(tiny_models[FAMILY], batch)
+    (got,) = _tower_gradients(str(converted[FAMILY]), [{}], batch)
+    assert _worst_relative(got, expected) <= 1e-4
 
     init_distributed(ParallelConfig())
     try:
         _, args = model_args_for_checkpoint(converted[FAMILY])
         (model,) = build_chunks(args, ParallelConfig(), torch.float32)
         load_model([model], full_model_weights_dir(converted[FAMILY]))
-        loss = model(batch["input_ids"], batch["position_ids"], None, labels=labels, **batch["inputs"])
-        (loss * keep).sum().backward()
-        got = {name: p.grad for name, p in model.vision_model.named_parameters()}
-        assert sorted(got) == sorted(expected)
-        worst = max((got[n] - expected[n]).abs().max().item() / expected[n].abs().max().item() for n in expected)
-        assert worst <= 1e-4, worst
-        assert all(expected[n].abs().max() > 0 for n in expected)
-
         too_few = batch["input_ids"].clone()
         too_few[too_few == args.image_token_id] = 0
-        with (
-            torch.no_grad(),
-            pytest.raises(ValueError, match=r"input_ids hold 0 image tokens \(id 386\) but the images"),
-        ):
+        refused = r"input_ids hold 0 image tokens \(id 386\) but the images give 22 features"
+        with torch.no_grad(), pytest.raises(ValueError, match=refused):
             model(too_few, batch["position_ids"], None, **batch["inputs"])
     finally:
         destroy_distributed()
+
+
+def test_tower_gradients_are_identical_on_every_tp_rank_and_hf_s(tiny_models, converted):
+    """TP2 and TP2 + sequence parallel in one two-rank launch: the replicated tower gets bitwise the same gradients
+    on both ranks (so it needs no TP reduction), and they are HF's."""
+    from megatron_swift.distributed import run_workers
+
+    batch = sample_vision_batch(_config())
+    expected = _hf_tower_gradients(tiny_models[FAMILY], batch)
+    layouts = [{"tensor_model_parallel_size": 2}, {"tensor_model_parallel_size": 2, "sequence_parallel": True}]
+    rank0, rank1 = run_workers(_tower_gradients, 2, str(converted[FAMILY]), layouts, batch)
+    for layout, first, second in zip(layouts, rank0, rank1, strict=True):
+        assert all(torch.equal(first[n], second[n]) for n in first), layout
+        assert _worst_relative(first, expected) <= 1e-4, layout
+
+
+def test_text_only_logits_at_tp1(tiny_models, converted):
+    """Text only (no pixels): our mrope positions are 0..s-1 on every axis, HF's its own text positions."""
+    from converters.check import compare_logits, mcore_logits, sample_tokens
+
+    tokens = sample_tokens(384, batch=2, seq=32, seed=1)
+    result = compare_logits(hf_logits(tiny_models[FAMILY], tokens), mcore_logits(converted[FAMILY], tokens))
+    assert result["max_abs_diff"] <= 1e-4 and result["argmax_agreement"] == 1.0, result
+
+
+def test_packed_documents_with_images_give_each_rows_hf_logits(tiny_models, converted):
+    """The check's three rows (images of different sizes; text only) packed into one THD row: per-document positions
+    (`packed_rope_index`) and megatron-core's packed attention give each document HF's logits for its own row."""
+    from converters.convert import build_chunks, model_args_for_checkpoint
+    from megatron_swift.checkpoint.mcore import full_model_weights_dir, load_model
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.models.forward import forward_logits
+    from megatron_swift.models.rope_index import mm_token_type_ids
+    from megatron_swift.training.step import packed_seq_params
+
+    config = _config()
+    batch = sample_vision_batch(config)
+    keep = batch["attention_mask"].bool()
+    reference = hf_logits(tiny_models[FAMILY], batch)
+    documents = [batch["input_ids"][row][keep[row]] for row in range(keep.shape[0])]
+    packed = torch.cat(documents).unsqueeze(0)
+    cu_seqlens = torch.tensor([0, *torch.cumsum(torch.tensor([len(d) for d in documents]), 0).tolist()])
+    positions = packed_rope_index(
+        packed,
+        mm_token_type_ids(packed, config.image_token_id, config.video_token_id),
+        cu_seqlens,
+        batch["inputs"]["image_grid_thw"],
+        spatial_merge_size=MERGE,
+        tokens_per_second=config.vision_config.tokens_per_second,
+    )
+    init_distributed(ParallelConfig())
+    try:
+        _, args = model_args_for_checkpoint(converted[FAMILY])
+        (model,) = build_chunks(args, ParallelConfig(), torch.float32)
+        load_model([model], full_model_weights_dir(converted[FAMILY]))
+        logits = forward_logits(
+            [model], packed, args.vocab_size, packed_seq_params(cu_seqlens), positions, batch["inputs"]
+        )[0]
+        # Without the boundaries later documents attend to earlier ones: the comparison has teeth. (A constant
+        # offset of a document's positions would not show: rope scores depend on position differences only.)
+        leaky = forward_logits([model], packed, args.vocab_size, None, positions, batch["inputs"])[0]
+    finally:
+        destroy_distributed()
+    worst = (logits - reference[keep]).abs().max().item()
+    assert worst <= 1e-4, worst
+    later = slice(int(cu_seqlens[1]), None)
+    assert (leaky[later] - reference[keep][later]).abs().max() > 1e-3
 
 
 def test_vision_batch_is_what_hf_positions(tiny_models):

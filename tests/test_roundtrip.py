@@ -54,6 +54,7 @@ def test_round_trip_is_bit_exact(family, tiny_models, converted, tmp_path):
         ("qwen3", {"tie_word_embeddings": False}),
         ("gemma3", {}),
         ("gpt_oss", {}),
+        ("qwen2_5_vl", {"tie_word_embeddings": True}),  # as Qwen2.5-VL-3B
     ],
 )
 def test_round_trip_variants_bf16(family, overrides, tmp_path):

@@ -96,6 +96,9 @@ class VisionTower:
     # Submodules of the tower that are the aligner (ms-swift's freeze_aligner / aligner_lr: the projection into the
     # decoder's width, Qwen2.5-VL's patch merger); the rest of the tower is the ViT (training/vision_tuning.py).
     aligner_modules: tuple[str, ...] = ("merger",)
+    # The decoder's rope is multimodal (positions [3, b, s], models/rope_index.py): the text config's
+    # `rope_parameters.mrope_section` is then required (HF would fall back to a default split silently).
+    mrope: bool = True
     # Special tokens a tiny test tokenizer gets, as (config field naming its id, token text).
     special_tokens: tuple[tuple[str, str], ...] = ()
 

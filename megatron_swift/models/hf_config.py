@@ -327,6 +327,11 @@ def translate(hf_config, *, make_vocab_size_divisible_by: int = 128) -> GPTModel
     elif family.attention == "standard":
         _translate_rope(hf_config, rope, rope_kwargs)
         _mrope(rope, head_dim, rope_kwargs, transformer)
+        if family.vision is not None and family.vision.mrope and "mrope_section" not in transformer:
+            raise ConfigError(
+                f"rope_parameters.mrope_section is missing: {family.name}'s decoder uses multimodal rope; give the "
+                "checkpoint's sections (temporal, height, width)"
+            )
     else:
         raise ValueError(f"family {family.name}: unknown attention kind {family.attention!r}")
     if family.extras is not None:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-REQUIRED_CONFIG_FIELDS = ("architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads")
-SIZE_FIELDS = ("vocab_size", "max_position_embeddings")
+REQUIRED_CONFIG_FIELDS = ("architectures", "model_type")
+# In the text config: the top level, or `text_config` of a multimodal config.
+SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "max_position_embeddings")
 TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -53,10 +54,12 @@ def _expected_names(config) -> tuple[set[str], set[str]]:
     stored names are the state dict passed through its save-side conversion; a tied output layer is
     optional."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    # A vision-language model (a vision sub-config) is not a causal-LM auto class: its image-text-to-text class.
+    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto.from_config(config)
     state = model.state_dict()
     try:
         from transformers.core_model_loading import revert_weight_conversion
