@@ -62,8 +62,13 @@ def _hf_loss(hf_dir, micro_batches) -> float:
     with torch.no_grad():
         for batch in micro_batches:
             ids = batch["tokens"]
-            logits = model(input_ids=ids, attention_mask=(ids != pad).long(), mm_token_type_ids=(ids == image).int(),
-                           pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw")).logits
+            logits = model(
+                input_ids=ids,
+                attention_mask=(ids != pad).long(),
+                mm_token_type_ids=(ids == image).int(),
+                pixel_values=batch.get("pixel_values"),
+                image_grid_thw=batch.get("image_grid_thw"),
+            ).logits
             per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
                                                           reduction="none")  # fmt: skip
             total += float((per_token * batch["loss_mask"].flatten()).sum())
