@@ -5,7 +5,8 @@ text + images at TP1 (test_check.py's `check`, which samples images for a vision
 and text + images at TP2 / TP2 + SP / PP2 in test_check.py's two-rank launch. Here: the 3-D rope positions against
 HF's `get_rope_index` (images, videos, text-only and padded rows, packed documents), what the tiny model holds,
 the translation and refusals, both HF layouts read, the export loaded by transformers' classes with no missing or
-unexpected keys, and gradients reaching the vision tower as HF's.
+unexpected keys, text-only logits at TP1, a packed (THD) row of documents with images against HF's rows, and
+gradients reaching the vision tower as HF's (TP1 in process; bitwise the same on both ranks at TP2 / TP2 + SP).
 """
 
 import functools
