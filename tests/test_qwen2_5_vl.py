@@ -5,7 +5,8 @@ text + images at TP1 (test_check.py's `check`, which samples images for a vision
 and text + images at TP2 / TP2 + SP / PP2 in test_check.py's two-rank launch. Here: the 3-D rope positions against
 HF's `get_rope_index` (images, videos, text-only and padded rows, packed documents), what the tiny model holds,
 the translation and refusals, both HF layouts read, the export loaded by transformers' classes with no missing or
-unexpected keys, and gradients reaching the vision tower as HF's.
+unexpected keys, text-only logits at TP1, a packed (THD) row of documents with images against HF's rows, and
+gradients reaching the vision tower as HF's (TP1 in process; bitwise the same on both ranks at TP2 / TP2 + SP).
 """
 
 import functools
@@ -356,6 +357,59 @@ def test_packed_documents_with_images_give_each_rows_hf_logits(tiny_models, conv
     assert worst <= 1e-4, worst
     later = slice(int(cu_seqlens[1]), None)
     assert (leaky[later] - reference[keep][later]).abs().max() > 1e-3
+
+
+def test_video_and_image_logits_at_tp1(tiny_models, converted):
+    """A row with a video (2 temporal patches, fractional seconds per grid: temporal positions scaled by
+    tokens_per_second) and a row with an image: ours (positions from rope_index) against HF's forward."""
+    from converters.check import compare_logits
+    from converters.convert import build_chunks, model_args_for_checkpoint
+    from megatron_swift.checkpoint.mcore import full_model_weights_dir, load_model
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.models.forward import forward_logits
+    from megatron_swift.models.rope_index import mm_token_type_ids
+
+    config = _config()
+    vision = config.vision_config
+    generator = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(0, 384, (2, 24), generator=generator)
+    video, image = (4, 4, 4), (1, 4, 6)  # (t, h, w) patches: 8 and 6 tokens
+    for row, grid, token in ((0, video, config.video_token_id), (1, image, config.image_token_id)):
+        count = grid[0] * grid[1] * grid[2] // MERGE**2 // (2 if grid is video else 1)  # 2 frames per temporal patch
+        input_ids[row, 3] = config.vision_start_token_id
+        input_ids[row, 4 : 4 + count] = token
+        input_ids[row, 4 + count] = config.vision_end_token_id
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    video_grid = torch.tensor([[video[0] // 2, video[1], video[2]]])  # temporal patches of 2 frames
+    image_grid = torch.tensor([image])
+    inputs = {
+        "pixel_values_videos": torch.randn(int(video_grid.prod()), patch, generator=generator),
+        "video_grid_thw": video_grid,
+        "pixel_values": torch.randn(int(image_grid.prod()), patch, generator=generator),
+        "image_grid_thw": image_grid,
+    }
+    seconds = torch.tensor([1.75])  # x tokens_per_second 2: the second temporal patch 3.5 -> 3 positions later
+    types_ = mm_token_type_ids(input_ids, config.image_token_id, config.video_token_id)
+    assert (types_ == VIDEO).sum() == 8 and (types_ == IMAGE).sum() == 6
+    positions, _ = rope_index(
+        input_ids, types_, image_grid, video_grid, seconds, spatial_merge_size=MERGE,
+        tokens_per_second=vision.tokens_per_second,
+    )  # fmt: skip
+    assert set(positions[0, 0, 4:12].tolist()) == {4, 7}  # start 4; the time axis scaled, floored
+    reference = hf_logits(
+        tiny_models[FAMILY],
+        {"hf": {"input_ids": input_ids, "mm_token_type_ids": types_, "second_per_grid_ts": seconds, **inputs}},
+    )
+    init_distributed(ParallelConfig())
+    try:
+        _, args = model_args_for_checkpoint(converted[FAMILY])
+        (model,) = build_chunks(args, ParallelConfig(), torch.float32)
+        load_model([model], full_model_weights_dir(converted[FAMILY]))
+        logits = forward_logits([model], input_ids, args.vocab_size, None, positions, inputs)
+    finally:
+        destroy_distributed()
+    result = compare_logits(reference, logits)
+    assert result["max_abs_diff"] <= 1e-4 and result["argmax_agreement"] == 1.0, result
 
 
 def test_vision_batch_is_what_hf_positions(tiny_models):
