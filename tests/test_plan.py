@@ -19,6 +19,7 @@ from megatron_swift.plan.layout import CPU, Layout, Ops
 from megatron_swift.plan.params import Inventory, stage_static
 from megatron_swift.training.config import JobConfig, preflight
 from megatron_swift.training.job import check_job
+from megatron_swift.training.vision_tuning import frozen_parts
 from tests.plan_measure import run_measurements
 from tests.train_matrix import job_for
 
@@ -59,7 +60,7 @@ def _job(case: dict, world: int):
 def _static_by_rank(job, world: int, args) -> dict[int, object]:
     """The planner's static bytes for every global rank (the estimate reports only each stage's busiest)."""
     lay = Layout.from_job(job, world, args)
-    inventory = Inventory(args, lay, Ops.resolve(job, CPU), job.lora)
+    inventory = Inventory(args, lay, Ops.resolve(job, CPU), job.lora, frozen_parts(job.train))
     per_stage = world // lay.pp
     return {pp * per_stage + s.rank_in_stage: s for pp in range(lay.pp) for s in stage_static(inventory, pp)}
 
@@ -76,9 +77,14 @@ def _assert_static_exact(cases, measured, world):
             )
 
 
-def _cases_two_ranks(models, tiny=None):
+def _cases_two_ranks(models, tiny=None, vlm_data=None):
     llama, mixtral = models["llama"], models["mixtral"]
     odd = [] if tiny is None else [  # 64-wide norms: DP shards only line up with the bucket padded to lcm(DP, 128)
+        # a vision tower whole on both TP ranks after the language model, its ViT trained and its aligner frozen
+        dict(name="Qwen2.5-VL TP2 + SP, ViT trained", hf=str(tiny["qwen2_5_vl"]),
+             data={"dataset": [str(vlm_data)], "seq_length": 128},
+             parallel=dict(tensor_model_parallel_size=2, sequence_parallel=True),
+             train=dict(BF16, global_batch_size=2, use_distributed_optimizer=True, freeze_vit=False)),
         dict(name="distributed optimizer DP2, odd sizes", hf=str(tiny["llama"]), parallel={}, data={"seq_length": 32},
              train=dict(BF16, global_batch_size=4, use_distributed_optimizer=True)),
         # attention sinks (per head, split by TP) and a bias on every linear, router and experts included
@@ -125,8 +131,8 @@ def _cases_two_ranks(models, tiny=None):
 
 
 @pytest.fixture(scope="module")
-def two_rank_runs(shaped, tiny_models, tmp_path_factory):
-    cases = [case for case in _cases_two_ranks(shaped, tiny_models) if not case.get("slow")]
+def two_rank_runs(shaped, tiny_models, vlm_sft_data, tmp_path_factory):
+    cases = [case for case in _cases_two_ranks(shaped, tiny_models, vlm_sft_data) if not case.get("slow")]
     return cases, run_measurements(cases, DATA, tmp_path_factory.mktemp("runs2"), world_size=2)
 
 

@@ -169,3 +169,32 @@ def test_text_models_refuse_vision_fields(tiny_models, tmp_path):
                   {**TRAIN, "vit_lr": 1e-4})  # fmt: skip
     with pytest.raises(ConfigError, match=r"train\.vit_lr: the model has no vision tower"):
         check_job(job, 1)
+
+
+def test_part_rates_are_optimizer_groups_with_the_schedule_scaled_in_bf16(tiny_models, vlm_sft_data, tmp_path):
+    """bf16 wraps the chunks (Float16Module) before the optimizer is built: the ViT's and the aligner's rates must
+    still reach it, each group's min_lr scaled like its max_lr, and the logged rate is the language model's."""
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.training.job import build_model, check_job
+    from megatron_swift.training.optim import current_lr, wrap_for_training
+    from megatron_swift.training.vision_tuning import part_of
+
+    train = {**TRAIN, "bf16": True, "freeze_vit": False, "freeze_aligner": False, "vit_lr": 2e-4,
+             "aligner_lr": 5e-4, "min_lr": 1e-4, "lr_decay_style": "cosine"}  # fmt: skip
+    job = job_for(str(tiny_models[FAMILY]), str(vlm_sft_data), str(tmp_path), {}, train, data=DATA)
+    args = check_job(job, 1)
+    init_distributed(job.parallel, seed=job.train.seed)
+    try:
+        chunks = build_model(job, args)
+        sizes = {"vit": 0, "aligner": 0, "llm": 0}
+        for name, param in chunks[0].named_parameters():
+            sizes[part_of(name, args.vision)] += param.numel()
+        _, optimizer, _ = wrap_for_training(chunks, job)
+        by_rate: dict[tuple, int] = {}
+        for group in optimizer.param_groups:
+            key = (group["max_lr"], group["min_lr"])
+            by_rate[key] = by_rate.get(key, 0) + sum(param.numel() for param in group["params"])
+        assert by_rate == {(1e-3, 1e-4): sizes["llm"], (2e-4, 2e-5): sizes["vit"], (5e-4, 5e-5): sizes["aligner"]}
+        assert current_lr(optimizer) == next(g["lr"] for g in optimizer.param_groups if g["max_lr"] == 1e-3)
+    finally:
+        destroy_distributed()

@@ -41,6 +41,7 @@ class VisionLanguageModel(GPTModel):
         self.image_token_id = image_token_id
         self.video_token_id = video_token_id
         self.vision_module_name = vision.module_name
+        self.vision_spec = vision  # the family's VisionTower: what training freezes and rates per part
         if self.pre_process:
             setattr(self, vision.module_name, vision.build(vision_config, self.config.params_dtype))
 

@@ -17,6 +17,7 @@ from megatron_swift.plan.layout import Layout, Ops, Target
 from megatron_swift.plan.params import DENSE, EXPERT, Inventory, stage_static
 from megatron_swift.plan.timing import StepTime, step_time
 from megatron_swift.training.config import JobConfig
+from megatron_swift.training.vision_tuning import frozen_parts
 
 
 @dataclass
@@ -112,7 +113,7 @@ def estimate(
     target = target if target is not None else Target()
     lay = Layout.from_job(job, world_size, args)
     ops = Ops.resolve(job, target)
-    inventory = Inventory(args, lay, ops, job.lora)
+    inventory = Inventory(args, lay, ops, job.lora, frozen_parts(job.train))
     model = ActivationModel(args, inventory, hidden_dropout=_hidden_dropout(job, args), packing=job.data.packing)
     static_key = (
         astuple(job.parallel),
@@ -123,6 +124,7 @@ def estimate(
         job.train.ddp_bucket_size,
         job.train.train_type,
         str(job.lora),
+        frozen_parts(job.train),
     )
     cache = static_cache if static_cache is not None else {}
     if static_key not in cache:

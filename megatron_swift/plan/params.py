@@ -60,8 +60,11 @@ class Linear:
 class Inventory:
     """Parameter lists per chunk for one model, layout and LoRA setting (cached per layer kind)."""
 
-    def __init__(self, args: GPTModelArgs, layout: Layout, ops: Ops, lora: LoraConfig | None):
+    def __init__(self, args: GPTModelArgs, layout: Layout, ops: Ops, lora: LoraConfig | None,
+                 frozen: tuple[str, ...] = ()):  # fmt: skip
+        """`frozen`: a vision-language model's parts that full training freezes (training/vision_tuning.py)."""
         self.args, self.layout, self.ops, self.lora = args, layout, ops, lora if layout.lora else None
+        self.frozen = frozen if args.vision is not None and self.lora is None else ()
         t = args.transformer
         self.h, self.heads, self.groups, self.head_dim = (
             t["hidden_size"],
@@ -233,7 +236,7 @@ class Inventory:
             )
             numel.append(n)
             buffer.append(buf)
-            trainable.append(self.lora is None or self._saved(module))
+            trainable.append(self._trains(module))
             lora.append(False)
             if adapted:  # LoraLinear: base (frozen) then lora_A [r, in], lora_B [out, r], this rank's shards
                 r = self.lora.rank
@@ -294,10 +297,38 @@ class Inventory:
             parts.append(self._single("decoder.final_layernorm", h, False))
             if not (tied and chunk.pre_process):  # tied at PP1: the embedding weight is the output weight
                 parts.append(self._single("output_layer", vocab * h, tied and lay.pp > 1))
+        if chunk.pre_process and self.args.vision is not None:
+            parts.append(self._vision_tower())
         return Params.concat(parts)
 
+    def _trains(self, module: str) -> bool:
+        """A language-model parameter trains: in full training unless freeze_llm, under LoRA in modules_to_save."""
+        return "llm" not in self.frozen if self.lora is None else self._saved(module)
+
+    def _vision_tower(self) -> Params:
+        """The vision tower's parameters (models/vlm.py: registered after the language model's, on the first stage,
+        whole on every TP rank), from HF's own module built on the meta device."""
+        import torch
+
+        from megatron_swift.training.vision_tuning import part_of
+
+        tower = self.args.vision
+        with torch.device("meta"):
+            module = tower.build(self.args.vision_config, torch.float32)
+        named = list(module.named_parameters())
+        size = len(named)
+        trainable = [self.lora is None and part_of(f"{tower.module_name}.{name}", tower) not in self.frozen
+                     for name, _ in named]  # fmt: skip
+        return Params(
+            np.array([param.numel() for _, param in named], dtype=np.int64),
+            np.array(trainable, dtype=bool),
+            np.full(size, DENSE, dtype=np.int8),
+            np.zeros(size, dtype=bool),
+            np.zeros(size, dtype=bool),
+        )
+
     def _single(self, module: str, numel: int, shared: bool) -> Params:
-        trainable = self.lora is None or self._saved(module)
+        trainable = self._trains(module)
         return Params(
             np.array([numel], dtype=np.int64),
             np.array([trainable]),

@@ -150,7 +150,8 @@ def reference_model_problems(ref_model: str, args, make_vocab_size_divisible_by:
 
 
 def build_chunks(job: JobConfig, args) -> list:
-    """This rank's model chunks, initialised (no weights loaded yet)."""
+    """This rank's model chunks, initialised (no weights loaded yet); a vision-language model's parts that
+    train.freeze_vit / freeze_aligner / freeze_llm name are frozen (training/vision_tuning.py)."""
     from megatron_swift.models import build_model_chunks, dtype_from_name, transformer_config
     from megatron_swift.training.config import transformer_overrides
 
@@ -163,8 +164,13 @@ def build_chunks(job: JobConfig, args) -> list:
         overrides["apply_rope_fusion"] = False
     config = transformer_config(args, job.parallel, params_dtype=dtype, **overrides)
     model = job.model
-    return build_model_chunks(args, config, spec=model.spec, attention=model.attention, kernels=model.kernels,
-                              fused_linear_cross_entropy=model.fused_linear_cross_entropy)  # fmt: skip
+    chunks = build_model_chunks(args, config, spec=model.spec, attention=model.attention, kernels=model.kernels,
+                                fused_linear_cross_entropy=model.fused_linear_cross_entropy)  # fmt: skip
+    if args.vision is not None and job.train.train_type == "full":  # LoRA freezes the whole base itself
+        from megatron_swift.training.vision_tuning import freeze
+
+        freeze(chunks, args.vision, job.train)
+    return chunks
 
 
 def check_weights(job: JobConfig, chunks, args):
@@ -319,11 +325,7 @@ def run_job(job: JobConfig, ctx, args) -> list:
         resume_from = latest_checkpoint(ckpt.load or ckpt.save) if (ckpt.load or ckpt.save) else None
         if resume_from is None or job.train.train_type == "lora":  # LoRA checkpoints hold only the adapters
             load_weights(job, chunks, args, source)
-        if args.vision is not None and job.train.train_type == "full":  # freeze_vit / freeze_aligner / freeze_llm
-            from megatron_swift.training.vision_tuning import freeze
-
-            freeze(chunks, args.vision, job.train)
-        chunks, optimizer, scheduler = wrap_for_training(chunks, job, vision=args.vision)
+        chunks, optimizer, scheduler = wrap_for_training(chunks, job)
         cache_file, cached = None, False
         if job.train.task in (*PAIR_TASKS, KTO_TASK) and job.rlhf.precompute_ref_logps:
             cache_file = reference_cache.cache_path(job, tokenizer)

@@ -9,9 +9,9 @@ import torch
 from megatron_swift.training.config import JobConfig
 
 
-def wrap_for_training(chunks: list, job: JobConfig, vision=None):
-    """(DDP-wrapped chunks, MegatronOptimizer, OptimizerParamScheduler) for `chunks`; `vision`: a vision-language
-    model's `VisionTower`, whose ViT and aligner may have learning rates of their own (training/vision_tuning.py)."""
+def wrap_for_training(chunks: list, job: JobConfig):
+    """(DDP-wrapped chunks, MegatronOptimizer, OptimizerParamScheduler) for `chunks`. A vision-language model's ViT
+    and aligner may have learning rates of their own (training/vision_tuning.py)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -19,6 +19,7 @@ def wrap_for_training(chunks: list, job: JobConfig, vision=None):
 
     t = job.train
     config = chunks[0].config
+    vision = getattr(chunks[0], "vision_spec", None)  # models/vlm.py (read before any wrapping)
     if t.bf16 or t.fp16:
         chunks = [Float16Module(config, chunk) for chunk in chunks]
     ddp_config = DistributedDataParallelConfig(
