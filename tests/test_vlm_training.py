@@ -198,3 +198,15 @@ def test_part_rates_are_optimizer_groups_with_the_schedule_scaled_in_bf16(tiny_m
         assert current_lr(optimizer) == next(g["lr"] for g in optimizer.param_groups if g["max_lr"] == 1e-3)
     finally:
         destroy_distributed()
+
+
+def test_text_only_batches_with_a_trained_tower_and_overlapped_grad_reduce(tiny_models, tmp_path):
+    """Rows without images leave a trained tower without gradients; with overlapped gradient reduction megatron-core
+    launches a bucket only when all its parameters have reported, and asserts at the step's end otherwise."""
+    train = {**TRAIN, "freeze_vit": False, "freeze_aligner": False}
+    losses = {}
+    for overlap in (False, True):
+        job = job_for(str(tiny_models[FAMILY]), "examples/data/sft_sample.jsonl", str(tmp_path / str(overlap)), {},
+                      {**train, "overlap_grad_reduce": overlap}, data=DATA)  # fmt: skip
+        losses[overlap] = [result.loss for result in _train(job)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6) and len(losses[True]) == 2

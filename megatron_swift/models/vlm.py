@@ -90,6 +90,13 @@ class VisionLanguageModel(GPTModel):
         if pixel_values_videos is not None:
             features = self._features(pixel_values_videos, video_grid_thw, "video")
             embeddings = self._merge(embeddings, input_ids, features, self.video_token_id, "video")
+        if pixel_values is None and pixel_values_videos is None and torch.is_grad_enabled():
+            # A micro-batch without images leaves a trained tower without gradients, and megatron-core's DDP waits
+            # for every trainable parameter's (with overlap_grad_reduce a bucket is launched only when all its
+            # parameters have reported). Adding 0 x the tower's parameters gives them zero gradients; exact.
+            trained = [param for param in self.vision_tower.parameters() if param.requires_grad]
+            if trained:
+                embeddings = embeddings + 0.0 * sum(param.sum() for param in trained).to(embeddings.dtype)
         if self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
         return embeddings
