@@ -1,8 +1,9 @@
 """The static export check on vision-language directories: a real Qwen2.5-VL export (tiny random model ->
-hf-to-mcore -> mcore-to-hf, the hub's `model.layers.*` / `visual.*` names) and the source in transformers 5's
-layout pass; a copy without its processor settings and copies with a vision tensor dropped or renamed are refused,
-each naming what is wrong. The names are judged against HF itself: what `from_pretrained` reports missing or
-unexpected when it loads the same directory."""
+hf-to-mcore -> mcore-to-hf, the hub's `model.layers.*` / `visual.*` names), its source and a copy renamed to
+transformers' module names (`model.language_model.*`, `model.visual.*`, which HF loads too) pass; a copy without its
+processor settings and copies with a vision tensor dropped or renamed are refused, each naming what is wrong. The
+names are judged against HF itself: what `from_pretrained` reports missing or unexpected when it loads the same
+directory."""
 
 from __future__ import annotations
 
@@ -38,12 +39,22 @@ def _weights(model_dir: Path) -> tuple[Path, dict]:
     return files[0], load_file(files[0])
 
 
-def test_vlm_export_and_source_layouts_pass(vlm_export, tiny_models, capsys):
+def test_vlm_export_and_source_layouts_pass(vlm_export, tiny_models, tmp_path, capsys):
     _, tensors = _weights(vlm_export)
     assert any(name.startswith("visual.") for name in tensors)  # the hub's layout, vision tower included
     assert _hf_loading_problems(vlm_export) == {"missing_keys": [], "unexpected_keys": []}
     assert check_export(vlm_export) == []
-    assert check_export(tiny_models["qwen2_5_vl"]) == []  # transformers 5's save layout
+    assert check_export(tiny_models["qwen2_5_vl"]) == []
+
+    modules = Path(shutil.copytree(vlm_export, tmp_path / "module_names"))
+    path, tensors = _weights(modules)
+    renamed = {("model.language_model." + name[6:] if name.startswith("model.") else "model." + name
+                if name.startswith("visual.") else name): tensor for name, tensor in tensors.items()}  # fmt: skip
+    (modules / "model.safetensors.index.json").unlink()
+    path.unlink()
+    save_file(renamed, modules / "model.safetensors", metadata={"format": "pt"})
+    assert _hf_loading_problems(modules) == {"missing_keys": [], "unexpected_keys": []}
+    assert check_export(modules) == []
     assert serve_main(["--model", str(vlm_export), "--dry-run"]) == 0
     assert f"vllm serve {vlm_export}" in capsys.readouterr().out
 

@@ -13,7 +13,7 @@ A vision-language model (a `vision_config` in config.json, e.g. Qwen2.5-VL) also
 (`processor_config.json` or `preprocessor_config.json` holding the image processor: vLLM builds the image inputs
 and placeholder counts with them), and its names are those of the image-text-to-text class, vision tower
 (`visual.*`) included, in either of the layouts its family reads (the hub's `model.layers.*` / `visual.*`,
-which the export writes, or transformers 5's `model.language_model.*` / `model.visual.*`).
+which the export writes, or transformers' module names `model.language_model.*` / `model.visual.*`).
 """
 
 from __future__ import annotations
@@ -94,8 +94,9 @@ def _check_names(model_dir: Path, config, problems: list[str]) -> None:
 
 
 def _closest_layout(config, stored: set[str], required: set[str], optional: set[str]) -> tuple[set[str], set[str]]:
-    """(required, optional) in the family's layout nearest the stored names: transformers' save names, or the same
-    renamed by the family's `hf_aliases` (stored prefix, prefix read as), e.g. Qwen2.5-VL's hub layout."""
+    """(required, optional) in the layout nearest the stored names among those the family reads: transformers' save
+    names, and the same renamed either way by the family's `hf_aliases` (pairs of prefixes naming one tensor in two
+    layouts, e.g. Qwen2.5-VL's `model.language_model.` / `model.` and `model.visual.` / `visual.`)."""
     from megatron_swift.models.family import UnsupportedModelError, family_for
 
     try:
@@ -103,14 +104,17 @@ def _closest_layout(config, stored: set[str], required: set[str], optional: set[
     except UnsupportedModelError:
         return required, optional
 
-    def renamed(names: set[str]) -> set[str]:
+    def renamed(names: set[str], pairs) -> set[str]:
         out = set()
         for name in names:
-            prefix = next((pair for pair in aliases if name.startswith(pair[0])), None)
-            out.add(prefix[1] + name[len(prefix[0]) :] if prefix else name)
+            pair = next((pair for pair in pairs if name.startswith(pair[0])), None)
+            out.add(pair[1] + name[len(pair[0]) :] if pair else name)
         return out
 
-    layouts = [(required, optional), (renamed(required), renamed(optional))]
+    layouts = [(required, optional)]
+    for pairs in (aliases, tuple((b, a) for a, b in aliases)):
+        if pairs:
+            layouts.append((renamed(required, pairs), renamed(optional, pairs)))
     return min(layouts, key=lambda layout: len(layout[0] - stored) + len(stored - layout[0] - layout[1]))
 
 
