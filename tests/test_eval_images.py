@@ -16,51 +16,21 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_swift.eval.__main__ import main as eval_main
+from tests.vlm_data import hf_predictions
 
 MAX_NEW_TOKENS = 6
-
-
-def _parts(content: str) -> list[dict] | str:
-    """`<image>` tags -> HF content parts, written out independently of data/multimodal.py."""
-    if "<image>" not in content:
-        return content
-    parts = []
-    for i, piece in enumerate(content.split("<image>")):
-        if i:
-            parts.append({"type": "image"})
-        if piece:
-            parts.append({"type": "text", "text": piece})
-    return parts
-
-
-def _hf_predictions(model_dir: Path, rows: list[dict], base_dir: Path) -> list[str]:
-    """Each row alone through the processor and HF generate (greedy), the reply decoded without special tokens."""
-    from PIL import Image
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from megatron_swift.models.tiny_processor import load_processor  # AutoProcessor needs torchvision
-
-    processor = load_processor(model_dir)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    predictions = []
-    for row in rows:
-        messages = [{"role": m["role"], "content": _parts(m["content"])} for m in row["messages"][:-1]]
-        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        images = [Image.open(base_dir / name).convert("RGB") for name in row.get("images", [])]
-        inputs = processor(text=[text], images=images or None, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        predictions.append(processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0])
-    return predictions
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_models, vlm_sft_data) -> tuple[Path, list[dict], list[str]]:
     rows = [json.loads(line) for line in vlm_sft_data.read_text().splitlines()]
-    return tiny_models["qwen2_5_vl"], rows, _hf_predictions(tiny_models["qwen2_5_vl"], rows, vlm_sft_data.parent)
+    return (
+        tiny_models["qwen2_5_vl"],
+        rows,
+        hf_predictions(tiny_models["qwen2_5_vl"], rows, vlm_sft_data.parent, MAX_NEW_TOKENS),
+    )
 
 
 def test_image_rows_are_generated_as_hf_generate_and_scored(reference, vlm_sft_data, tmp_path):

@@ -2,8 +2,9 @@
 (examples/tiny_vlm_lora.yaml) -> merged export -> `mswift-eval --qa` base vs tuned on the held-out split.
 
 By default the same steps run in this process, with the script's arguments and the example's YAML (2 training steps,
-4 held-out rows, one rank): the export loads in HF with the vision tower bit for bit the base's (frozen) and the
-language model changed (merged LoRA), passes the serve check, and the report holds both models on the 4 rows. The
+4 held-out rows, one rank): the export has the vision tower bit for bit the base's (frozen) and the language model
+changed (merged LoRA), passes the serve check, the report holds both models on the 4 rows, and the tuned model's
+predictions are HF generate's on the export. The
 script itself (torchrun on 2 processes, the full run) is `slow`: there the tuned model must answer the held-out
 questions far better than the base.
 """
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 
 from megatron_swift.eval.__main__ import main as eval_main
 from megatron_swift.serve.export_check import check_export
+from tests.vlm_data import hf_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 YAML = ROOT / "examples" / "tiny_vlm_lora.yaml"
@@ -85,6 +87,12 @@ def test_example_wiring_in_process(tmp_path):
     mcore_to_hf(out / "run" / "checkpoints", out / "hf-tuned", lora="merge")
     assert eval_main(_eval_args(out)) == 0
     _check_export(out, json.loads((out / "eval" / "report.json").read_text()), rows=4)
+    # The tuned model's predictions are HF's generate on the export, each row alone through its processor.
+    rows = [json.loads(line) for line in data["held_out"].read_text().splitlines()]
+    saved = (out / "eval" / "predictions-tuned-qa.jsonl").read_text().splitlines()
+    assert [json.loads(line)["prediction"] for line in saved] == hf_predictions(
+        out / "hf-tuned", rows, data["held_out"].parent, 4
+    )
 
 
 @pytest.mark.slow
