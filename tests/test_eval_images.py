@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import megatron_swift._optional as optional
 from megatron_swift.eval.__main__ import main as eval_main
 from tests.vlm_data import hf_predictions
 
@@ -76,6 +77,7 @@ def _row(images: list[str], content: str = "<image>What colour is the shape?") -
         ("missing", r"qa\.jsonl:2: images\[0\]: no such file gone\.png"),
         ("corrupt", r"qa\.jsonl:2: images\[0\] \(.*broken\.png\) is not a readable image"),
         ("tags", r"qa\.jsonl:2: 2 <image> tag\(s\) in the messages but 1 images"),
+        ("vllm", r"qa\.jsonl:2: rows with images are generated with --backend hf only"),
     ],
 )
 def test_bad_image_rows_are_one_file_line_error(tiny_models, vlm_sft_data, tmp_path, capsys, monkeypatch,
@@ -86,13 +88,15 @@ def test_bad_image_rows_are_one_file_line_error(tiny_models, vlm_sft_data, tmp_p
         raise AssertionError("a model was loaded before the input was checked")
 
     monkeypatch.setattr(suite, "load_model", no_model_work)
+    monkeypatch.setattr(optional, "vllm_unavailable_reason", lambda: None)  # as on a GPU machine with vLLM
     image = str(vlm_sft_data.parent / "image0_0.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
-    second = {"text_model": _row([image]), "missing": _row(["gone.png"]), "corrupt": _row(["broken.png"]),
-              "tags": _row([image], "<image><image>What colour?")}[case]  # fmt: skip
+    second = {"text_model": _row([image]), "vllm": _row([image]), "missing": _row(["gone.png"]),
+              "corrupt": _row(["broken.png"]), "tags": _row([image], "<image><image>What colour?")}[case]  # fmt: skip
     qa = _write(tmp_path / "qa.jsonl", [{"question": "Say hi.", "answer": "hi"}, second])
     model = tiny_models["llama" if case == "text_model" else "qwen2_5_vl"]
-    assert eval_main(["--model", str(model), "--qa", str(qa), "--out", str(tmp_path / "out")]) == 2
+    backend = ["--backend", "vllm"] if case == "vllm" else []
+    assert eval_main(["--model", str(model), "--qa", str(qa), *backend, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
