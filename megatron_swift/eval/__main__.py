@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--perplexity", dest="perplexity_data", help="JSONL in the training format")
     parser.add_argument("--task", default="sft", choices=["sft", "pretrain"], help="loss mask as in training")
     parser.add_argument("--seq-length", type=int, default=2048, help="samples are cut to this, as in training")
-    parser.add_argument("--qa", dest="qa_data", help="JSONL of question/answer rows (+ images)")
+    parser.add_argument("--qa", dest="qa_data", help="JSONL of QA rows (+ images); exact + normalised match")
     parser.add_argument("--agent", dest="agent_data", help="JSONL of tool-calling steps (Act.EM, Plan.EM, ...)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
