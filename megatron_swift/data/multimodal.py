@@ -192,6 +192,26 @@ def _base_dir(where: str) -> Path:
     return Path(where.rsplit(":", 1)[0]).parent
 
 
+def check_media_tags(messages: list[dict], data: dict) -> None:
+    """RowProblem unless the messages hold one tag per entry of the row's `images` / `videos`, none of them in an
+    assistant turn."""
+    for kind in TAGS:
+        entries = _media_list(data, f"{kind}s")
+        tags = sum(m["content"].count(TAGS[kind]) for m in messages if m.get("content"))
+        if tags != len(entries):
+            raise RowProblem(f"{tags} {TAGS[kind]} tag(s) in the messages but {len(entries)} {kind}s; each "
+                             f"{kind} needs one {TAGS[kind]} tag where it goes")  # fmt: skip
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant" and TAG_PATTERN.search(message.get("content") or ""):
+            raise RowProblem(f"messages[{i}] (assistant) holds a media tag; media go in user or system turns")
+
+
+def row_images(data: dict, where: str) -> list[tuple[str, object]]:
+    """The row's `images` resolved (relative paths against the directory of the data file `where` names)."""
+    base = _base_dir(where)
+    return [resolve_image(source, base, f"images[{i}]") for i, source in enumerate(_media_list(data, "images"))]
+
+
 class MediaEncoder:
     """Picklable, like `Encoder`: rows -> MediaSample (or what is wrong with the row), with the model's processor."""
 
@@ -212,20 +232,13 @@ class MediaEncoder:
         item = normalise(row.data, self.row_format)
         if isinstance(item, str):
             raise RowProblem("SFT rows need a conversation; 'text' rows are for train.task=pretrain")
-        images, videos = _media_list(row.data, "images"), _media_list(row.data, "videos")
-        for kind, entries in (("image", images), ("video", videos)):
-            tags = sum(m["content"].count(TAGS[kind]) for m in item.messages if m.get("content"))
-            if tags != len(entries):
-                raise RowProblem(f"{tags} {TAGS[kind]} tag(s) in the messages but {len(entries)} {kind}s; each "
-                                 f"{kind} needs one {TAGS[kind]} tag where it goes")  # fmt: skip
-        for i, message in enumerate(item.messages):
-            if message["role"] == "assistant" and TAG_PATTERN.search(message.get("content") or ""):
-                raise RowProblem(f"messages[{i}] (assistant) holds a media tag; media go in user or system turns")
+        videos = _media_list(row.data, "videos")
+        check_media_tags(item.messages, row.data)
         if videos and getattr(self.processor, "video_processor", None) is None:
             raise RowProblem("the row has videos but the processor has no video processor (transformers' video "
                              "processors need torchvision)")  # fmt: skip
         base = _base_dir(row.where)
-        image_refs = [resolve_image(source, base, f"images[{i}]") for i, source in enumerate(images)]
+        image_refs = row_images(row.data, row.where)
         video_refs = []
         for i, video in enumerate(videos):
             if not isinstance(video, (list, tuple)) or not video:

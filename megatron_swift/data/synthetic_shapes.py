@@ -1,11 +1,12 @@
 """A small generated vision-language dataset: one coloured shape on a light background, questions with one-word
 answers (its colour or its shape), as ms-swift jsonl + png files; deterministic by seed.
 
-    python -m megatron_swift.data.synthetic_shapes OUT_DIR [--train 256] [--held-out 64] [--seed 0]
+    python -m megatron_swift.data.synthetic_shapes OUT_DIR [--train 256] [--held-out 64] [--seed 0] [--corpus FILE]
 
 writes OUT_DIR/train.jsonl, OUT_DIR/held_out.jsonl and OUT_DIR/images/*.png (paths in the rows are relative to
-the jsonl files). Every (colour, shape, question) combination appears equally often in each split (up to the
-remainder of the count), so a model that learnt nothing scores 1/len(COLOURS) or 1/len(SHAPES).
+the jsonl files), and with --corpus the dataset's words (`tokenizer_corpus`) for a tiny model's tokenizer. Every
+(colour, shape, question) combination appears equally often in each split (up to the remainder of the count), so a
+model that learnt nothing scores 1/len(COLOURS) or 1/len(SHAPES).
 """
 
 from __future__ import annotations
@@ -75,6 +76,14 @@ def write_dataset(out_dir: str | Path, train: int = 256, held_out: int = 64, see
             "held_out": write_split(out_dir, "held_out", held_out, np.random.default_rng(streams[1]))}  # fmt: skip
 
 
+def tokenizer_corpus() -> str:
+    """Every word of the dataset's chats as Qwen2.5-VL's chat template prints them (roles and the default system
+    prompt included, each answer at a line start as it follows "assistant\\n"), one phrase a line: a tiny tokenizer
+    trained on it (`make_tiny_model(..., tokenizer_corpus=...)`) keeps each answer one token and a sample short."""
+    lines = ["system", "user", "assistant", "You are a helpful assistant.", *QUESTIONS.values(), *COLOURS, *SHAPES]
+    return "\n".join(lines) + "\n"
+
+
 def nearest_colour(pixels: np.ndarray) -> str:
     """The COLOURS name of the pixels that are not background (for checks: the answer read back from an image)."""
     flat = pixels.reshape(-1, 3).astype(np.int64)
@@ -89,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=256)
     parser.add_argument("--held-out", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corpus", type=Path, help="also write the tokenizer corpus (tokenizer_corpus) here")
     args = parser.parse_args(argv)
     paths = write_dataset(args.out_dir, args.train, args.held_out, args.seed)
+    if args.corpus:
+        args.corpus.write_text(tokenizer_corpus())
     print(" ".join(f"{name}={path}" for name, path in paths.items()))
     return 0
 

@@ -6,6 +6,8 @@
         [--skip-bad-rows] --out REPORT_DIR
 
 Writes REPORT_DIR/report.json, REPORT_DIR/report.md (printed too) and the predictions of each model.
+QA rows may carry images (`images` + `<image>` tags, as training rows): a vision-language model generates them
+through its own processor (--backend hf).
 Without --model, QA / agent rows are scored from their own "prediction" fields. Bad input (missing
 directories, malformed rows with file:line, vLLM without a GPU) prints one `error:` line and exits 2;
 with --skip-bad-rows, malformed rows are skipped instead. Rows left out (skipped, or agent rows whose
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--perplexity", dest="perplexity_data", help="JSONL in the training format")
     parser.add_argument("--task", default="sft", choices=["sft", "pretrain"], help="loss mask as in training")
     parser.add_argument("--seq-length", type=int, default=2048, help="samples are cut to this, as in training")
-    parser.add_argument("--qa", dest="qa_data", help="JSONL of question/answer rows (exact + normalised match)")
+    parser.add_argument("--qa", dest="qa_data", help="JSONL of QA rows (+ images); exact + normalised match")
     parser.add_argument("--agent", dest="agent_data", help="JSONL of tool-calling steps (Act.EM, Plan.EM, ...)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)

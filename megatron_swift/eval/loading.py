@@ -30,10 +30,28 @@ def load_tokenizer(model_dir: str | Path):
 
 
 def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu"):
-    """The causal LM in eval mode, on `device`, in `dtype` ("auto" keeps the stored dtype)."""
-    from transformers import AutoModelForCausalLM
+    """The causal LM (a vision-language model's image-text-to-text class when its config has a vision tower) in
+    eval mode, on `device`, in `dtype` ("auto" keeps the stored dtype)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     if dtype not in DTYPES:
         raise EvalInputError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(check_model_dir(model_dir), dtype=DTYPES[dtype])
+    path = check_model_dir(model_dir)
+    vision = getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None
+    auto_class = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model = auto_class.from_pretrained(path, dtype=DTYPES[dtype])
     return model.to(device).eval()
+
+
+def load_image_processor(model_dir: str | Path, first_image_row: str):
+    """The model's HF processor for rows with images; EvalInputError naming the first such row when the model has
+    none (a text-only model)."""
+    from megatron_swift.models.tiny_processor import load_processor
+
+    processor = load_processor(check_model_dir(model_dir))
+    if processor is None:
+        raise EvalInputError(
+            f"{first_image_row}: the row has images but {model_dir} has no image processor (no processor_config.json "
+            "/ preprocessor_config.json: a text-only model); evaluate image rows with a vision-language model's export"
+        )
+    return processor

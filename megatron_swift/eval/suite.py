@@ -13,12 +13,13 @@ from megatron_swift.eval.datasets import data_entry, read_agent, read_qa
 from megatron_swift.eval.generation import (
     PromptRow,
     generate_hf,
+    generate_hf_media,
     generate_vllm,
     qa_accuracy,
     render_prompt,
     vllm_engine,
 )
-from megatron_swift.eval.loading import EvalInputError, load_model, load_tokenizer
+from megatron_swift.eval.loading import EvalInputError, load_image_processor, load_model, load_tokenizer
 from megatron_swift.eval.perplexity import encode_rows, masked_loss
 from megatron_swift.fs import atomic_write_text
 
@@ -75,8 +76,11 @@ def _predictions(generate, rows: list[PromptRow]) -> list[str]:
     return generate(rows)
 
 
-def _generator(config: EvalConfig, model_dir: str, model, tokenizer):
-    """rows -> greedy predictions, prompts rendered with the model's chat template, on the configured backend."""
+def _generator(config: EvalConfig, model_dir: str, model, tokenizer, processor=None):
+    """rows -> greedy predictions, prompts rendered with the model's chat template, on the configured backend; with
+    a processor (datasets with images), every row through the processor (generate_hf_media)."""
+    if processor is not None:
+        return lambda rows: generate_hf_media(model, processor, rows, config.max_new_tokens, config.batch_size)
     if config.backend == "vllm":
         engine = vllm_engine(model_dir, config.tensor_parallel_size)
 
@@ -108,6 +112,12 @@ def evaluate(config: EvalConfig) -> dict:
     agent = read_agent(config.agent_data, config.skip_bad_rows) if config.agent_data else None
 
     data = {kind: dataset.report() for kind, dataset in (("qa", qa), ("agent", agent)) if dataset}
+    image_row = next((row.where for dataset in (qa, agent) if dataset for row in dataset.rows if row.images), None)
+    if image_row and config.backend == "vllm" and config.models:
+        raise EvalInputError(f"{image_row}: rows with images are generated with --backend hf only")
+    # Every model's processor before any model work: a text-only model given image rows stops the run here.
+    processors = {name: load_image_processor(path, image_row) if image_row else None
+                  for name, path in config.models.items()}  # fmt: skip
     results = {}
     for name, model_dir in config.models.items() or [(PREDICTIONS_ONLY, None)]:
         result, generate = {}, None
@@ -124,7 +134,7 @@ def evaluate(config: EvalConfig) -> dict:
             if qa or agent:
                 if config.backend == "vllm":
                     model = None  # free the transformers copy before vLLM takes the GPU memory
-                generate = _generator(config, model_dir, model, tokenizer)
+                generate = _generator(config, model_dir, model, tokenizer, processors[name])
         if qa:
             predictions = _predictions(generate, qa.rows)
             _save_predictions(config, name, "qa", qa.rows, predictions)

@@ -8,6 +8,12 @@ names of the HF architecture. The name check compares the stored names with the 
 itself would save for the same architecture, built on the meta device (no memory, no weights read).
 LoRA adapters need a PEFT `adapter_config.json` and adapter weights, and no `modules_to_save` or DoRA
 (vLLM's adapter loader refuses both).
+
+A vision-language model (a `vision_config` in config.json, e.g. Qwen2.5-VL) also needs its processor's settings
+(`processor_config.json` or `preprocessor_config.json` holding the image processor: vLLM builds the image inputs
+and placeholder counts with them), and its names are those of the image-text-to-text class, vision tower
+(`visual.*`) included, in either of the layouts its family reads (the hub's `model.layers.*` / `visual.*`,
+which the export writes, or transformers' module names `model.language_model.*` / `model.visual.*`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ REQUIRED_CONFIG_FIELDS = ("architectures", "model_type")
 SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "max_position_embeddings")
 TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
 INDEX_NAME = "model.safetensors.index.json"
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 def _weight_names(model_dir: Path, problems: list[str]) -> set[str] | None:
@@ -47,19 +54,22 @@ def _weight_names(model_dir: Path, problems: list[str]) -> set[str] | None:
     return names
 
 
+def _is_vision_language(config) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
 def _expected_names(config) -> tuple[set[str], set[str]]:
     """(required, optional) tensor names of the architecture as HF checkpoints store them.
 
     transformers 5 fuses some weights in memory (MoE experts) and splits them again on save, so the
     stored names are the state dict passed through its save-side conversion; a tied output layer is
-    optional."""
+    optional. A vision-language model is built as its image-text-to-text class (tower included)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    # A vision-language model (a vision sub-config) is not a causal-LM auto class: its image-text-to-text class.
-    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    auto_class = AutoModelForImageTextToText if _is_vision_language(config) else AutoModelForCausalLM
     with torch.device("meta"):
-        model = auto.from_config(config)
+        model = auto_class.from_config(config)
     state = model.state_dict()
     try:
         from transformers.core_model_loading import revert_weight_conversion
@@ -77,11 +87,54 @@ def _check_names(model_dir: Path, config, problems: list[str]) -> None:
         return
     if getattr(config, "quantization_config", None):  # quantizers store their own tensor layouts
         return
-    required, optional = _expected_names(config)
+    required, optional = _closest_layout(config, stored, *_expected_names(config))
     for label, names in (("missing", required - stored), ("unexpected", stored - required - optional)):
         if names:
             shown = ", ".join(sorted(names)[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
             problems.append(f"{model_dir}: {len(names)} {label} tensor name(s) for {config.architectures[0]}: {shown}")
+
+
+def _closest_layout(config, stored: set[str], required: set[str], optional: set[str]) -> tuple[set[str], set[str]]:
+    """(required, optional) in the layout nearest the stored names among those the family reads: transformers' save
+    names, and the same renamed either way by the family's `hf_aliases` (pairs of prefixes naming one tensor in two
+    layouts, e.g. Qwen2.5-VL's `model.language_model.` / `model.` and `model.visual.` / `visual.`)."""
+    from megatron_swift.models.family import UnsupportedModelError, family_for
+
+    try:
+        aliases = family_for(config).mapping.hf_aliases
+    except UnsupportedModelError:
+        return required, optional
+
+    def renamed(names: set[str], pairs) -> set[str]:
+        out = set()
+        for name in names:
+            pair = next((pair for pair in pairs if name.startswith(pair[0])), None)
+            out.add(pair[1] + name[len(pair[0]) :] if pair else name)
+        return out
+
+    layouts = [(required, optional)]
+    for pairs in (aliases, tuple((b, a) for a, b in aliases)):
+        if pairs:
+            layouts.append((renamed(required, pairs), renamed(optional, pairs)))
+    return min(layouts, key=lambda layout: len(layout[0] - stored) + len(stored - layout[0] - layout[1]))
+
+
+def _check_processor(model_dir: Path, problems: list[str]) -> None:
+    found = []
+    for name in PROCESSOR_FILES:
+        if (model_dir / name).is_file():
+            try:
+                found.append(json.loads((model_dir / name).read_text()))
+            except json.JSONDecodeError as exc:
+                problems.append(f"{model_dir / name}: invalid JSON at line {exc.lineno} ({exc.msg})")
+                return
+    if not any("image_processor" in entry or "image_processor_type" in entry for entry in found):
+        problems.append(
+            f"{model_dir}: a vision-language model (vision_config in config.json) without its image processor "
+            f"settings ({' or '.join(PROCESSOR_FILES)} with the image processor); vLLM builds the image inputs "
+            "with them: copy them from the base model's directory (mcore-to-hf copies them from the checkpoint's "
+            "HF directory, so re-export a run started from a directory that has them)"
+        )
 
 
 def check_export(model_dir: str | Path) -> list[str]:
@@ -96,7 +149,8 @@ def check_export(model_dir: str | Path) -> list[str]:
         return [f"{config_file}: invalid JSON at line {exc.lineno} ({exc.msg})"]
     problems = [f"{config_file}: missing field {f!r}" for f in REQUIRED_CONFIG_FIELDS if not raw.get(f)]
     text = raw.get("text_config", raw)  # multimodal configs keep the sizes in text_config
-    problems += [f"{config_file}: missing field {f!r}" for f in SIZE_FIELDS if not text.get(f)]
+    where = "text_config." if text is not raw else ""
+    problems += [f"{config_file}: missing field {where + f!r}" for f in SIZE_FIELDS if not text.get(f)]
     if not any(all((model_dir / name).is_file() for name in group) for group in TOKENIZER_FILES):
         options = " or ".join("+".join(group) for group in TOKENIZER_FILES)
         problems.append(f"{model_dir}: no tokenizer files ({options})")
@@ -110,6 +164,8 @@ def check_export(model_dir: str | Path) -> list[str]:
         problems.append(
             f"{model_dir}: no generation_config.json (vLLM's default stop tokens and sampling come from it)"
         )
+    if raw.get("vision_config"):
+        _check_processor(model_dir, problems)
     if problems:
         return problems
     from transformers import AutoConfig
