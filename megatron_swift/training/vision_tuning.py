@@ -32,18 +32,13 @@ def frozen_parts(train) -> tuple[str, ...]:
     return tuple(part for part in PARTS if flags[part])
 
 
-def freeze(chunks, tower: VisionTower, train) -> dict[str, int]:
-    """Clear `requires_grad` of the frozen parts' parameters (before DDP wraps the chunks). Returns the number of
-    parameters (elements) of each part on this rank, trained or not, for the startup report."""
+def freeze(chunks, tower: VisionTower, train) -> None:
+    """Clear `requires_grad` of the frozen parts' parameters (before DDP wraps the chunks)."""
     frozen = frozen_parts(train)
-    counts = dict.fromkeys(PARTS, 0)
     for chunk in chunks:
         for name, param in chunk.named_parameters():
-            part = part_of(name, tower)
-            counts[part] += param.numel()
-            if part in frozen:
+            if part_of(name, tower) in frozen:
                 param.requires_grad_(False)
-    return counts
 
 
 def lr_overrides(tower: VisionTower, train, optimizer_config) -> dict | None:
