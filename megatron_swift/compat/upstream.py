@@ -35,4 +35,12 @@ UPSTREAM_INTERNALS: tuple[tuple[str, str, str | None, str], ...] = (
      "training/checkpoint.py _fit_to_optimizer_chain: a chain's state is {index: each optimizer's state}"),
     ("megatron.core.optimizer.optimizer", "param_group_identifier_keys", None,
      "training/checkpoint.py _fit_to_optimizer_chain: is_expert_parallel is part of a param group's identity"),
+    ("megatron.core.optimizer", "get_standard_config_overrides", "wd_mult=0.0",
+     "training/vision_tuning.py lr_overrides: a ViT / aligner rate joins the default weight-decay overrides"),
+    ("megatron.core.optimizer.optimizer_config", "ParamKey.matches", "with_name_predicate",
+     "training/vision_tuning.py lr_overrides: parameters picked by name (the tower's parts)"),
+    ("megatron.core.optimizer_param_scheduler", "OptimizerParamScheduler.get_lr", "param_group.get('max_lr'",
+     "training/vision_tuning.py lr_overrides: each group's own max_lr / min_lr on the one schedule"),
+    ("megatron.core.models.gpt.gpt_model", "GPTModel.__init__", "scatter_embedding_sequence_parallel",
+     "models/vlm.py: whole-sequence embeddings, image features placed, then the sequence-parallel scatter"),
 )  # fmt: skip
