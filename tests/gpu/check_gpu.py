@@ -5,7 +5,8 @@
 
 For every family: make the tiny model, convert it on the GPU (NCCL, no CPU shims; the Transformer
 Engine spec when TE is installed, the local spec otherwise), run the logits check against HF on the
-GPU with TF32 off (max |logit diff| <= 1e-4), and export it back. Prints a table (max |logit diff|,
+GPU with TF32 off (max |logit diff| <= 1e-4; a vision-language family on text + images of two sizes and a padded
+text-only row, converters/check.py `sample_vision_batch`), and export it back. Prints a table (max |logit diff|,
 seconds) and writes gpu_checks.json to --out, with the process-group backend and whether the CPU
 shims were applied (they must not be on a GPU).
 """
@@ -22,23 +23,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: converters/, tests/gpu/common.py
 
-from converters.check import compare_logits, mcore_logits, sample_tokens
+from converters.check import compare_valid, mcore_logits, sample_tokens, sample_vision_batch
 from converters.convert import hf_to_mcore, mcore_to_hf
+from megatron_swift.checkpoint.hf import load_hf_config
 from megatron_swift.compat import cpu_shims_applied
 from megatron_swift.models import all_families
 from megatron_swift.models.tiny import make_tiny_model
 from tests.gpu.common import device_for, environment, parser, write_result
 
 TOLERANCE = 1e-4
-SMOKE_FAMILIES = ["llama"]
+SMOKE_FAMILIES = ["llama", "qwen2_5_vl"]
 
 
 @torch.no_grad()
-def hf_logits(hf_dir: Path, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
+def hf_logits(hf_dir: Path, batch, device: torch.device) -> torch.Tensor:
+    """HF's fp32 logits on `device` for a token tensor, or a `sample_vision_batch` dict (HF's own inputs)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
-    return model.to(device).eval()(tokens.to(device)).logits.float().cpu()
+    vision = not isinstance(batch, torch.Tensor)
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model = auto.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").to(device).eval()
+    if not vision:
+        return model(batch.to(device)).logits.float().cpu()
+    return model(**{key: value.to(device) for key, value in batch["hf"].items()}).logits.float().cpu()
 
 
 def check_family(name: str, work: Path, device: torch.device) -> dict:
@@ -46,8 +53,10 @@ def check_family(name: str, work: Path, device: torch.device) -> dict:
     hf = make_tiny_model(name, work / name / "hf")
     mcore = hf_to_mcore(hf, work / name / "mcore")
     convert_s = time.perf_counter() - start
-    tokens = sample_tokens(384)  # the tiny models' vocabulary
-    result = compare_logits(hf_logits(hf, tokens, device), mcore_logits(mcore, tokens))
+    hf_config = load_hf_config(hf)
+    vision = all_families()[name].vision is not None
+    batch = sample_vision_batch(hf_config) if vision else sample_tokens(384)  # the tiny models' vocabulary
+    result = compare_valid(hf_logits(hf, batch, device), mcore_logits(mcore, batch), batch)
     mcore_to_hf(mcore, work / name / "hf-export")
     return {"family": name, **result, "convert_seconds": round(convert_s, 2)}
 
