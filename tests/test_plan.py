@@ -188,6 +188,7 @@ def _assert_activations(cases, measured) -> int:
     return compared
 
 
+@pytest.mark.slow  # eleven profiled single-process runs; the default suite's two-rank launch checks the estimate
 def test_activation_estimate_for_other_implementations_and_recompute_savings(shaped, tmp_path):
     """One process (deterministic peaks): megatron's local attention ([s, s] probabilities), fp32 training (no
     norm copies), the fused linear cross entropy (no logits), shared experts with a gate, a vocabulary of 8192
