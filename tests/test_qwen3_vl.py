@@ -271,3 +271,21 @@ def test_first_training_step_equals_hf(tiny_models, vlm_sft_data, tmp_path):
             total += float((per_token * batch["loss_mask"].flatten()).sum())
             tokens += int(batch["loss_mask"].sum())
     assert abs(results[0].loss - total / tokens) <= 1e-5, (results[0].loss, total / tokens)
+
+
+def test_full_recompute_under_pipeline_parallelism_is_refused(tiny_models, vlm_sft_data, tmp_path):
+    """The DeepStack levels are held on the model from the embedding to the hooks: a recomputing backward of an
+    earlier micro-batch under the pipeline schedule would add a later one's, so that layout is refused by name."""
+    from megatron_swift.checkpoint.hf import load_hf_config
+    from megatron_swift.training.config import preflight
+    from tests.train_matrix import job_for
+
+    hf_dir = tiny_models[FAMILY]
+    args = translate(load_hf_config(hf_dir))
+    train = {"global_batch_size": 4, "micro_batch_size": 1, "train_iters": 1, "recompute_granularity": "full",
+             "recompute_method": "uniform", "recompute_num_layers": 1}  # fmt: skip
+    refused = "train.recompute_granularity=full with pipeline parallelism: qwen3_vl's DeepStack features"
+    pp2 = job_for(str(hf_dir), str(vlm_sft_data), str(tmp_path), {"pipeline_model_parallel_size": 2}, train)
+    assert any(refused in problem for problem in preflight(pp2, 2, args))
+    single = job_for(str(hf_dir), str(vlm_sft_data), str(tmp_path), {}, train)
+    assert not any(refused in problem for problem in preflight(single, 1, args))
