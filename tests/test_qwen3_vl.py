@@ -16,7 +16,7 @@ import types
 import pytest
 import torch
 
-from converters.check import sample_vision_batch
+from converters.check import hf_logits, sample_vision_batch
 from converters.convert import hf_to_mcore, mcore_to_hf
 from megatron_swift.config import ConfigError, ParallelConfig
 from megatron_swift.models import all_families, translate
@@ -289,3 +289,81 @@ def test_full_recompute_under_pipeline_parallelism_is_refused(tiny_models, vlm_s
     assert any(refused in problem for problem in preflight(pp2, 2, args))
     single = job_for(str(hf_dir), str(vlm_sft_data), str(tmp_path), {}, train)
     assert not any(refused in problem for problem in preflight(single, 1, args))
+
+
+def _our_logits(mcore_dir, input_ids, positions, inputs, packed_seq_params=None):
+    """Our fp32 logits in a world of one process."""
+    from converters.convert import build_chunks, model_args_for_checkpoint
+    from megatron_swift.checkpoint.mcore import full_model_weights_dir, load_model
+    from megatron_swift.distributed import destroy_distributed, init_distributed
+    from megatron_swift.models.forward import forward_logits
+
+    init_distributed(ParallelConfig())
+    try:
+        _, args = model_args_for_checkpoint(mcore_dir)
+        (model,) = build_chunks(args, ParallelConfig(), torch.float32)
+        load_model([model], full_model_weights_dir(mcore_dir))
+        return forward_logits([model], input_ids, args.vocab_size, packed_seq_params, positions, inputs)
+    finally:
+        destroy_distributed()
+
+
+def test_video_frames_and_an_image_logits_at_tp1(tiny_models, converted):
+    """A row with a video of 2 temporal patches (each frame behind its own timestamp text and vision start / end, as
+    Qwen3-VL's processor lays it out) and an image, a row with an image: HF's joint DeepStack placement of image and
+    video features and its per-frame positions, against ours."""
+    from converters.check import compare_logits
+    from megatron_swift.models.rope_index import mm_token_type_ids, position_settings
+
+    config = _config()
+    vision = config.vision_config
+    generator = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(0, 384, (2, 40), generator=generator)
+    video, image = (2, 4, 4), (1, 4, 6)  # (t, h, w) patches: 2 frames of 4 tokens, 6 tokens
+    layout = [  # (row, first token, tokens, placeholder)
+        (0, 4, 4, config.video_token_id),
+        (0, 12, 4, config.video_token_id),
+        (0, 22, 6, config.image_token_id),
+        (1, 5, 6, config.image_token_id),
+    ]
+    for row, at, count, token in layout:
+        input_ids[row, at - 1] = config.vision_start_token_id
+        input_ids[row, at : at + count] = token
+        input_ids[row, at + count] = config.vision_end_token_id
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    video_grid, image_grid = torch.tensor([video]), torch.tensor([image, image])
+    inputs = {
+        "pixel_values_videos": torch.randn(int(video_grid.prod(-1).sum()), patch, generator=generator),
+        "video_grid_thw": video_grid,
+        "pixel_values": torch.randn(int(image_grid.prod(-1).sum()), patch, generator=generator),
+        "image_grid_thw": image_grid,
+    }
+    types_ = mm_token_type_ids(input_ids, config.image_token_id, config.video_token_id)
+    settings = position_settings(translate(config).vision, vision.to_dict())
+    positions, _ = rope_index(input_ids, types_, image_grid, video_grid, **settings)
+    # Each frame an image of its own: time positions its start (4; then 4 + 2 merged rows + 4 tokens between = 10).
+    assert positions[0, 0, 4:8].unique().tolist() == [4] and positions[0, 0, 12:16].unique().tolist() == [10]
+    reference = hf_logits(tiny_models[FAMILY], {"hf": {"input_ids": input_ids, "mm_token_type_ids": types_, **inputs}})
+    result = compare_logits(reference, _our_logits(converted[FAMILY], input_ids, positions, inputs))
+    assert result["max_abs_diff"] <= 1e-4 and result["argmax_agreement"] == 1.0, result
+
+
+def test_packed_documents_with_images_give_each_rows_hf_logits(tiny_models, converted):
+    """The check's rows (images of different sizes; text only) packed into one THD row: per-document positions and
+    DeepStack levels placed over the packed row give each document HF's logits for its own row."""
+    from megatron_swift.models.rope_index import mm_token_type_ids, position_settings
+    from megatron_swift.training.step import packed_seq_params
+
+    config = _config()
+    batch = sample_vision_batch(config)
+    keep = batch["attention_mask"].bool()
+    reference = hf_logits(tiny_models[FAMILY], batch)[keep]
+    documents = [batch["input_ids"][row][keep[row]] for row in range(keep.shape[0])]
+    packed = torch.cat(documents).unsqueeze(0)
+    cu_seqlens = torch.tensor([0, *torch.cumsum(torch.tensor([len(d) for d in documents]), 0).tolist()])
+    settings = position_settings(translate(config).vision, config.vision_config.to_dict())
+    types_ = mm_token_type_ids(packed, config.image_token_id, config.video_token_id)
+    positions = packed_rope_index(packed, types_, cu_seqlens, batch["inputs"]["image_grid_thw"], **settings)
+    logits = _our_logits(converted[FAMILY], packed, positions, batch["inputs"], packed_seq_params(cu_seqlens))[0]
+    worst = (logits - reference).abs().max().item()
+    assert worst <= 1e-4, worst
