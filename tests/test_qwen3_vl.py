@@ -4,10 +4,11 @@ The tiny model also runs through every family-wide test: the bit-exact round tri
 text + images at TP1 (test_check.py's `check`) and at TP2 / TP2 + SP / PP2 in test_check.py's two-rank launch (PP2's
 default split keeps both DeepStack layers on the first stage). Here: the 3-D rope positions against HF's
 `get_rope_index` (videos frame by frame), the interleaved rotary frequencies against HF's rotary module, the
-translation and refusals (DeepStack layers off the first pipeline stage), the export loaded by transformers' class
-with no missing or unexpected keys, the DeepStack levels and the interleave mattering to HF's logits (so the logits
-checks guard them), gradients reaching the tower (DeepStack mergers included) as HF's, and the first training step's
-loss on an image batch equal to HF's.
+translation and refusals (DeepStack layers off the first pipeline stage; full recompute under pipeline parallelism),
+a video (frames behind timestamp text) with images and a packed THD row of documents with images against HF's logits
+at TP1, the export loaded by transformers' class with no missing or unexpected keys, the DeepStack levels and the
+interleave mattering to HF's logits (so the logits checks guard them), gradients reaching the tower (DeepStack
+mergers included) as HF's, and the first training step's loss on an image batch equal to HF's.
 """
 
 import functools
