@@ -8,7 +8,8 @@ translation and refusals (DeepStack layers off the first pipeline stage; full re
 a video (frames behind timestamp text) with images and a packed THD row of documents with images against HF's logits
 at TP1, the export loaded by transformers' class with no missing or unexpected keys, the DeepStack levels and the
 interleave mattering to HF's logits (so the logits checks guard them), gradients reaching the tower (DeepStack
-mergers included) as HF's, and the first training step's loss on an image batch equal to HF's.
+mergers included) as HF's (bitwise the same on both ranks at TP2 / TP2 + SP in test_qwen2_5_vl.py's two-rank
+launch, which covers every vision-language family), and the first training step's loss on an image batch equal to HF's.
 """
 
 import functools
