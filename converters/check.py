@@ -108,7 +108,7 @@ def sample_vision_batch(hf_config, seq: int = 32, seed: int = 0, rows=VISION_ROW
     forward arguments)}. Pixels are random, [patches, channels * temporal_patch * patch * patch] as HF's processor
     lays them out."""
     from megatron_swift.models import translate
-    from megatron_swift.models.rope_index import mm_token_type_ids, rope_index
+    from megatron_swift.models.rope_index import mm_token_type_ids, position_settings, rope_index
 
     args = translate(hf_config)
     vision = args.vision_config
@@ -144,8 +144,7 @@ def sample_vision_batch(hf_config, seq: int = 32, seed: int = 0, rows=VISION_ROW
         types,
         image_grid_thw,
         attention_mask=attention_mask,
-        spatial_merge_size=merge,
-        tokens_per_second=vision["tokens_per_second"],
+        **position_settings(args.vision, vision),
     )
     images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
     return {

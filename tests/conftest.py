@@ -38,6 +38,7 @@ _FAMILY_SEEDS = {
     "gemma3": 2,
     "gpt_oss": 3,
     "qwen2_5_vl": 4,
+    "qwen3_vl": 5,
 }
 
 

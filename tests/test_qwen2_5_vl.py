@@ -240,14 +240,19 @@ def _hf_tower_gradients(hf_dir, batch) -> dict[str, torch.Tensor]:
 def _tower_gradients(mcore_dir: str, layouts: list[dict], batch) -> list[dict[str, torch.Tensor]]:
     """Per layout, this rank's vision tower gradients of the same loss (megatron-core's per-token loss through the
     `labels` path, as training computes it); the model is loaded from the checkpoint at each layout."""
+    return _tower_gradient_runs([(mcore_dir, layout, batch) for layout in layouts])
+
+
+def _tower_gradient_runs(runs: list[tuple[str, dict, dict]]) -> list[dict[str, torch.Tensor]]:
+    """`_tower_gradients` of each (checkpoint, layout, batch) run, in one process (of a launch's ranks)."""
     from converters.convert import build_chunks, model_args_for_checkpoint
     from megatron_swift.checkpoint.mcore import full_model_weights_dir, load_model
     from megatron_swift.distributed import destroy_distributed, init_distributed
 
-    labels, keep = _loss_inputs(batch)
     found = []
     try:
-        for layout in layouts:
+        for mcore_dir, layout, batch in runs:
+            labels, keep = _loss_inputs(batch)
             parallel = ParallelConfig(**layout)
             init_distributed(parallel)
             _, args = model_args_for_checkpoint(mcore_dir)
@@ -293,17 +298,24 @@ def test_gradients_reach_the_vision_tower_as_hf_and_count_mismatch_is_refused(ti
 
 
 def test_tower_gradients_are_identical_on_every_tp_rank_and_hf_s(tiny_models, converted):
-    """TP2 and TP2 + sequence parallel in one two-rank launch: the replicated tower gets bitwise the same gradients
-    on both ranks (so it needs no TP reduction), and they are HF's."""
+    """TP2 and TP2 + sequence parallel in one two-rank launch, for every vision-language family (Qwen3-VL's DeepStack
+    levels are scattered over the sequence-parallel ranks as the embeddings): the replicated tower gets bitwise the
+    same gradients on both ranks (so it needs no TP reduction), and they are HF's."""
     from megatron_swift.distributed import run_workers
 
-    batch = sample_vision_batch(_config())
-    expected = _hf_tower_gradients(tiny_models[FAMILY], batch)
     layouts = [{"tensor_model_parallel_size": 2}, {"tensor_model_parallel_size": 2, "sequence_parallel": True}]
-    rank0, rank1 = run_workers(_tower_gradients, 2, str(converted[FAMILY]), layouts, batch)
-    for layout, first, second in zip(layouts, rank0, rank1, strict=True):
-        assert all(torch.equal(first[n], second[n]) for n in first), layout
-        assert _worst_relative(first, expected) <= 1e-4, layout
+    runs, expected = [], []
+    for name, family in sorted(all_families().items()):
+        if family.vision is None:
+            continue
+        batch = sample_vision_batch(tiny_hf_config(family))
+        runs += [(str(converted[name]), layout, batch) for layout in layouts]
+        expected += [(name, layout, _hf_tower_gradients(tiny_models[name], batch)) for layout in layouts]
+    assert {name for name, _, _ in expected} >= {"qwen2_5_vl", "qwen3_vl"}
+    rank0, rank1 = run_workers(_tower_gradient_runs, 2, runs)
+    for (name, layout, reference), first, second in zip(expected, rank0, rank1, strict=True):
+        assert all(torch.equal(first[n], second[n]) for n in first), (name, layout)
+        assert _worst_relative(first, reference) <= 1e-4, (name, layout)
 
 
 def test_text_only_logits_at_tp1(tiny_models, converted):

@@ -54,23 +54,29 @@ VLM_TOWER_TRAINED = {"freeze_vit": False, "freeze_aligner": False, "vit_lr": 5e-
 VLM_LAYOUTS = [({}, {}), ({"tensor_model_parallel_size": 2, "sequence_parallel": True}, {}),
                ({"pipeline_model_parallel_size": 2}, {})]  # fmt: skip
 VLM_TOWER_LAYOUTS = [({"tensor_model_parallel_size": 2, "sequence_parallel": True}, VLM_TOWER_TRAINED)]
-FAMILIES = ("llama", "mixtral", "gemma3", "gpt_oss", "qwen2_5_vl", "qwen2_5_vl_tower")
+# Qwen3-VL with everything trained: the DeepStack levels (and their mergers' gradients) over the sequence-parallel
+# ranks, and with the DeepStack decoder layers on the first of two pipeline stages.
+QWEN3_VL_LAYOUTS = [({"tensor_model_parallel_size": 2, "sequence_parallel": True}, VLM_TOWER_TRAINED),
+                    ({"pipeline_model_parallel_size": 2}, VLM_TOWER_TRAINED)]  # fmt: skip
+FAMILIES = ("llama", "mixtral", "gemma3", "gpt_oss", "qwen2_5_vl", "qwen2_5_vl_tower", "qwen3_vl_tower")
 
 
 def test_parallel_layouts_match_single_process_losses(tiny_models, vlm_sft_data, tmp_path):
-    llama, mixtral, gemma3, gpt_oss, vlm = (tiny_models[name] for name in FAMILIES[:5])
+    llama, mixtral, gemma3, gpt_oss, vlm, qwen3_vl = (tiny_models[name] for name in (*FAMILIES[:5], "qwen3_vl"))
     on_images = (None, {}, None, None, {"dataset": [str(vlm_sft_data)], **VLM_DATA})
     references = run_cases(
         [(llama, {}, {}), (mixtral, {}, {}), (gemma3, {}, {}), (gpt_oss, {}, {}, *NO_AUX), (vlm, {}, {}, *on_images),
-         (vlm, {}, VLM_TOWER_TRAINED, *on_images)], DATA, tmp_path / "ref", 1
+         (vlm, {}, VLM_TOWER_TRAINED, *on_images), (qwen3_vl, {}, VLM_TOWER_TRAINED, *on_images)], DATA,
+        tmp_path / "ref", 1
     )  # fmt: skip
     reference = dict(zip(FAMILIES, references, strict=True))
     cases = [(llama, *layout) for layout in LLAMA_LAYOUTS] + [(mixtral, *layout) for layout in MOE_LAYOUTS]
     cases += [(gemma3, *layout) for layout in GEMMA3_LAYOUTS] + [(gpt_oss, *layout) for layout in GPT_OSS_LAYOUTS]
     cases += [(vlm, *layout, *on_images) for layout in VLM_LAYOUTS + VLM_TOWER_LAYOUTS]
+    cases += [(qwen3_vl, *layout, *on_images) for layout in QWEN3_VL_LAYOUTS]
     names = ["llama"] * len(LLAMA_LAYOUTS) + ["mixtral"] * len(MOE_LAYOUTS) + ["gemma3"] * len(GEMMA3_LAYOUTS)
     names += ["gpt_oss"] * len(GPT_OSS_LAYOUTS) + ["qwen2_5_vl"] * len(VLM_LAYOUTS)
-    names += ["qwen2_5_vl_tower"] * len(VLM_TOWER_LAYOUTS)
+    names += ["qwen2_5_vl_tower"] * len(VLM_TOWER_LAYOUTS) + ["qwen3_vl_tower"] * len(QWEN3_VL_LAYOUTS)
     results = run_cases(cases, DATA, tmp_path / "par", world_size=2)
     failures = []
     for name, (_, parallel, train, *_), losses in zip(names, cases, results, strict=True):

@@ -99,6 +99,16 @@ class VisionTower:
     # The decoder's rope is multimodal (positions [3, b, s], models/rope_index.py): the text config's
     # `rope_parameters.mrope_section` is then required (HF would fall back to a default split silently).
     mrope: bool = True
+    # The multimodal rope's frequency channels are interleaved over t / h / w (Qwen3-VL's `apply_interleaved_mrope`:
+    # channel i is height's for i = 1 mod 3 and width's for i = 2 mod 3 within their sections, temporal's otherwise)
+    # rather than chunked (Qwen2.5-VL, megatron-core's `MultimodalRotaryEmbedding`); models/vlm.py.
+    interleaved_mrope: bool = False
+    # Videos are positioned frame by frame, each temporal patch as an image of its own (Qwen3-VL separates frames by
+    # timestamp text tokens) rather than with time positions scaled by `tokens_per_second` (models/rope_index.py).
+    per_frame_video_positions: bool = False
+    # Vision config field listing the tower blocks whose features (through their own mergers: HF's DeepStack) are
+    # added to the decoder's hidden states at the visual tokens after the first len(list) decoder layers (vlm.py).
+    deepstack_field: str | None = None
     # Special tokens a tiny test tokenizer gets, as (config field naming its id, token text).
     special_tokens: tuple[tuple[str, str], ...] = ()
 

@@ -39,7 +39,28 @@ def model_layout_problems(args: GPTModelArgs, parallel: ParallelConfig) -> list[
             f"parallel.context_parallel_size={parallel.context_parallel_size} is not supported with a vision tower "
             f"({args.family.name}) yet: its features are placed over the whole sequence's placeholder tokens"
         )
+    found += _deepstack_problems(args, parallel)
     return found
+
+
+def _deepstack_problems(args: GPTModelArgs, parallel: ParallelConfig) -> list[str]:
+    """A DeepStack tower (models/vlm.py) adds its features after the first decoder layers: they must be on the first
+    pipeline stage's first model chunk, with the tower."""
+    tower = args.vision
+    pp, vpp = parallel.pipeline_model_parallel_size, parallel.virtual_pipeline_model_parallel_size or 1
+    if tower is None or not tower.deepstack_field or pp == 1:
+        return []
+    levels = len(args.vision_config[tower.deepstack_field])
+    first, last = parallel.decoder_first_pipeline_num_layers, parallel.decoder_last_pipeline_num_layers
+    if first is None:  # megatron-core's split: the layers after the last stage's evenly over the other stages
+        first = (args.num_layers - (last or 0)) // (pp - (last is not None))
+    if first // vpp >= levels:
+        return []
+    return [
+        f"{tower.config_field}.{tower.deepstack_field} adds the vision tower's features after the first {levels} "
+        f"decoder layers, which must all be on the first pipeline stage's first chunk with the tower, but it holds "
+        f"{first // vpp}; set parallel.decoder_first_pipeline_num_layers to at least {levels * vpp}"
+    ]
 
 
 def pipeline_split_problems(num_layers: int, parallel: ParallelConfig) -> list[str]:

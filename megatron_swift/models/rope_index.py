@@ -11,6 +11,11 @@ are consumed in order over the whole batch; padded positions, `attention_mask ==
 model, and refuses a run whose token count does not match its grid (HF would silently shift every later
 position).
 
+Qwen3-VL (`per_frame_videos`, the family's `VisionTower.per_frame_video_positions`) positions a video frame by frame:
+each temporal patch of a video's grid (t, h, w) is a grid (1, h, w) of its own, its run of tokens separated from the
+next frame's by text (the processor's timestamps), and `tokens_per_second` / seconds per grid play no part: exactly
+HF's `Qwen3VLModel.get_rope_index`.
+
 `packed_rope_index` is the per-document variant for packed rows: each document's positions restart at 0, as if
 it were a row of its own.
 """
@@ -83,6 +88,32 @@ def _row_positions(
     return torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long)
 
 
+def _media(image_grid_thw, video_grid_thw, second_per_grid_ts, tokens_per_second, per_frame_videos: bool):
+    """(grid iterators by token type, the videos' seconds per grid, tokens_per_second) the rows consume in order."""
+    if per_frame_videos:
+        if video_grid_thw is not None:  # each temporal patch a grid (1, h, w) of its own, as HF's Qwen3-VL
+            video_grid_thw = torch.repeat_interleave(video_grid_thw.cpu(), video_grid_thw[:, 0].cpu(), dim=0)
+            video_grid_thw[:, 0] = 1
+        second_per_grid_ts, tokens_per_second = None, 1  # a single time step per frame: no interval to scale
+    elif video_grid_thw is not None and tokens_per_second is None:
+        raise ValueError("video positions need the vision config's tokens_per_second")
+    grids = {
+        IMAGE: iter(image_grid_thw.cpu()) if image_grid_thw is not None else None,
+        VIDEO: iter(video_grid_thw.cpu()) if video_grid_thw is not None else None,
+    }
+    seconds = iter(second_per_grid_ts.cpu()) if second_per_grid_ts is not None else itertools.repeat(1)
+    return grids, seconds, tokens_per_second
+
+
+def position_settings(vision, vision_config: dict) -> dict:
+    """`rope_index` / `packed_rope_index` keyword arguments of a family's `VisionTower` and its vision config."""
+    return dict(
+        spatial_merge_size=vision_config["spatial_merge_size"],
+        tokens_per_second=vision_config.get("tokens_per_second"),
+        per_frame_videos=vision.per_frame_video_positions,
+    )
+
+
 def rope_index(
     input_ids: torch.Tensor,
     mm_token_type_ids: torch.Tensor,
@@ -92,17 +123,16 @@ def rope_index(
     attention_mask: torch.Tensor | None = None,
     *,
     spatial_merge_size: int,
-    tokens_per_second: int,
+    tokens_per_second: float | None,
+    per_frame_videos: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions [3, b, s] of input_ids' dtype, rope deltas [b, 1]: largest position + 1 - unpadded length), as HF's
     `get_rope_index`. Text-only rows get 0..n-1 on every axis; padded positions (attention_mask 0) get 0."""
     batch, seq = input_ids.shape
     positions = torch.zeros(3, batch, seq, dtype=input_ids.dtype, device=input_ids.device)
-    grids = {
-        IMAGE: iter(image_grid_thw.cpu()) if image_grid_thw is not None else None,
-        VIDEO: iter(video_grid_thw.cpu()) if video_grid_thw is not None else None,
-    }
-    seconds = iter(second_per_grid_ts.cpu()) if second_per_grid_ts is not None else itertools.repeat(1)
+    grids, seconds, tokens_per_second = _media(
+        image_grid_thw, video_grid_thw, second_per_grid_ts, tokens_per_second, per_frame_videos
+    )
     deltas = []
     for row in range(batch):
         types = mm_token_type_ids[row].cpu()
@@ -123,7 +153,8 @@ def packed_rope_index(
     second_per_grid_ts: torch.Tensor | None = None,
     *,
     spatial_merge_size: int,
-    tokens_per_second: int,
+    tokens_per_second: float | None,
+    per_frame_videos: bool = False,
 ) -> torch.Tensor:
     """Positions [3, 1, total] of one packed row [1, total] of documents (`cu_seqlens`: their boundaries, [0, ...,
     total]); each document is positioned as a row of its own (restarting at 0), its images / videos taken in order
@@ -136,11 +167,9 @@ def packed_rope_index(
     if bounds[-1] > input_ids.shape[1]:
         raise ValueError(f"cu_seqlens ends at {bounds[-1]}, beyond the row's {input_ids.shape[1]} tokens")
     positions = torch.zeros(3, 1, input_ids.shape[1], dtype=input_ids.dtype, device=input_ids.device)
-    grids = {
-        IMAGE: iter(image_grid_thw.cpu()) if image_grid_thw is not None else None,
-        VIDEO: iter(video_grid_thw.cpu()) if video_grid_thw is not None else None,
-    }
-    seconds = iter(second_per_grid_ts.cpu()) if second_per_grid_ts is not None else itertools.repeat(1)
+    grids, seconds, tokens_per_second = _media(
+        image_grid_thw, video_grid_thw, second_per_grid_ts, tokens_per_second, per_frame_videos
+    )
     types = mm_token_type_ids[0].cpu()
     for start, end in itertools.pairwise(bounds):
         document = _row_positions(types[start:end], grids, seconds, spatial_merge_size, tokens_per_second)
@@ -167,7 +196,6 @@ def model_positions(
         image_grid_thw,
         video_grid_thw,
         attention_mask=attention_mask,
-        spatial_merge_size=args.vision_config["spatial_merge_size"],
-        tokens_per_second=args.vision_config["tokens_per_second"],
+        **position_settings(args.vision, args.vision_config),
     )
     return positions

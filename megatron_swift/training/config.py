@@ -259,6 +259,12 @@ def preflight(job: JobConfig, world_size: int, model_args=None) -> list[str]:
     if model_args is not None:
         found += [f"model: {problem}" for problem in model_layout_problems(model_args, p) if problem not in found]
         found += vision_tuning.problems(t, model_args.vision)
+        deepstack = model_args.vision is not None and model_args.vision.deepstack_field
+        if deepstack and t.recompute_granularity == "full" and p.pipeline_model_parallel_size > 1:
+            found.append(f"train.recompute_granularity=full with pipeline parallelism: {model_args.family.name}'s "
+                         "DeepStack features are held from the embedding to the first decoder layers per "
+                         "micro-batch, which a recomputing backward of an earlier micro-batch would not see; use "
+                         "selective recompute or none")  # fmt: skip
         if model_args.vision is not None and t.task != "sft":
             found.append(f"train.task={t.task}: a vision-language model ({model_args.family.name}) trains with "
                          "train.task sft here")  # fmt: skip
