@@ -108,7 +108,7 @@ def sample_vision_batch(hf_config, seq: int = 32, seed: int = 0, rows=VISION_ROW
     forward arguments)}. Pixels are random, [patches, channels * temporal_patch * patch * patch] as HF's processor
     lays them out."""
     from megatron_swift.models import translate
-    from megatron_swift.models.rope_index import mm_token_type_ids, position_settings, rope_index
+    from megatron_swift.models.rope_index import mm_token_type_ids, model_positions
 
     args = translate(hf_config)
     vision = args.vision_config
@@ -139,13 +139,7 @@ def sample_vision_batch(hf_config, seq: int = 32, seed: int = 0, rows=VISION_ROW
     patch_dim = vision["in_channels"] * vision["temporal_patch_size"] * vision["patch_size"] ** 2
     pixel_values = torch.randn(int(image_grid_thw.prod(-1).sum()), patch_dim, generator=generator)
     types = mm_token_type_ids(input_ids, args.image_token_id, args.video_token_id)
-    position_ids, _ = rope_index(
-        input_ids,
-        types,
-        image_grid_thw,
-        attention_mask=attention_mask,
-        **position_settings(args.vision, vision),
-    )
+    position_ids = model_positions(input_ids, image_grid_thw, None, attention_mask, args=args)
     images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
     return {
         "input_ids": input_ids,

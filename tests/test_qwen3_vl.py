@@ -244,9 +244,7 @@ def test_gradients_reach_the_tower_and_its_deepstack_mergers_as_hf(tiny_models, 
 
 def test_first_training_step_equals_hf(tiny_models, vlm_sft_data, tmp_path):
     """One step on a global batch of image rows (and a text-only row): our loss is HF's on the same micro-batches."""
-    from transformers import AutoModelForImageTextToText
-
-    from tests.test_vlm_training import DATA, _first_global_batch, _train
+    from tests.test_vlm_training import DATA, _first_global_batch, _train, hf_loss
     from tests.train_matrix import job_for
 
     hf_dir = tiny_models[FAMILY]
@@ -255,24 +253,8 @@ def test_first_training_step_equals_hf(tiny_models, vlm_sft_data, tmp_path):
     micro_batches = _first_global_batch(job, hf_dir)
     assert sum(len(batch["image_grid_thw"]) for batch in micro_batches) == 4
     results = _train(job)
-    model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
-    pad, image = model.config.get_text_config().pad_token_id, model.config.image_token_id
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for batch in micro_batches:
-            ids = batch["tokens"]
-            logits = model(
-                input_ids=ids,
-                attention_mask=(ids != pad).long(),
-                mm_token_type_ids=(ids == image).int(),
-                pixel_values=batch["pixel_values"],
-                image_grid_thw=batch["image_grid_thw"],
-            ).logits
-            per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
-                                                          reduction="none")  # fmt: skip
-            total += float((per_token * batch["loss_mask"].flatten()).sum())
-            tokens += int(batch["loss_mask"].sum())
-    assert abs(results[0].loss - total / tokens) <= 1e-5, (results[0].loss, total / tokens)
+    expected = hf_loss(hf_dir, micro_batches)
+    assert abs(results[0].loss - expected) <= 1e-5, (results[0].loss, expected)
 
 
 def test_full_recompute_under_pipeline_parallelism_is_refused(tiny_models, vlm_sft_data, tmp_path):

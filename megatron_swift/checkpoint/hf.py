@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_swift.checkpoint.mxfp4 import BLOCKS, SCALES, dequantize, dequantized_shape, is_mxfp4
-from megatron_swift.models.mapping import stacked_name
+from megatron_swift.models.mapping import renamed_prefix, stacked_name
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -212,15 +212,13 @@ class HFCheckpoint:
         `model.language_model.layers.*` as the hub's `model.layers.*`). A checkpoint holding a tensor under both
         names is refused: which one the model should get is ambiguous."""
         for name in list(self.tensors):
-            for stored, canonical in aliases:
-                if not name.startswith(stored):
-                    continue
-                renamed = canonical + name[len(stored) :]
-                if renamed in self.tensors:
-                    raise CheckpointError(f"{self.path}: holds both {name} and {renamed} (two layouts of one tensor)")
-                self.tensors[renamed] = self.tensors.pop(name)
-                self._stored[renamed] = name
-                break
+            renamed = renamed_prefix(name, aliases)
+            if renamed == name:
+                continue
+            if renamed in self.tensors:
+                raise CheckpointError(f"{self.path}: holds both {name} and {renamed} (two layouts of one tensor)")
+            self.tensors[renamed] = self.tensors.pop(name)
+            self._stored[renamed] = name
 
     @property
     def config(self):

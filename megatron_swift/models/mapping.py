@@ -32,6 +32,14 @@ def stacked_name(hf_name: str) -> tuple[str, int | None]:
     return found.group("base"), int(found.group("index"))
 
 
+def renamed_prefix(name: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    """`name` with the prefix of the first (prefix, replacement) pair it starts with replaced; else unchanged."""
+    for prefix, replacement in pairs:
+        if name.startswith(prefix):
+            return replacement + name[len(prefix) :]
+    return name
+
+
 def template_regex(template: str) -> re.Pattern:
     pattern = _PLACEHOLDER.sub(lambda m: rf"(?P<{m.group(1)}>{_PLACEHOLDER_PATTERNS[m.group(1)]})", re.escape(template))
     return re.compile("^" + pattern + "$")
@@ -216,10 +224,7 @@ class RuleSet:
 
     def rules_name(self, hf_name: str) -> str:
         """`hf_name` (a tensor or module name of any of the family's HF layouts) as the rules name it."""
-        for stored, ours in self.hf_aliases:
-            if hf_name.startswith(stored):
-                return ours + hf_name[len(stored) :]
-        return hf_name
+        return renamed_prefix(hf_name, self.hf_aliases)
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,6 @@ class VisionLanguageModel(GPTModel):
         super().__init__(*args, scatter_embedding_sequence_parallel=False, **kwargs)
         self.image_token_id = image_token_id
         self.video_token_id = video_token_id
-        self.vision_module_name = vision.module_name
         self.vision_spec = vision  # the family's VisionTower: what training freezes and rates per part
         if self.pre_process:
             setattr(self, vision.module_name, vision.build(vision_config, self.config.params_dtype))
@@ -81,7 +80,7 @@ class VisionLanguageModel(GPTModel):
 
     @property
     def vision_tower(self):
-        return getattr(self, self.vision_module_name)
+        return getattr(self, self.vision_spec.module_name)
 
     def _deepstack_hook(self, level: int):
         """Forward hook of decoder layer `level` (0-based): its output hidden states plus the level's features."""

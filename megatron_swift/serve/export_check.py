@@ -99,6 +99,7 @@ def _closest_layout(config, stored: set[str], required: set[str], optional: set[
     names, and the same renamed either way by the family's `hf_aliases` (pairs of prefixes naming one tensor in two
     layouts, e.g. Qwen2.5-VL's `model.language_model.` / `model.` and `model.visual.` / `visual.`)."""
     from megatron_swift.models.family import UnsupportedModelError, family_for
+    from megatron_swift.models.mapping import renamed_prefix
 
     try:
         aliases = family_for(config).mapping.hf_aliases
@@ -106,11 +107,7 @@ def _closest_layout(config, stored: set[str], required: set[str], optional: set[
         return required, optional
 
     def renamed(names: set[str], pairs) -> set[str]:
-        out = set()
-        for name in names:
-            pair = next((pair for pair in pairs if name.startswith(pair[0])), None)
-            out.add(pair[1] + name[len(pair[0]) :] if pair else name)
-        return out
+        return {renamed_prefix(name, pairs) for name in names}
 
     layouts = [(required, optional)]
     for pairs in (aliases, tuple((b, a) for a, b in aliases)):
